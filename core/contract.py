@@ -1,0 +1,212 @@
+"""The pretag detector contract, version 1 (see docs/contract.md).
+
+A contract model is one ONNX graph:
+
+* inputs ``images`` uint8 [N, 3, H, W] (RGB, padded canvas) and ``image_sizes``
+  int64 [N, 2] (valid height and width of each image inside the canvas);
+* outputs ``boxes`` float32 [N, K, 4] (x1, y1, x2, y2 in input pixels),
+  ``scores`` float32 [N, K], ``labels`` int64 [N, K] (index into the class
+  names, -1 for padding), ``num_detections`` int64 [N], and optionally
+  ``embeddings`` float32 [N, D];
+* metadata under ``pretag.*`` keys describing classes and resizing.
+
+:func:`validate_model` checks a model against all of this and returns its
+:class:`ModelSpec`; the server calls it on load.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+CONTRACT_VERSION = "1"
+META_PREFIX = "pretag."
+
+#: (ONNX Runtime type string, shape) of every input; strings are symbolic dims.
+INPUTS: dict[str, tuple[str, tuple[int | str, ...]]] = {
+    "images": ("tensor(uint8)", ("N", 3, "H", "W")),
+    "image_sizes": ("tensor(int64)", ("N", 2)),
+}
+OUTPUTS: dict[str, tuple[str, tuple[int | str, ...]]] = {
+    "boxes": ("tensor(float)", ("N", "K", 4)),
+    "scores": ("tensor(float)", ("N", "K")),
+    "labels": ("tensor(int64)", ("N", "K")),
+    "num_detections": ("tensor(int64)", ("N",)),
+}
+OPTIONAL_OUTPUTS: dict[str, tuple[str, tuple[int | str, ...]]] = {
+    "embeddings": ("tensor(float)", ("N", "D")),
+}
+
+DRIVING_CLASSES: tuple[str, ...] = (
+    "bicycle", "bus", "car", "motorcycle", "person", "train", "truck",
+)
+
+
+class ContractError(ValueError):
+    """A model does not follow the detector contract; the message lists every problem."""
+
+
+@dataclass(frozen=True)
+class ResizeSpec:
+    """How images must be resized and padded before they enter the graph.
+
+    ``shortest_edge``: torchvision style, scale so the short side is ``min_size``
+    unless the long side would exceed ``max_size``.
+    ``longest_edge``: letterbox style, scale so the long side is ``max_size``.
+    The batch canvas is padded with ``pad_value`` to a multiple of
+    ``size_multiple``, or to exactly ``canvas`` (height, width) when set.
+    """
+
+    policy: Literal["shortest_edge", "longest_edge"]
+    max_size: int
+    min_size: int = 0
+    pad_value: int = 0
+    size_multiple: int = 32
+    canvas: tuple[int, int] | None = None
+
+    def __post_init__(self) -> None:
+        if self.policy not in ("shortest_edge", "longest_edge"):
+            raise ContractError(f"unknown resize policy {self.policy!r}")
+        if self.max_size <= 0 or self.size_multiple <= 0:
+            raise ContractError("resize max_size and size_multiple must be positive")
+        if self.policy == "shortest_edge" and not 0 < self.min_size <= self.max_size:
+            raise ContractError("shortest_edge resizing needs 0 < min_size <= max_size")
+        if not 0 <= self.pad_value <= 255:
+            raise ContractError("pad_value must be in 0..255")
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> ResizeSpec:
+        data = json.loads(text)
+        if data.get("canvas") is not None:
+            data["canvas"] = tuple(data["canvas"])
+        return cls(**data)
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """Everything a server or client needs to know about a contract model."""
+
+    name: str
+    class_names: tuple[str, ...]
+    resize: ResizeSpec
+    score_threshold: float
+    max_detections: int
+    source_weights: str
+    source_sha256: str
+    contract_version: str = CONTRACT_VERSION
+    embedding_dim: int | None = field(default=None, compare=False)
+
+    def metadata(self) -> dict[str, str]:
+        """The ONNX metadata_props that record this spec in a model file."""
+        return {
+            META_PREFIX + "contract_version": self.contract_version,
+            META_PREFIX + "name": self.name,
+            META_PREFIX + "class_names": json.dumps(list(self.class_names)),
+            META_PREFIX + "resize": self.resize.to_json(),
+            META_PREFIX + "score_threshold": repr(float(self.score_threshold)),
+            META_PREFIX + "max_detections": str(int(self.max_detections)),
+            META_PREFIX + "source_weights": self.source_weights,
+            META_PREFIX + "source_sha256": self.source_sha256,
+        }
+
+    @classmethod
+    def from_metadata(cls, meta: dict[str, str]) -> ModelSpec:
+        def get(key: str) -> str:
+            try:
+                return meta[META_PREFIX + key]
+            except KeyError:
+                raise ContractError(f"metadata key {META_PREFIX + key!r} is missing") from None
+
+        version = get("contract_version")
+        if version != CONTRACT_VERSION:
+            raise ContractError(
+                f"contract version {version!r} is not supported (this pretag reads "
+                f"{CONTRACT_VERSION!r})"
+            )
+        try:
+            names = json.loads(get("class_names"))
+            resize = ResizeSpec.from_json(get("resize"))
+            threshold = float(get("score_threshold"))
+            max_det = int(get("max_detections"))
+        except (ValueError, TypeError) as exc:
+            raise ContractError(f"unreadable pretag metadata: {exc}") from exc
+        if not isinstance(names, list) or not names or not all(
+            isinstance(n, str) and n for n in names
+        ):
+            raise ContractError("metadata class_names must be a non-empty JSON list of strings")
+        return cls(
+            name=get("name"),
+            class_names=tuple(names),
+            resize=resize,
+            score_threshold=threshold,
+            max_detections=max_det,
+            source_weights=get("source_weights"),
+            source_sha256=get("source_sha256"),
+            contract_version=version,
+        )
+
+
+def _check_io(kind: str, actual: dict[str, Any], expected: dict[str, tuple[str, tuple[int | str, ...]]],
+              optional: dict[str, tuple[str, tuple[int | str, ...]]]) -> list[str]:
+    problems = []
+    for name in expected.keys() - actual.keys():
+        problems.append(f"{kind} {name!r} is missing")
+    for name in actual.keys() - expected.keys() - optional.keys():
+        problems.append(f"unexpected {kind} {name!r}")
+    for name, arg in actual.items():
+        want = expected.get(name) or optional.get(name)
+        if want is None:
+            continue
+        dtype, shape = want
+        if arg.type != dtype:
+            problems.append(f"{kind} {name!r} has type {arg.type}, expected {dtype}")
+        if len(arg.shape) != len(shape):
+            problems.append(f"{kind} {name!r} has rank {len(arg.shape)}, expected {len(shape)}")
+            continue
+        for axis, (got, exp) in enumerate(zip(arg.shape, shape)):
+            if isinstance(exp, int) and got != exp:
+                problems.append(f"{kind} {name!r} axis {axis} is {got}, expected {exp}")
+            if isinstance(exp, str) and kind == "input" and isinstance(got, int):
+                problems.append(f"{kind} {name!r} axis {axis} is fixed to {got}; it must be "
+                                f"symbolic ({exp})")
+    return problems
+
+
+def validate_session(session: Any) -> ModelSpec:
+    """Check an ``onnxruntime.InferenceSession`` against the contract."""
+    inputs = {a.name: a for a in session.get_inputs()}
+    outputs = {a.name: a for a in session.get_outputs()}
+    problems = _check_io("input", inputs, INPUTS, {})
+    problems += _check_io("output", outputs, OUTPUTS, OPTIONAL_OUTPUTS)
+    meta = dict(session.get_modelmeta().custom_metadata_map)
+    spec: ModelSpec | None = None
+    try:
+        spec = ModelSpec.from_metadata(meta)
+    except ContractError as exc:
+        problems.append(str(exc))
+    if problems or spec is None:
+        raise ContractError("model does not follow pretag detector contract v1:\n  - "
+                            + "\n  - ".join(problems))
+    if "embeddings" in outputs:
+        dim = outputs["embeddings"].shape[1]
+        spec = ModelSpec(**{**spec.__dict__, "embedding_dim": dim if isinstance(dim, int) else None})
+    return spec
+
+
+def validate_model(path: str | Path) -> ModelSpec:
+    """Load ``path`` with ONNX Runtime (CPU) and check it against the contract."""
+    import onnxruntime as ort
+
+    path = Path(path)
+    if not path.is_file():
+        raise ContractError(f"model file {path} does not exist")
+    try:
+        session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    except Exception as exc:  # ORT raises several private exception types
+        raise ContractError(f"ONNX Runtime cannot load {path}: {exc}") from exc
+    return validate_session(session)

@@ -1,0 +1,134 @@
+"""Image preprocessing shared by the server, the client and the tests.
+
+decode -> RGB uint8 (EXIF orientation applied; grayscale, RGBA, palette, CMYK
+and 16-bit converted) -> resize per the model's :class:`ResizeSpec` -> pad a
+batch to a common canvas -> run -> map boxes back to [0, 1] of the original.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+from dataclasses import dataclass
+
+import cv2
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from pretag.contract import ResizeSpec
+
+DEFAULT_MAX_PIXELS = 100_000_000
+
+# cv2 refuses larger images itself; our own, configurable guard runs before it.
+Image.MAX_IMAGE_PIXELS = None
+
+
+class ImageError(ValueError):
+    """An input could not be turned into an image; the message says why."""
+
+
+def image_size(data: bytes) -> tuple[int, int]:
+    """(width, height) from the file header alone, without decoding pixels."""
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            return img.size
+    except UnidentifiedImageError:
+        raise ImageError("not a recognised image format") from None
+    except (OSError, ValueError, SyntaxError) as exc:
+        raise ImageError(f"unreadable image header: {exc}") from None
+
+
+def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
+    """Decode an encoded image into an RGB uint8 array [H, W, 3].
+
+    Raises :class:`ImageError` for empty, unrecognised, truncated or oversized
+    inputs. ``max_pixels`` is checked on the header before any pixel is decoded.
+    """
+    if not data:
+        raise ImageError("empty input")
+    width, height = image_size(data)
+    if width * height > max_pixels:
+        raise ImageError(f"image is {width}x{height} = {width * height} pixels, over the "
+                         f"limit of {max_pixels}")
+    buf = np.frombuffer(data, dtype=np.uint8)
+    # IMREAD_COLOR applies EXIF orientation and converts gray/RGBA/CMYK to 3 channels;
+    # ANYDEPTH keeps 16-bit samples so they can be scaled rather than truncated.
+    img = cv2.imdecode(buf, cv2.IMREAD_COLOR | cv2.IMREAD_ANYDEPTH)
+    if img is None:
+        raise ImageError("image data is corrupt or truncated")
+    if img.dtype == np.uint16:
+        img = ((img.astype(np.uint32) + 128) // 257).astype(np.uint8)
+    elif img.dtype != np.uint8:
+        img = np.clip(img, 0, 255).astype(np.uint8)
+    if img.shape[0] * img.shape[1] == 0:
+        raise ImageError("image has no pixels")
+    return np.ascontiguousarray(img[:, :, ::-1])
+
+
+def target_size(height: int, width: int, spec: ResizeSpec) -> tuple[int, int]:
+    """(height, width) an image of this size is resized to under ``spec``."""
+    if spec.policy == "shortest_edge":
+        scale = min(spec.min_size / min(height, width), spec.max_size / max(height, width))
+    else:
+        scale = spec.max_size / max(height, width)
+    return max(1, int(height * scale)), max(1, int(width * scale))
+
+
+def resize_image(img: np.ndarray, spec: ResizeSpec) -> np.ndarray:
+    """Resize an RGB [H, W, 3] image as the model expects (bilinear)."""
+    new_h, new_w = target_size(img.shape[0], img.shape[1], spec)
+    if (new_h, new_w) == img.shape[:2]:
+        return img
+    return cv2.resize(img, (new_w, new_h), interpolation=cv2.INTER_LINEAR)
+
+
+def canvas_size(sizes: list[tuple[int, int]], spec: ResizeSpec) -> tuple[int, int]:
+    """The padded (height, width) holding every (height, width) in ``sizes``."""
+    if spec.canvas is not None:
+        return spec.canvas
+    m = spec.size_multiple
+    height = max(h for h, _ in sizes)
+    width = max(w for _, w in sizes)
+    return math.ceil(height / m) * m, math.ceil(width / m) * m
+
+
+@dataclass(frozen=True)
+class Batch:
+    """A padded batch ready for the graph's two inputs."""
+
+    images: np.ndarray  # uint8 [N, 3, H, W]
+    image_sizes: np.ndarray  # int64 [N, 2], valid (height, width)
+
+
+def pad_batch(images: list[np.ndarray], spec: ResizeSpec) -> Batch:
+    """Stack resized RGB [h, w, 3] images into one padded NCHW batch."""
+    if not images:
+        raise ValueError("pad_batch needs at least one image")
+    sizes = [(img.shape[0], img.shape[1]) for img in images]
+    height, width = canvas_size(sizes, spec)
+    out = np.full((len(images), 3, height, width), spec.pad_value, dtype=np.uint8)
+    for i, img in enumerate(images):
+        h, w = img.shape[:2]
+        if h > height or w > width:
+            raise ValueError(f"image {h}x{w} does not fit the {height}x{width} canvas")
+        out[i, :, :h, :w] = img.transpose(2, 0, 1)
+    return Batch(out, np.asarray(sizes, dtype=np.int64).reshape(-1, 2))
+
+
+def normalize_boxes(boxes: np.ndarray, valid_size: tuple[int, int]) -> np.ndarray:
+    """Map boxes in resized-input pixels to [0, 1] of the original image.
+
+    Resizing is a pure per-axis scale of the whole image, so dividing by the
+    valid (height, width) of the resized image gives the normalised coordinates.
+    """
+    h, w = valid_size
+    scale = np.array([w, h, w, h], dtype=np.float32)
+    return np.clip(np.asarray(boxes, dtype=np.float32).reshape(-1, 4) / scale, 0.0, 1.0)
+
+
+def preprocess(data_list: list[bytes], spec: ResizeSpec,
+               max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[Batch, list[tuple[int, int]]]:
+    """Decode, resize and pad encoded images; also returns the original (h, w) of each."""
+    decoded = [decode_image(d, max_pixels) for d in data_list]
+    originals = [(img.shape[0], img.shape[1]) for img in decoded]
+    return pad_batch([resize_image(img, spec) for img in decoded], spec), originals

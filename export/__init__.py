@@ -1,0 +1,1 @@
+"""Turn detectors into contract ONNX graphs (needs the ``export`` extra: torch, onnx)."""

@@ -1,0 +1,1 @@
+"""gRPC inference server (ONNX Runtime, dynamic batching)."""

@@ -1,0 +1,183 @@
+"""Faster R-CNN export: ONNX Runtime against torchvision eager on the same tensors.
+
+Seeded random weights stand in for the COCO weights (no download here). Two
+adjustments keep the comparison about the graph rather than about float noise:
+the classifier is scaled by 0.5 so softmax scores stay spread (a random head
+saturates them), and the RPN keeps 100/50 proposals, because random objectness
+is nearly flat and a 1e-6 difference reorders a 1000-deep NMS cascade
+(measured: 45 of 1000 proposals change). Trained weights have peaked objectness.
+"""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+import torch
+from torchvision.ops import box_iou
+
+from pretag.contract import DRIVING_CLASSES, ResizeSpec, validate_model
+from pretag.export.common import ExportError
+from pretag.export.fasterrcnn import (
+    FasterRCNNExport,
+    class_selection,
+    eager_reference,
+    export_fasterrcnn_model,
+)
+from pretag.export.weights import load_fasterrcnn
+from pretag.preprocess import Batch, preprocess
+
+SMALL = ResizeSpec("shortest_edge", min_size=224, max_size=320)
+
+
+def _random_model() -> torch.nn.Module:
+    loaded = load_fasterrcnn("random", seed=0, rpn_pre_nms_top_n_test=100,
+                             rpn_post_nms_top_n_test=50)
+    with torch.no_grad():
+        loaded.model.roi_heads.box_predictor.cls_score.weight.mul_(0.5)
+    return loaded.model
+
+
+@pytest.fixture(scope="module")
+def model() -> torch.nn.Module:
+    return _random_model()
+
+
+def _export(model: torch.nn.Module, out: Path, classes: str, threshold: float = 0.05) -> Path:
+    cfg = FasterRCNNExport(output=out, classes=classes, score_threshold=threshold,
+                           min_size=SMALL.min_size, max_size=SMALL.max_size)
+    export_fasterrcnn_model(model, cfg, "random:seed=0", "0" * 64)
+    return out
+
+
+@pytest.fixture(scope="module")
+def coco_onnx(model: torch.nn.Module, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return _export(model, tmp_path_factory.mktemp("frcnn") / "coco.onnx", "coco")
+
+
+@pytest.fixture(scope="module")
+def images(shared: Path) -> list[bytes]:
+    files = sorted((shared / "data" / "driving").iterdir())
+    return [f.read_bytes() for f in files[:2] + files[-2:]]
+
+
+def _run(path: Path, batch: Batch) -> list[np.ndarray]:
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return session.run(None, {"images": batch.images, "image_sizes": batch.image_sizes})
+
+
+def _assert_same(out: list[np.ndarray], ref: list[dict[str, torch.Tensor]],
+                 min_count: int = 20) -> None:
+    for i, expected in enumerate(ref):
+        n = int(out[3][i])
+        assert n == len(expected["scores"]), f"image {i}: {n} vs eager {len(expected['scores'])}"
+        assert n >= min_count, f"image {i}: only {n} detections, the test needs {min_count}"
+        boxes, scores, labels = out[0][i, :n], out[1][i, :n], out[2][i, :n]
+        iou = box_iou(expected["boxes"], torch.from_numpy(boxes)).numpy()
+        same_label = expected["labels"].numpy()[:, None] == labels[None, :]
+        match = np.where(same_label, iou, -1).argmax(axis=1)
+        assert len(set(match.tolist())) == n, f"image {i}: detections do not pair one to one"
+        np.testing.assert_array_equal(labels[match], expected["labels"].numpy())
+        np.testing.assert_allclose(boxes[match], expected["boxes"].numpy(), rtol=1e-3, atol=1e-3)
+        np.testing.assert_allclose(scores[match], expected["scores"].numpy(), rtol=0, atol=1e-4)
+        # padding slots follow the contract
+        assert (out[2][i, n:] == -1).all() and (out[1][i, n:] == 0).all()
+
+
+@pytest.mark.parametrize("count", [1, 3])
+def test_parity_with_torchvision(model, coco_onnx, images, count):
+    batch, _ = preprocess(images[:count], SMALL)
+    ids, _ = class_selection("coco")
+    ref = eager_reference(model, torch.from_numpy(batch.images),
+                          torch.from_numpy(batch.image_sizes), ids, 100, 0.05)
+    _assert_same(_run(coco_onnx, batch), ref)
+
+
+def test_parity_mixed_sizes(model, coco_onnx, images):
+    batch, _ = preprocess([images[0], images[-1]], SMALL)  # KITTI 1242x375 and Waymo frames
+    assert len({tuple(s) for s in batch.image_sizes.tolist()}) == 2
+    ids, _ = class_selection("coco")
+    ref = eager_reference(model, torch.from_numpy(batch.images),
+                          torch.from_numpy(batch.image_sizes), ids, 100, 0.05)
+    _assert_same(_run(coco_onnx, batch), ref)
+
+
+def test_driving_classes_match_eager_restricted(model, images, tmp_path):
+    path = _export(model, tmp_path / "driving.onnx", "driving", threshold=0.01)
+    spec = validate_model(path)
+    assert spec.class_names == DRIVING_CLASSES
+    batch, _ = preprocess(images[:2], SMALL)
+    ids, _ = class_selection("driving")
+    ref = eager_reference(model, torch.from_numpy(batch.images),
+                          torch.from_numpy(batch.image_sizes), ids, 100, 0.01)
+    _assert_same(_run(path, batch), ref)
+
+
+def test_blank_image_gives_no_detections(model, images, tmp_path):
+    path = _export(model, tmp_path / "strict.onnx", "coco", threshold=0.9)
+    batch, _ = preprocess(images[:1], SMALL)
+    blank = Batch(np.concatenate([np.zeros_like(batch.images), batch.images]),
+                  np.concatenate([batch.image_sizes, batch.image_sizes]))
+    ids, _ = class_selection("coco")
+    ref = eager_reference(model, torch.from_numpy(blank.images),
+                          torch.from_numpy(blank.image_sizes), ids, 100, 0.9)
+    out = _run(path, blank)
+    assert [len(r["scores"]) for r in ref] == [0, 0]
+    assert out[3].tolist() == [0, 0]
+    assert (out[2] == -1).all() and (out[1] == 0).all() and (out[0] == 0).all()
+
+
+def test_batch_of_four_equals_four_single_runs(coco_onnx, images):
+    batch, _ = preprocess(images[:1] * 4, SMALL)
+    noise = np.random.default_rng(0).integers(0, 256, batch.images.shape, dtype=np.uint8)
+    batch = Batch(np.where(np.arange(4)[:, None, None, None] % 2 == 1, noise, batch.images),
+                  batch.image_sizes)
+    together = _run(coco_onnx, batch)
+    for i in range(4):
+        alone = _run(coco_onnx, Batch(batch.images[i:i + 1], batch.image_sizes[i:i + 1]))
+        for a, t in zip(alone, together):
+            np.testing.assert_array_equal(a[0], t[i])
+
+
+def test_contract_and_metadata(coco_onnx):
+    spec = validate_model(coco_onnx)
+    assert spec.resize.policy == "shortest_edge" and spec.resize.min_size == 224
+    assert spec.source_weights == "random:seed=0" and len(spec.class_names) == 80
+    assert spec.embedding_dim == 1280
+
+
+def _closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def test_default_weights_offline_fail_fast_with_clear_message(tmp_path):
+    env = {"TORCH_HOME": str(tmp_path / "torch"), "PATH": "/usr/bin:/bin",
+           "https_proxy": f"http://127.0.0.1:{_closed_port()}",
+           "HTTPS_PROXY": f"http://127.0.0.1:{_closed_port()}"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "pretag.cli", "export", "fasterrcnn", "--weights", "default",
+         "--output", str(tmp_path / "m.onnx")],
+        capture_output=True, text=True, timeout=120, env=env)
+    assert proc.returncode == 1, proc.stderr
+    assert "--weights PATH" in proc.stderr and "Traceback" not in proc.stderr
+    assert not (tmp_path / "m.onnx").exists()
+
+
+def test_corrupt_weights_file(tmp_path):
+    bad = tmp_path / "bad.pth"
+    bad.write_bytes(b"this is not a checkpoint")
+    with pytest.raises(ExportError, match="cannot read weights file"):
+        load_fasterrcnn(str(bad))
+    with pytest.raises(ExportError, match="does not exist"):
+        load_fasterrcnn(str(tmp_path / "missing.pth"))
+    partial = tmp_path / "partial.pth"
+    torch.save({"backbone.body.conv1.weight": torch.zeros(1)}, partial)
+    with pytest.raises(ExportError, match="does not fit"):
+        load_fasterrcnn(str(partial))

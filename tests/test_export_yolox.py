@@ -1,0 +1,134 @@
+"""YOLOX adapter: same accuracy as a plain numpy decode of the original file."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import cv2
+import numpy as np
+import onnxruntime as ort
+import pytest
+
+from pretag.contract import DRIVING_CLASSES, ContractError, validate_model
+from pretag.evaluate import ImagePrediction, coco_ap
+from pretag.export.common import ExportError
+from pretag.export.yolox import COCO80, YoloxExport, export_yolox
+from pretag.preprocess import normalize_boxes, preprocess
+
+SCORE, NMS, TOP_K = 0.05, 0.45, 100
+
+
+def reference_predict(session: ort.InferenceSession, path: Path) -> ImagePrediction:
+    """YOLOX's demo pipeline, written plainly: letterbox, decode, NMS per class."""
+    img = cv2.imread(str(path))
+    r = 416 / max(img.shape[:2])
+    resized = cv2.resize(img, (int(img.shape[1] * r), int(img.shape[0] * r)),
+                         interpolation=cv2.INTER_LINEAR)
+    canvas = np.full((416, 416, 3), 114, dtype=np.uint8)
+    canvas[:resized.shape[0], :resized.shape[1]] = resized
+    raw = session.run(None, {"images": canvas.transpose(2, 0, 1)[None].astype(np.float32)})[0][0]
+    grids, strides = [], []
+    for s in (8, 16, 32):
+        ys, xs = np.meshgrid(np.arange(416 // s), np.arange(416 // s), indexing="ij")
+        grids.append(np.stack([xs, ys], -1).reshape(-1, 2))
+        strides.append(np.full((grids[-1].shape[0], 1), s))
+    grid, stride = np.concatenate(grids), np.concatenate(strides)
+    xy = (raw[:, :2] + grid) * stride
+    wh = np.exp(raw[:, 2:4]) * stride
+    boxes = np.concatenate([xy - wh / 2, xy + wh / 2], 1) / r
+    boxes = np.clip(boxes, 0, [img.shape[1], img.shape[0]] * 2)
+    ids = [COCO80.index(n) for n in DRIVING_CLASSES]
+    scores = raw[:, 4:5] * raw[:, 5:][:, ids]
+    out_boxes, out_scores, out_labels = [], [], []
+    for c in range(len(ids)):
+        keep = np.where(scores[:, c] > SCORE)[0]
+        b = boxes[keep]
+        xywh = np.concatenate([b[:, :2], b[:, 2:] - b[:, :2]], 1).tolist()
+        kept = cv2.dnn.NMSBoxes(xywh, scores[keep, c].tolist(), SCORE, NMS)
+        for k in np.asarray(kept, dtype=int).reshape(-1):
+            out_boxes.append(b[k])
+            out_scores.append(scores[keep[k], c])
+            out_labels.append(DRIVING_CLASSES[c])
+    order = np.argsort(-np.asarray(out_scores))[:TOP_K]
+    return ImagePrediction(path.name, np.asarray(out_boxes).reshape(-1, 4)[order],
+                           np.asarray(out_scores)[order], [out_labels[i] for i in order])
+
+
+def contract_predict(session: ort.InferenceSession, paths: list[Path], spec, batch_size: int
+                     ) -> list[ImagePrediction]:
+    preds = []
+    for start in range(0, len(paths), batch_size):
+        chunk = paths[start:start + batch_size]
+        batch, originals = preprocess([p.read_bytes() for p in chunk], spec.resize)
+        boxes, scores, labels, counts = session.run(
+            None, {"images": batch.images, "image_sizes": batch.image_sizes})
+        for i, path in enumerate(chunk):
+            n = int(counts[i])
+            norm = normalize_boxes(boxes[i, :n], tuple(batch.image_sizes[i]))
+            h, w = originals[i]
+            preds.append(ImagePrediction(path.name, norm * [w, h, w, h], scores[i, :n],
+                                         [spec.class_names[j] for j in labels[i, :n]]))
+    return preds
+
+
+@pytest.fixture(scope="module")
+def coco_images(coco128: Path) -> list[Path]:
+    paths = sorted((coco128 / "images").rglob("*.jpg"))
+    assert len(paths) == 128
+    return paths
+
+
+def test_ap_equals_reference_decode(yolox_model, yolox_original, coco_images, coco128):
+    spec = validate_model(yolox_model)
+    session = ort.InferenceSession(str(yolox_model), providers=["CPUExecutionProvider"])
+    original = ort.InferenceSession(str(yolox_original), providers=["CPUExecutionProvider"])
+    ann = coco128 / "annotations" / "instances_train2017.json"
+    ours = contract_predict(session, coco_images, spec, batch_size=4)
+    reference = [reference_predict(original, p) for p in coco_images]
+    ap_ours = coco_ap(ours, ann, DRIVING_CLASSES)
+    ap_ref = coco_ap(reference, ann, DRIVING_CLASSES)
+    print(f"AP@[.5:.95] seven classes: contract model {ap_ours:.4f}, reference {ap_ref:.4f}")
+    assert ap_ref > 0.2, "the reference decode itself is broken"
+    assert abs(ap_ours - ap_ref) <= 0.005
+
+
+def test_batch_of_four_equals_single(yolox_model, coco_images):
+    spec = validate_model(yolox_model)
+    session = ort.InferenceSession(str(yolox_model), providers=["CPUExecutionProvider"])
+    paths = coco_images[60:68]  # includes people and vehicles
+    one = contract_predict(session, paths, spec, batch_size=1)
+    four = contract_predict(session, paths, spec, batch_size=4)
+    assert sum(len(p.scores) for p in one) > 0
+    for a, b in zip(one, four):
+        np.testing.assert_array_equal(a.boxes, b.boxes)
+        np.testing.assert_array_equal(a.scores, b.scores)
+        assert a.labels == b.labels
+
+
+def test_original_file_is_not_a_contract_model(yolox_original):
+    with pytest.raises(ContractError) as err:
+        validate_model(yolox_original)
+    text = str(err.value)
+    assert "input 'image_sizes' is missing" in text and "output 'boxes' is missing" in text
+    assert "axis 0 is fixed to 1" in text
+
+
+def test_bad_inputs_are_clear(tmp_path, yolox_original):
+    with pytest.raises(ExportError, match="does not exist"):
+        export_yolox(YoloxExport(onnx=tmp_path / "nope.onnx", output=tmp_path / "o.onnx"))
+    junk = tmp_path / "junk.onnx"
+    junk.write_bytes(b"\x00garbage" * 10)
+    with pytest.raises(ExportError):
+        export_yolox(YoloxExport(onnx=junk, output=tmp_path / "o.onnx"))
+    assert not (tmp_path / "o.onnx").exists()
+
+
+def test_coco_classes_and_cli(tmp_path, yolox_original):
+    from pretag.cli import main
+
+    out = tmp_path / "coco.onnx"
+    assert main(["export", "yolox", "--onnx", str(yolox_original), "--output", str(out),
+                 "--classes", "coco"]) == 0
+    spec = validate_model(out)
+    assert spec.class_names == COCO80 and spec.resize.canvas == (416, 416)
+    assert spec.source_sha256.startswith("e8af0749")
