@@ -17,7 +17,7 @@ A contract model is one ONNX graph:
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -151,8 +151,10 @@ class ModelSpec:
         )
 
 
-def _check_io(kind: str, actual: dict[str, Any], expected: dict[str, tuple[str, tuple[int | str, ...]]],
-              optional: dict[str, tuple[str, tuple[int | str, ...]]]) -> list[str]:
+IOSpec = dict[str, tuple[str, tuple[int | str, ...]]]
+
+
+def _check_io(kind: str, actual: dict[str, Any], expected: IOSpec, optional: IOSpec) -> list[str]:
     problems = []
     for name in expected.keys() - actual.keys():
         problems.append(f"{kind} {name!r} is missing")
@@ -168,7 +170,7 @@ def _check_io(kind: str, actual: dict[str, Any], expected: dict[str, tuple[str, 
         if len(arg.shape) != len(shape):
             problems.append(f"{kind} {name!r} has rank {len(arg.shape)}, expected {len(shape)}")
             continue
-        for axis, (got, exp) in enumerate(zip(arg.shape, shape)):
+        for axis, (got, exp) in enumerate(zip(arg.shape, shape, strict=True)):
             if isinstance(exp, int) and got != exp:
                 problems.append(f"{kind} {name!r} axis {axis} is {got}, expected {exp}")
             if isinstance(exp, str) and kind == "input" and isinstance(got, int):
@@ -194,7 +196,7 @@ def validate_session(session: Any) -> ModelSpec:
                             + "\n  - ".join(problems))
     if "embeddings" in outputs:
         dim = outputs["embeddings"].shape[1]
-        spec = ModelSpec(**{**spec.__dict__, "embedding_dim": dim if isinstance(dim, int) else None})
+        spec = replace(spec, embedding_dim=dim if isinstance(dim, int) else None)
     return spec
 
 

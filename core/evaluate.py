@@ -38,7 +38,7 @@ def coco_ap(predictions: Iterable[ImagePrediction], annotations: str | Path,
     for pred in predictions:
         image_id = by_file[Path(pred.file_name).name]
         image_ids.append(image_id)
-        for box, score, label in zip(pred.boxes, pred.scores, pred.labels):
+        for box, score, label in zip(pred.boxes, pred.scores, pred.labels, strict=True):
             x1, y1, x2, y2 = (float(v) for v in box)
             results.append({"image_id": image_id, "category_id": by_name[label],
                             "bbox": [x1, y1, x2 - x1, y2 - y1], "score": float(score)})

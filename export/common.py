@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import tempfile
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +25,26 @@ DYNAMIC_AXES: dict[str, dict[int, str]] = {
     "num_detections": {0: "N"},
     "embeddings": {0: "N"},
 }
+
+
+def trace_to_onnx(module: Any, args: tuple[Any, ...], inputs: list[str], outputs: list[str],
+                  axes: dict[str, dict[int, str]] | None = None) -> Any:
+    """Trace a torch module with the legacy exporter into an onnx.ModelProto.
+
+    The dynamo exporter fails on torchvision detection models, hence ``dynamo=False``.
+    """
+    import onnx
+    import torch
+
+    axes = axes or DYNAMIC_AXES
+    with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings(), \
+            torch.inference_mode():
+        warnings.simplefilter("ignore")  # tracer warnings about shape arithmetic
+        path = Path(tmp) / "graph.onnx"
+        torch.onnx.export(module.eval(), args, str(path), dynamo=False, opset_version=OPSET,
+                          input_names=inputs, output_names=outputs,
+                          dynamic_axes={n: axes[n] for n in inputs + outputs if n in axes})
+        return onnx.load(str(path))
 
 
 class ExportError(RuntimeError):

@@ -10,8 +10,6 @@ and the transform's normalisation and padding move inside the graph, driven by
 
 from __future__ import annotations
 
-import io
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -23,7 +21,7 @@ from torchvision.models.detection import FasterRCNN
 from torchvision.ops.poolers import initLevelMapper
 
 from pretag.contract import DRIVING_CLASSES, ModelSpec, ResizeSpec
-from pretag.export.common import DYNAMIC_AXES, INPUT_NAMES, OPSET, ExportError, finalize
+from pretag.export.common import INPUT_NAMES, ExportError, finalize, trace_to_onnx
 from pretag.export.fp16 import to_fp16
 from pretag.export.ops import MASKED, clip_boxes, dim_min, nms_topk, pad_outputs, valid_mask
 from pretag.export.weights import COCO_CATEGORIES, load_fasterrcnn
@@ -41,6 +39,10 @@ def _level_tensors(objectness: Tensor, deltas: Tensor) -> tuple[Tensor, Tensor]:
 
 class BatchedFasterRCNN(nn.Module):
     """uint8 images [N, 3, H, W] + image_sizes [N, 2] -> contract outputs."""
+
+    class_ids: Tensor
+    mean: Tensor
+    std: Tensor
 
     def __init__(self, model: FasterRCNN, class_ids: list[int], score_threshold: float,
                  max_detections: int) -> None:
@@ -101,7 +103,7 @@ class BatchedFasterRCNN(nn.Module):
         objectness, deltas = self.rpn_head(feats)
         boxes, scores, levels = [], [], []
         for level, (ob_map, d_map, anchors) in enumerate(
-                zip(objectness, deltas, self._anchors(x, feats))):
+                zip(objectness, deltas, self._anchors(x, feats), strict=True)):
             ob, d = _level_tensors(ob_map, d_map)
             top_ob, index = ob.topk(dim_min(ob, 1, self.pre_nms_top_n), dim=1)
             top_d = d.gather(1, index.unsqueeze(-1).expand(-1, -1, 4))
@@ -112,10 +114,10 @@ class BatchedFasterRCNN(nn.Module):
             levels.append(torch.zeros_like(top_ob, dtype=torch.int64) + level)
         box = clip_boxes(torch.cat(boxes, 1), image_sizes)
         score = torch.cat(scores, 1)
-        level = torch.cat(levels, 1)
+        level_of = torch.cat(levels, 1)
         wh = box[..., 2:] - box[..., :2]
         ok = (wh >= self.rpn_min_size).all(dim=-1) & (score >= self.rpn_score_thresh)
-        by_level = torch.arange(len(objectness)).reshape(1, -1, 1) == level.unsqueeze(1)
+        by_level = torch.arange(len(objectness)).reshape(1, -1, 1) == level_of.unsqueeze(1)
         masked = torch.where(by_level & ok.unsqueeze(1), score.unsqueeze(1),
                              torch.full_like(score.unsqueeze(1), MASKED))
         proposals, _, _, valid = nms_topk(box, masked, self.post_nms_top_n, self.rpn_nms)
@@ -134,7 +136,7 @@ class BatchedFasterRCNN(nn.Module):
         levels = initLevelMapper(2, 1 + len(maps))([flat])
         result = torch.zeros((rois.shape[0], maps[0].shape[1], *self.roi_output_size),
                              dtype=flat.dtype)
-        for level, (feature, scale) in enumerate(zip(maps, scales)):
+        for level, (feature, scale) in enumerate(zip(maps, scales, strict=True)):
             index = torch.where(levels == level)[0]
             pooled = torchvision.ops.roi_align(feature, rois[index], self.roi_output_size,
                                                spatial_scale=scale,
@@ -254,8 +256,6 @@ def export_fasterrcnn(cfg: FasterRCNNExport) -> ModelSpec:
 def export_fasterrcnn_model(model: FasterRCNN, cfg: FasterRCNNExport, source: str,
                             sha256: str) -> ModelSpec:
     """Trace ``model`` (a torchvision Faster R-CNN) into the contract ONNX graph."""
-    import onnx
-
     ids, names = class_selection(cfg.classes)
     graph = BatchedFasterRCNN(model, ids, cfg.score_threshold, cfg.max_detections).eval()
     # Two images of different sizes so that nothing gets specialised to one shape.
@@ -272,13 +272,7 @@ def export_fasterrcnn_model(model: FasterRCNN, cfg: FasterRCNNExport, source: st
         source_weights=source,
         source_sha256=sha256,
     )
-    buffer = io.BytesIO()
-    with warnings.catch_warnings(), torch.inference_mode():
-        warnings.simplefilter("ignore")  # tracer warnings about shape arithmetic
-        torch.onnx.export(graph, (images, sizes), buffer, dynamo=False, opset_version=OPSET,
-                          input_names=INPUT_NAMES, output_names=OUTPUT_NAMES,
-                          dynamic_axes=DYNAMIC_AXES)
-    proto = onnx.load_from_string(buffer.getvalue())
+    proto = trace_to_onnx(graph, (images, sizes), INPUT_NAMES, OUTPUT_NAMES)
     if cfg.fp16:
         proto = to_fp16(proto)
     return finalize(proto, spec, cfg.output)

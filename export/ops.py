@@ -8,7 +8,7 @@ per-image variable counts become a fixed top-K with a validity mask.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torchvision
@@ -30,7 +30,7 @@ class _BatchedNMS(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx: Any, boxes: Tensor, scores: Tensor, max_per_class: int,  # noqa: ARG004
+    def forward(ctx: Any, boxes: Tensor, scores: Tensor, max_per_class: int,
                 iou_threshold: float) -> Tensor:
         rows = []
         for b in range(scores.shape[0]):
@@ -59,12 +59,16 @@ def batched_nms(boxes: Tensor, scores: Tensor, max_per_class: int, iou_threshold
     return out
 
 
-def dim_min(x: Tensor, dim: int, k: int) -> int | Tensor:
-    """min(k, x.shape[dim]), kept dynamic while tracing for export."""
+def dim_min(x: Tensor, dim: int, k: int) -> int:
+    """min(k, x.shape[dim]), kept dynamic while tracing for export.
+
+    While tracing, the value is a 0-d tensor, which ``topk`` accepts as its k;
+    it is typed ``int`` because that is how callers use it.
+    """
     if not _is_tracing():
         return min(k, x.shape[dim])
     size = torch._shape_as_tensor(x)[dim].unsqueeze(0)
-    return torch.min(torch.cat([torch.tensor([k], dtype=size.dtype), size]))
+    return cast(int, torch.min(torch.cat([torch.tensor([k], dtype=size.dtype), size])))
 
 
 def nms_topk(boxes: Tensor, scores: Tensor, k: int, iou_threshold: float
@@ -116,8 +120,7 @@ def clip_boxes(boxes: Tensor, image_sizes: Tensor) -> Tensor:
     return torch.stack([x1, y1, x2, y2], dim=-1)
 
 
-def valid_mask(image_sizes: Tensor, height: int | Tensor, width: int | Tensor,
-               stride: int = 1) -> Tensor:
+def valid_mask(image_sizes: Tensor, height: int, width: int, stride: int = 1) -> Tensor:
     """[B, 1, height, width] bool mask of pixels inside each image (feature stride aware)."""
     valid_h = torch.div(image_sizes[:, 0] + stride - 1, stride, rounding_mode="floor")
     valid_w = torch.div(image_sizes[:, 1] + stride - 1, stride, rounding_mode="floor")

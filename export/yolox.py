@@ -9,9 +9,7 @@ padding to K, all batched).
 
 from __future__ import annotations
 
-import io
 import logging
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -27,6 +25,7 @@ from pretag.export.common import (
     ExportError,
     finalize,
     sha256_file,
+    trace_to_onnx,
 )
 from pretag.export.fp16 import to_fp16
 from pretag.export.ops import MASKED, clip_boxes, nms_topk, pad_outputs, valid_mask
@@ -77,6 +76,8 @@ class YoloxPre(nn.Module):
 class YoloxPost(nn.Module):
     """Raw YOLOX output [N, A, 5 + 80] -> contract outputs (boxes in input pixels)."""
 
+    class_ids: Tensor
+
     def __init__(self, class_ids: list[int], score_threshold: float, nms_threshold: float,
                  max_detections: int) -> None:
         super().__init__()
@@ -105,20 +106,6 @@ class YoloxPost(nn.Module):
         return pad_outputs(*nms_topk(boxes, scores, self.max_detections, self.nms_threshold))
 
 
-def _trace(module: nn.Module, args: tuple[Tensor, ...], inputs: list[str],
-           outputs: list[str]) -> Any:
-    """Trace ``module`` to an onnx.ModelProto; ``canvas`` and ``raw`` get symbolic axes too."""
-    import onnx
-
-    buffer = io.BytesIO()
-    with warnings.catch_warnings(), torch.inference_mode():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(module, args, buffer, dynamo=False, opset_version=OPSET,
-                          input_names=inputs, output_names=outputs,
-                          dynamic_axes={n: AXES[n] for n in inputs + outputs})
-    return onnx.load_from_string(buffer.getvalue())
-
-
 def load_original(path: Path) -> Any:
     """The YOLOX graph with a symbolic batch (and H, W), converted to our opset."""
     import onnx
@@ -144,8 +131,9 @@ def load_original(path: Path) -> Any:
             if shape.size and shape[0] == 1:  # the exported batch: copy it from the input
                 shape[0] = 0
                 inits[node.input[1]].CopyFrom(numpy_helper.from_array(shape, node.input[1]))
-    for value, names in ((graph.input[0], ("N", None, "H", "W")), (graph.output[0], ("N", "A", None))):
-        for dim, name in zip(value.type.tensor_type.shape.dim, names):
+    symbolic = ((graph.input[0], ("N", None, "H", "W")), (graph.output[0], ("N", "A", None)))
+    for value, names in symbolic:
+        for dim, name in zip(value.type.tensor_type.shape.dim, names, strict=True):
             if name is not None:
                 dim.dim_param = name
     del graph.value_info[:]
@@ -200,13 +188,14 @@ def export_yolox(cfg: YoloxExport) -> ModelSpec:
     size = cfg.input_size
     images = torch.full((2, 3, size, size), LETTERBOX_VALUE, dtype=torch.uint8)
     sizes = torch.tensor([[size, size], [size // 2, size]], dtype=torch.int64)
-    pre = _trace(YoloxPre(), (images, sizes), INPUT_NAMES, ["canvas"])
+    pre = trace_to_onnx(YoloxPre(), (images, sizes), INPUT_NAMES, ["canvas"], AXES)
     anchors = sum((size // s) ** 2 for s in STRIDES)
     raw = torch.rand(2, anchors, 85)
     post_module = YoloxPost(class_ids, cfg.score_threshold, cfg.nms_threshold,
                             cfg.max_detections)
-    post = _trace(post_module, (raw, sizes, images.float()), ["raw", "image_sizes", "canvas"],
-                  ["boxes", "scores", "labels", "num_detections"])
+    post = trace_to_onnx(post_module, (raw, sizes, images.float()),
+                         ["raw", "image_sizes", "canvas"],
+                         ["boxes", "scores", "labels", "num_detections"], AXES)
     model = build_graph(original, pre, post)
     if cfg.fp16:
         model = to_fp16(model)

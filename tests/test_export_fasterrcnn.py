@@ -140,7 +140,7 @@ def test_batch_of_four_equals_four_single_runs(coco_onnx, images):
     together = _run(coco_onnx, batch)
     for i in range(4):
         alone = _run(coco_onnx, Batch(batch.images[i:i + 1], batch.image_sizes[i:i + 1]))
-        for a, t in zip(alone, together):
+        for a, t in zip(alone, together, strict=True):
             np.testing.assert_array_equal(a[0], t[i])
 
 

@@ -99,7 +99,7 @@ def test_batch_of_four_equals_single(yolox_model, coco_images):
     one = contract_predict(session, paths, spec, batch_size=1)
     four = contract_predict(session, paths, spec, batch_size=4)
     assert sum(len(p.scores) for p in one) > 0
-    for a, b in zip(one, four):
+    for a, b in zip(one, four, strict=True):
         np.testing.assert_array_equal(a.boxes, b.boxes)
         np.testing.assert_array_equal(a.scores, b.scores)
         assert a.labels == b.labels

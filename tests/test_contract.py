@@ -1,0 +1,63 @@
+"""The contract validator accepts contract models and explains what is wrong with others."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import onnx
+import pytest
+
+from pretag.contract import (
+    ContractError,
+    ModelSpec,
+    ResizeSpec,
+    validate_model,
+)
+
+
+def test_accepts_exported_model(yolox_model):
+    spec = validate_model(yolox_model)
+    assert spec.contract_version == "1" and spec.max_detections == 100
+    assert spec.resize == ResizeSpec("longest_edge", max_size=416, pad_value=114,
+                                     canvas=(416, 416))
+
+
+def _with_metadata(src: Path, dst: Path, change: dict[str, str | None]) -> Path:
+    model = onnx.load(str(src))
+    meta = {p.key: p.value for p in model.metadata_props}
+    for key, value in change.items():
+        if value is None:
+            meta.pop(key, None)
+        else:
+            meta[key] = value
+    del model.metadata_props[:]
+    onnx.helper.set_model_props(model, meta)
+    onnx.save(model, str(dst))
+    return dst
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"pretag.class_names": None}, "'pretag.class_names' is missing"),
+    ({"pretag.contract_version": "2"}, "version '2' is not supported"),
+    ({"pretag.class_names": "[]"}, "non-empty JSON list"),
+    ({"pretag.resize": '{"policy": "stretch", "max_size": 3}'}, "unknown resize policy"),
+    ({"pretag.max_detections": "many"}, "unreadable pretag metadata"),
+])
+def test_rejects_bad_metadata(yolox_model, tmp_path, change, message):
+    path = _with_metadata(yolox_model, tmp_path / "m.onnx", change)
+    with pytest.raises(ContractError, match=message):
+        validate_model(path)
+
+
+def test_missing_and_unloadable_files(tmp_path):
+    with pytest.raises(ContractError, match="does not exist"):
+        validate_model(tmp_path / "none.onnx")
+    (tmp_path / "bad.onnx").write_bytes(b"not onnx")
+    with pytest.raises(ContractError, match="cannot load"):
+        validate_model(tmp_path / "bad.onnx")
+
+
+def test_metadata_round_trip():
+    spec = ModelSpec("m", ("car", "bus"), ResizeSpec("shortest_edge", 1333, 800), 0.25, 50,
+                     "file:w.pth", "ab" * 32)
+    assert ModelSpec.from_metadata(spec.metadata()) == spec
