@@ -256,6 +256,8 @@ def export_fasterrcnn(cfg: FasterRCNNExport) -> ModelSpec:
 def export_fasterrcnn_model(model: FasterRCNN, cfg: FasterRCNNExport, source: str,
                             sha256: str) -> ModelSpec:
     """Trace ``model`` (a torchvision Faster R-CNN) into the contract ONNX graph."""
+    if cfg.fp16:
+        to_fp16(None)  # raises: not available yet, before minutes of tracing
     ids, names = class_selection(cfg.classes)
     graph = BatchedFasterRCNN(model, ids, cfg.score_threshold, cfg.max_detections).eval()
     # Two images of different sizes so that nothing gets specialised to one shape.

@@ -183,6 +183,8 @@ def export_yolox(cfg: YoloxExport) -> ModelSpec:
         class_names = COCO80
     else:
         raise ExportError(f"unknown class set {cfg.classes!r}; use driving or coco")
+    if cfg.fp16:
+        to_fp16(None)  # raises: not available yet
     class_ids = [COCO80.index(n) for n in class_names]
     original = load_original(cfg.onnx)
     size = cfg.input_size

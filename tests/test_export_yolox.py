@@ -132,3 +132,12 @@ def test_coco_classes_and_cli(tmp_path, yolox_original):
     spec = validate_model(out)
     assert spec.class_names == COCO80 and spec.resize.canvas == (416, 416)
     assert spec.source_sha256.startswith("e8af0749")
+
+
+def test_fp16_refuses_clearly_instead_of_writing_a_broken_model(tmp_path, yolox_original):
+    from pretag.cli import main
+
+    out = tmp_path / "fp16.onnx"
+    assert main(["export", "yolox", "--onnx", str(yolox_original), "--output", str(out),
+                 "--fp16"]) == 1
+    assert not out.exists()
