@@ -10,13 +10,13 @@ hang or write a broken model.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import NoReturn
 
 from pretag.export.common import ExportError
 
 
-def to_fp16(model: Any) -> Any:
-    """Refuse, with the reason (see the module docstring)."""
+def to_fp16() -> NoReturn:
+    """Refuse ``--fp16``, with the reason (see the module docstring)."""
     raise ExportError(
         "--fp16 is not available yet: the float16 conversion of the contract graph is not "
         "verified (onnxconverter-common hangs or writes mistyped Where nodes on it). Export "

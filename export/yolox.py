@@ -184,7 +184,7 @@ def export_yolox(cfg: YoloxExport) -> ModelSpec:
     else:
         raise ExportError(f"unknown class set {cfg.classes!r}; use driving or coco")
     if cfg.fp16:
-        to_fp16(None)  # raises: not available yet
+        to_fp16()  # raises: not available yet
     class_ids = [COCO80.index(n) for n in class_names]
     original = load_original(cfg.onnx)
     size = cfg.input_size
@@ -199,10 +199,8 @@ def export_yolox(cfg: YoloxExport) -> ModelSpec:
                          ["raw", "image_sizes", "canvas"],
                          ["boxes", "scores", "labels", "num_detections"], AXES)
     model = build_graph(original, pre, post)
-    if cfg.fp16:
-        model = to_fp16(model)
     spec = ModelSpec(
-        name="yolox_nano-" + cfg.classes + ("-fp16" if cfg.fp16 else ""),
+        name="yolox_nano-" + cfg.classes,
         class_names=tuple(class_names),
         resize=ResizeSpec("longest_edge", max_size=size, pad_value=LETTERBOX_VALUE,
                           size_multiple=32, canvas=(size, size)),

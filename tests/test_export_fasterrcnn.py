@@ -89,22 +89,23 @@ def _assert_same(out: list[np.ndarray], ref: list[dict[str, torch.Tensor]],
         assert (out[2][i, n:] == -1).all() and (out[1][i, n:] == 0).all()
 
 
+def _eager(model: torch.nn.Module, batch: Batch, classes: str, threshold: float
+           ) -> list[dict[str, torch.Tensor]]:
+    ids, _ = class_selection(classes)
+    return eager_reference(model, torch.from_numpy(batch.images),
+                           torch.from_numpy(batch.image_sizes), ids, 100, threshold)
+
+
 @pytest.mark.parametrize("count", [1, 3])
 def test_parity_with_torchvision(model, coco_onnx, images, count):
     batch, _ = preprocess(images[:count], SMALL)
-    ids, _ = class_selection("coco")
-    ref = eager_reference(model, torch.from_numpy(batch.images),
-                          torch.from_numpy(batch.image_sizes), ids, 100, 0.05)
-    _assert_same(_run(coco_onnx, batch), ref)
+    _assert_same(_run(coco_onnx, batch), _eager(model, batch, "coco", 0.05))
 
 
 def test_parity_mixed_sizes(model, coco_onnx, images):
     batch, _ = preprocess([images[0], images[-1]], SMALL)  # KITTI 1242x375 and Waymo frames
     assert len({tuple(s) for s in batch.image_sizes.tolist()}) == 2
-    ids, _ = class_selection("coco")
-    ref = eager_reference(model, torch.from_numpy(batch.images),
-                          torch.from_numpy(batch.image_sizes), ids, 100, 0.05)
-    _assert_same(_run(coco_onnx, batch), ref)
+    _assert_same(_run(coco_onnx, batch), _eager(model, batch, "coco", 0.05))
 
 
 def test_driving_classes_match_eager_restricted(model, images, tmp_path):
@@ -112,10 +113,7 @@ def test_driving_classes_match_eager_restricted(model, images, tmp_path):
     spec = validate_model(path)
     assert spec.class_names == DRIVING_CLASSES
     batch, _ = preprocess(images[:2], SMALL)
-    ids, _ = class_selection("driving")
-    ref = eager_reference(model, torch.from_numpy(batch.images),
-                          torch.from_numpy(batch.image_sizes), ids, 100, 0.01)
-    _assert_same(_run(path, batch), ref)
+    _assert_same(_run(path, batch), _eager(model, batch, "driving", 0.01))
 
 
 def test_blank_image_gives_no_detections(model, images, tmp_path):
@@ -123,9 +121,7 @@ def test_blank_image_gives_no_detections(model, images, tmp_path):
     batch, _ = preprocess(images[:1], SMALL)
     blank = Batch(np.concatenate([np.zeros_like(batch.images), batch.images]),
                   np.concatenate([batch.image_sizes, batch.image_sizes]))
-    ids, _ = class_selection("coco")
-    ref = eager_reference(model, torch.from_numpy(blank.images),
-                          torch.from_numpy(blank.image_sizes), ids, 100, 0.9)
+    ref = _eager(model, blank, "coco", 0.9)
     out = _run(path, blank)
     assert [len(r["scores"]) for r in ref] == [0, 0]
     assert out[3].tolist() == [0, 0]
