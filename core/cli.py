@@ -45,6 +45,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True)
     _add_export(sub)
+    from pretag.server import cli as serve_cli
+
+    serve_cli.add_arguments(sub.add_parser("serve", help="run the gRPC inference server"))
     return parser
 
 
@@ -86,6 +89,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                         stream=sys.stderr)
     if args.command == "export":
         return run_export(args)
+    if args.command == "serve":
+        from pretag.server import cli as serve_cli
+
+        return serve_cli.run(args)
     return EXIT_USAGE  # pragma: no cover - argparse rejects unknown commands
 
 

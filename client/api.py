@@ -1,0 +1,244 @@
+"""Python client for pretag servers, sync (:class:`Client`) and asyncio (:class:`AsyncClient`).
+
+gRPC errors become one small exception hierarchy rooted at :class:`PretagError`;
+in streams, a failed item comes back as a :class:`Prediction` whose ``error`` is set.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterable, AsyncIterator, Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import grpc
+
+from pretag.v1 import pretag_pb2 as pb
+from pretag.v1 import pretag_pb2_grpc as pb_grpc
+
+
+class PretagError(Exception):
+    """Any failure reported by a pretag server or the connection to it."""
+
+    retryable = False
+
+    def __init__(self, message: str, code: grpc.StatusCode = grpc.StatusCode.UNKNOWN) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+class InvalidImage(PretagError):
+    """The image (or request) was refused: undecodable, empty, too large."""
+
+
+class Overloaded(PretagError):
+    """The server's queue is full; retry later or elsewhere."""
+
+    retryable = True
+
+
+class Unavailable(PretagError):
+    """The server is unreachable, warming up or draining; retry later or elsewhere."""
+
+    retryable = True
+
+
+class DeadlineExceeded(PretagError):
+    """The call's deadline passed."""
+
+    retryable = True
+
+
+class Unauthenticated(PretagError):
+    """Missing or wrong token, or TLS refused."""
+
+
+class ServerError(PretagError):
+    """An internal error on the server (its log has the request id)."""
+
+
+_BY_CODE: dict[grpc.StatusCode, type[PretagError]] = {
+    grpc.StatusCode.INVALID_ARGUMENT: InvalidImage,
+    grpc.StatusCode.RESOURCE_EXHAUSTED: Overloaded,
+    grpc.StatusCode.UNAVAILABLE: Unavailable,
+    grpc.StatusCode.DEADLINE_EXCEEDED: DeadlineExceeded,
+    grpc.StatusCode.UNAUTHENTICATED: Unauthenticated,
+}
+_CODE_BY_VALUE = {c.value[0]: c for c in grpc.StatusCode}
+
+
+def error_from(code: grpc.StatusCode | int, message: str) -> PretagError:
+    """The exception for a status code (a grpc.StatusCode or its integer value)."""
+    if isinstance(code, int):
+        code = _CODE_BY_VALUE.get(code, grpc.StatusCode.UNKNOWN)
+    return _BY_CODE.get(code, ServerError)(message, code)
+
+
+def _from_rpc(exc: grpc.RpcError) -> PretagError:
+    code = exc.code() if hasattr(exc, "code") else grpc.StatusCode.UNKNOWN
+    details = exc.details() if hasattr(exc, "details") else str(exc)
+    return error_from(code, details or str(code))
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """One image's answer. Boxes are (x1, y1, x2, y2) normalised to [0, 1]."""
+
+    id: str
+    boxes: list[tuple[float, float, float, float]] = field(default_factory=list)
+    labels: list[str] = field(default_factory=list)
+    scores: list[float] = field(default_factory=list)
+    width: int = 0
+    height: int = 0
+    queue_ms: float = 0.0
+    compute_ms: float = 0.0
+    batch_size: int = 0
+    error: PretagError | None = None
+
+    @classmethod
+    def from_proto(cls, r: pb.DetectResponse) -> Prediction:
+        if r.status.code != 0:
+            return cls(r.id, error=error_from(r.status.code, r.status.message))
+        return cls(r.id, [(d.x1, d.y1, d.x2, d.y2) for d in r.detections],
+                   [d.label for d in r.detections], [d.score for d in r.detections],
+                   r.width, r.height, r.timing.queue_ms, r.timing.compute_ms,
+                   r.timing.batch_size)
+
+
+@dataclass(frozen=True)
+class Connection:
+    """How to reach a server: address, optional token and TLS files."""
+
+    address: str
+    token: str | None = None
+    root_cert: Path | None = None  # CA bundle that signed the server's cert; enables TLS
+    client_cert: Path | None = None  # for mutual TLS
+    client_key: Path | None = None
+    max_message_mb: int = 64
+
+    def options(self) -> list[tuple[str, Any]]:
+        limit = self.max_message_mb * 1024 * 1024
+        return [("grpc.max_send_message_length", limit),
+                ("grpc.max_receive_message_length", limit)]
+
+    def credentials(self) -> grpc.ChannelCredentials | None:
+        if self.root_cert is None:
+            return None
+        return grpc.ssl_channel_credentials(
+            self.root_cert.read_bytes(),
+            self.client_key.read_bytes() if self.client_key else None,
+            self.client_cert.read_bytes() if self.client_cert else None)
+
+    def metadata(self) -> tuple[tuple[str, str], ...] | None:
+        return (("authorization", f"Bearer {self.token}"),) if self.token else None
+
+
+def _request(item_id: str, image: bytes, threshold: float | None) -> pb.DetectRequest:
+    request = pb.DetectRequest(id=item_id, image=image)
+    if threshold is not None:
+        request.score_threshold = threshold
+    return request
+
+
+class Client:
+    """Blocking client. ``with Client("host:50051") as c: c.detect(data)``."""
+
+    def __init__(self, address: str | Connection, **kwargs: Any) -> None:
+        self.connection = address if isinstance(address, Connection) else Connection(
+            address, **kwargs)
+        c = self.connection
+        creds = c.credentials()
+        self._channel = (grpc.secure_channel(c.address, creds, c.options()) if creds
+                         else grpc.insecure_channel(c.address, c.options()))
+        self._stub = pb_grpc.PretaggerStub(self._channel)
+
+    def detect(self, image: bytes, id: str = "", score_threshold: float | None = None,
+               timeout: float | None = None) -> Prediction:
+        try:
+            response = self._stub.Detect(_request(id, image, score_threshold), timeout=timeout,
+                                         metadata=self.connection.metadata())
+        except grpc.RpcError as exc:
+            raise _from_rpc(exc) from None
+        return Prediction.from_proto(response)
+
+    def detect_stream(self, items: Iterable[tuple[str, bytes]],
+                      score_threshold: float | None = None,
+                      timeout: float | None = None) -> Iterator[Prediction]:
+        """(id, image) pairs in, predictions out as they finish (any order)."""
+        requests = (_request(i, data, score_threshold) for i, data in items)
+        try:
+            for response in self._stub.DetectStream(requests, timeout=timeout,
+                                                    metadata=self.connection.metadata()):
+                yield Prediction.from_proto(response)
+        except grpc.RpcError as exc:
+            raise _from_rpc(exc) from None
+
+    def model_info(self, timeout: float | None = 10.0) -> pb.ModelInfoResponse:
+        try:
+            return self._stub.ModelInfo(pb.ModelInfoRequest(), timeout=timeout,
+                                        metadata=self.connection.metadata())
+        except grpc.RpcError as exc:
+            raise _from_rpc(exc) from None
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class AsyncClient:
+    """asyncio client with the same methods as :class:`Client`."""
+
+    def __init__(self, address: str | Connection, **kwargs: Any) -> None:
+        self.connection = address if isinstance(address, Connection) else Connection(
+            address, **kwargs)
+        c = self.connection
+        creds = c.credentials()
+        self._channel = (grpc.aio.secure_channel(c.address, creds, c.options()) if creds
+                         else grpc.aio.insecure_channel(c.address, c.options()))
+        self._stub = pb_grpc.PretaggerStub(self._channel)
+
+    async def detect(self, image: bytes, id: str = "", score_threshold: float | None = None,
+                     timeout: float | None = None) -> Prediction:
+        try:
+            response = await self._stub.Detect(_request(id, image, score_threshold),
+                                               timeout=timeout,
+                                               metadata=self.connection.metadata())
+        except grpc.RpcError as exc:
+            raise _from_rpc(exc) from None
+        return Prediction.from_proto(response)
+
+    async def detect_stream(self, items: AsyncIterable[tuple[str, bytes]],
+                            score_threshold: float | None = None,
+                            timeout: float | None = None) -> AsyncIterator[Prediction]:
+        async def requests() -> AsyncIterator[pb.DetectRequest]:
+            async for item_id, data in items:
+                yield _request(item_id, data, score_threshold)
+
+        call = self._stub.DetectStream(requests(), timeout=timeout,
+                                       metadata=self.connection.metadata())
+        try:
+            async for response in call:
+                yield Prediction.from_proto(response)
+        except grpc.RpcError as exc:
+            raise _from_rpc(exc) from None
+
+    async def model_info(self, timeout: float | None = 10.0) -> pb.ModelInfoResponse:
+        try:
+            return await self._stub.ModelInfo(pb.ModelInfoRequest(), timeout=timeout,
+                                              metadata=self.connection.metadata())
+        except grpc.RpcError as exc:
+            raise _from_rpc(exc) from None
+
+    async def close(self) -> None:
+        await self._channel.close()
+
+    async def __aenter__(self) -> AsyncClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()

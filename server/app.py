@@ -1,0 +1,179 @@
+"""The gRPC server: services, health, reflection, auth, TLS, metrics, graceful drain.
+
+Lifecycle: bind -> NOT_SERVING while warming up -> SERVING -> on SIGTERM/SIGINT:
+NOT_SERVING, refuse new images (UNAVAILABLE), finish every accepted one, stop
+the server within ``grace_s``, exit 0.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import logging
+import signal
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1.health import aio as health_aio
+from grpc_reflection.v1alpha import reflection
+
+from pretag.kserve_v2 import grpc_service_pb2 as kpb
+from pretag.kserve_v2 import grpc_service_pb2_grpc as kpb_grpc
+from pretag.server.backend import Backend, OrtBackend
+from pretag.server.config import ServerConfig
+from pretag.server.engine import Engine
+from pretag.server.kserve import KServeService
+from pretag.server.metrics import Metrics
+from pretag.server.service import PretaggerService
+from pretag.v1 import pretag_pb2 as pb
+from pretag.v1 import pretag_pb2_grpc as pb_grpc
+
+log = logging.getLogger(__name__)
+
+SERVICES = (pb.DESCRIPTOR.services_by_name["Pretagger"].full_name,
+            kpb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name)
+OPEN_PREFIXES = ("/grpc.health.v1.Health/",)
+
+
+class TokenAuth(grpc.aio.ServerInterceptor):
+    """Requires ``authorization: Bearer <token>``; health checks stay open."""
+
+    def __init__(self, token: str) -> None:
+        self._expected = f"Bearer {token}".encode()
+
+    async def intercept_service(self, continuation: Callable[[Any], Awaitable[Any]],
+                                details: grpc.HandlerCallDetails) -> Any:
+        handler = await continuation(details)
+        if handler is None or details.method.startswith(OPEN_PREFIXES):
+            return handler
+        metadata = dict(details.invocation_metadata or ())
+        given = metadata.get("authorization", "")
+        given_bytes = given.encode() if isinstance(given, str) else given
+        if hmac.compare_digest(given_bytes, self._expected):
+            return handler
+        return _deny(handler)
+
+
+def _deny(handler: Any) -> Any:
+    async def abort(request: Any, context: grpc.aio.ServicerContext) -> None:
+        await context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or wrong bearer token")
+
+    kind = (handler.request_streaming, handler.response_streaming)
+    make = {(False, False): grpc.unary_unary_rpc_method_handler,
+            (False, True): grpc.unary_stream_rpc_method_handler,
+            (True, False): grpc.stream_unary_rpc_method_handler,
+            (True, True): grpc.stream_stream_rpc_method_handler}[kind]
+    return make(abort, request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer)
+
+
+def _credentials(config: ServerConfig) -> grpc.ServerCredentials | None:
+    if config.tls_cert is None or config.tls_key is None:
+        return None
+    client_ca = config.tls_client_ca.read_bytes() if config.tls_client_ca else None
+    return grpc.ssl_server_credentials(
+        [(config.tls_key.read_bytes(), config.tls_cert.read_bytes())],
+        root_certificates=client_ca, require_client_auth=client_ca is not None)
+
+
+class PretagServer:
+    """One server process's worth of gRPC server, engine and metrics."""
+
+    def __init__(self, config: ServerConfig, backend: Backend | None = None) -> None:
+        self.config = config
+        self.backend = backend or OrtBackend(config.model, providers=config.providers,
+                                             instances=config.instances,
+                                             threads=config.threads)
+        self.metrics = Metrics()
+        self.engine = Engine(self.backend, config.engine(), self.metrics)
+        self.metrics.bind_pending(lambda: self.engine.pending)
+        self.health = health_aio.HealthServicer()
+        self.port = 0
+        self.metrics_port: int | None = None
+        self._server: grpc.aio.Server | None = None
+        self._stopped = asyncio.Event()
+
+    def _build(self) -> grpc.aio.Server:
+        limit = self.config.max_message_mb * 1024 * 1024
+        interceptors = []
+        if self.config.token_file is not None:
+            token = self.config.token_file.read_text().strip()
+            if not token:
+                raise ValueError(f"token file {self.config.token_file} is empty")
+            interceptors.append(TokenAuth(token))
+        server = grpc.aio.server(interceptors=interceptors, options=[
+            ("grpc.max_send_message_length", limit),
+            ("grpc.max_receive_message_length", limit),
+        ])
+        pb_grpc.add_PretaggerServicer_to_server(PretaggerService(self.engine), server)
+        kpb_grpc.add_GRPCInferenceServiceServicer_to_server(KServeService(self.engine), server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+        names = (*SERVICES, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+                 reflection.SERVICE_NAME)
+        reflection.enable_server_reflection(names, server)
+        return server
+
+    async def start(self) -> int:
+        """Bind, warm up, report SERVING; returns the bound port."""
+        for name in ("", *SERVICES):
+            await self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+        self._server = self._build()
+        address = f"{self.config.host}:{self.config.port}"
+        creds = _credentials(self.config)
+        self.port = (self._server.add_secure_port(address, creds) if creds
+                     else self._server.add_insecure_port(address))
+        if self.port == 0:
+            raise OSError(f"cannot bind {address}")
+        await self._server.start()
+        if self.config.metrics_port is not None:
+            self.metrics_port = self.metrics.serve_http(self.config.metrics_port,
+                                                        self.config.metrics_host)
+        await self.engine.start()
+        for name in ("", *SERVICES):
+            await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        log.info("serving %s on port %d (%s, providers %s)%s", self.engine.spec.name, self.port,
+                 "TLS" if creds else "plaintext", ", ".join(self.backend.providers),
+                 f", metrics on port {self.metrics_port}" if self.metrics_port else "")
+        return self.port
+
+    async def stop(self, grace_s: float | None = None) -> None:
+        """Drain: NOT_SERVING, refuse new images, finish accepted ones, stop."""
+        grace = self.config.grace_s if grace_s is None else grace_s
+        start = time.monotonic()
+        log.info("draining (grace %.1f s)", grace)
+        await self.health.enter_graceful_shutdown()
+        try:
+            await asyncio.wait_for(self.engine.close(), grace)
+        except TimeoutError:
+            log.warning("accepted work did not finish within %.1f s", grace)
+        if self._server is not None:
+            await self._server.stop(max(0.0, grace - (time.monotonic() - start)))
+        self.metrics.stop_http()
+        self._stopped.set()
+        log.info("stopped after %.1f s", time.monotonic() - start)
+
+    async def wait(self) -> None:
+        await self._stopped.wait()
+
+
+async def serve(config: ServerConfig, backend: Backend | None = None,
+                on_ready: Callable[[PretagServer], None] | None = None) -> None:
+    """Run until SIGTERM or SIGINT, then drain and return."""
+    server = PretagServer(config, backend)
+    await server.start()
+    if on_ready is not None:
+        on_ready(server)
+    loop = asyncio.get_running_loop()
+    tasks: list[asyncio.Task[None]] = []
+
+    def on_signal(sig: signal.Signals) -> None:
+        log.info("received %s", sig.name)
+        if not tasks:  # a second signal while draining does not restart the drain
+            tasks.append(loop.create_task(server.stop()))
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, on_signal, sig)
+    await server.wait()

@@ -1,0 +1,118 @@
+"""Model backends behind one narrow interface, so each layer above can be faked.
+
+A backend runs one padded :class:`~pretag.preprocess.Batch` through a contract
+model and returns its raw outputs. :class:`OrtBackend` does this with ONNX
+Runtime: ``instances`` sessions so batches overlap, thread counts that split the
+cores between them, providers chosen from what is installed.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import queue
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+
+from pretag.contract import ContractError, ModelSpec, validate_session
+from pretag.preprocess import Batch
+
+log = logging.getLogger(__name__)
+
+DEFAULT_PROVIDERS = ("TensorrtExecutionProvider", "CUDAExecutionProvider",
+                     "CPUExecutionProvider")
+PROVIDER_ALIASES = {"tensorrt": "TensorrtExecutionProvider", "trt": "TensorrtExecutionProvider",
+                    "cuda": "CUDAExecutionProvider", "cpu": "CPUExecutionProvider"}
+
+
+@dataclass(frozen=True)
+class Outputs:
+    """The contract outputs of one batch."""
+
+    boxes: np.ndarray  # float32 [N, K, 4], input pixels
+    scores: np.ndarray  # float32 [N, K]
+    labels: np.ndarray  # int64 [N, K]
+    num_detections: np.ndarray  # int64 [N]
+    embeddings: np.ndarray | None = None  # float32 [N, D]
+
+
+class Backend(Protocol):
+    """What the server needs from a model."""
+
+    spec: ModelSpec
+    providers: tuple[str, ...]
+
+    def run(self, batch: Batch) -> Outputs:
+        """Run one batch; must be safe to call from ``instances`` threads at once."""
+        ...
+
+
+class BackendError(RuntimeError):
+    """The model cannot be loaded or run as configured."""
+
+
+def resolve_providers(requested: Sequence[str] | None, available: Sequence[str]) -> list[str]:
+    """Providers to ask ONNX Runtime for, in order.
+
+    None means the default order (TensorRT, CUDA, CPU) restricted to those installed.
+    Explicit names (or the aliases cpu, cuda, tensorrt) must all be installed.
+    """
+    if not requested:
+        return [p for p in DEFAULT_PROVIDERS if p in available] or ["CPUExecutionProvider"]
+    names = [PROVIDER_ALIASES.get(p.lower(), p) for p in requested]
+    missing = [n for n in names if n not in available]
+    if missing:
+        raise BackendError(f"execution providers {missing} are not available in this "
+                           f"onnxruntime (it has {list(available)}); for CUDA/TensorRT "
+                           f"install pretag[gpu]")
+    return names
+
+
+class OrtBackend:
+    """A contract model on ONNX Runtime, with a pool of ``instances`` sessions."""
+
+    def __init__(self, model: str | Path, *, providers: Sequence[str] | None = None,
+                 instances: int = 1, threads: int | None = None) -> None:
+        import onnxruntime as ort
+
+        path = Path(model)
+        if not path.is_file():
+            raise BackendError(f"model file {path} does not exist")
+        names = resolve_providers(providers, ort.get_available_providers())
+        cores = os.cpu_count() or 1
+        intra = threads if threads else max(1, cores // max(1, instances))
+        self._pool: queue.SimpleQueue[ort.InferenceSession] = queue.SimpleQueue()
+        sessions = []
+        for _ in range(instances):
+            options = ort.SessionOptions()
+            options.intra_op_num_threads = intra
+            options.inter_op_num_threads = 1
+            try:
+                session = ort.InferenceSession(str(path), options, providers=names)
+            except Exception as exc:  # ORT raises several private exception types
+                raise BackendError(f"ONNX Runtime cannot load {path}: {exc}") from exc
+            sessions.append(session)
+            self._pool.put(session)
+        try:
+            self.spec = validate_session(sessions[0])
+        except ContractError as exc:
+            raise BackendError(str(exc)) from exc
+        self.providers = tuple(sessions[0].get_providers())
+        self._outputs = [o.name for o in sessions[0].get_outputs()]
+        log.info("loaded %s (%s) on %s, %d instance(s) x %d threads", path.name,
+                 self.spec.name, ", ".join(self.providers), instances, intra)
+
+    def run(self, batch: Batch) -> Outputs:
+        session = self._pool.get()
+        try:
+            values = session.run(self._outputs, {"images": batch.images,
+                                                 "image_sizes": batch.image_sizes})
+        finally:
+            self._pool.put(session)
+        out = dict(zip(self._outputs, values, strict=True))
+        return Outputs(out["boxes"], out["scores"], out["labels"], out["num_detections"],
+                       out.get("embeddings"))

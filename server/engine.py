@@ -1,0 +1,185 @@
+"""The inference pipeline, free of gRPC: decode -> batch -> model -> detections.
+
+Decoding and resizing run in a thread pool and overlap with inference; the
+model runs in another pool with one thread per instance. The protocol
+servicers (Pretagger, KServe v2) are thin layers over :meth:`Engine.detect`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import numpy as np
+
+from pretag.preprocess import (
+    DEFAULT_MAX_PIXELS,
+    ImageError,
+    canvas_size,
+    decode_image,
+    normalize_boxes,
+    pad_batch,
+    resize_image,
+)
+from pretag.server.backend import Backend, Outputs
+from pretag.server.batcher import BatchInfo, DynamicBatcher
+from pretag.server.errors import InvalidInput, QueueFull, Unavailable
+from pretag.server.metrics import Metrics
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    max_batch_size: int = 8
+    max_queue_delay_ms: float = 2.0
+    max_queue: int = 256
+    instances: int = 1
+    max_pixels: int = DEFAULT_MAX_PIXELS
+    decode_threads: int = 0  # 0: one per core
+    score_threshold: float | None = None  # None: the model's own
+    warmup: bool = True
+
+
+@dataclass(frozen=True)
+class Prepared:
+    image: np.ndarray  # resized RGB [h, w, 3]
+    original: tuple[int, int]  # (height, width) before resizing
+
+
+@dataclass(frozen=True)
+class Raw:
+    """One image's slice of the batch outputs (valid detections only)."""
+
+    boxes: np.ndarray
+    scores: np.ndarray
+    labels: np.ndarray
+    valid: tuple[int, int]
+    embedding: np.ndarray | None
+
+
+@dataclass(frozen=True)
+class Result:
+    """Detections for one image, boxes normalised to [0, 1] of the original."""
+
+    boxes: np.ndarray  # float32 [n, 4]
+    scores: np.ndarray  # float32 [n]
+    labels: tuple[str, ...]
+    label_ids: np.ndarray  # int64 [n]
+    width: int
+    height: int
+    info: BatchInfo
+    embedding: np.ndarray | None = None
+
+
+class Engine:
+    """Owns the thread pools, the batcher and the backend; serves :meth:`detect`."""
+
+    def __init__(self, backend: Backend, config: EngineConfig | None = None,
+                 metrics: Metrics | None = None) -> None:
+        self.backend = backend
+        self.spec = backend.spec
+        self.config = config or EngineConfig()
+        self.metrics = metrics
+        cfg = self.config
+        self.score_threshold = (self.spec.score_threshold if cfg.score_threshold is None
+                                else cfg.score_threshold)
+        self._decode_pool = ThreadPoolExecutor(cfg.decode_threads or os.cpu_count() or 1,
+                                               thread_name_prefix="pretag-decode")
+        self._compute_pool = ThreadPoolExecutor(cfg.instances, thread_name_prefix="pretag-model")
+        self._batcher: DynamicBatcher[Prepared, Raw] = DynamicBatcher(
+            self._run_batch, max_batch_size=cfg.max_batch_size,
+            max_delay_s=cfg.max_queue_delay_ms / 1000, max_queue=cfg.max_queue,
+            instances=cfg.instances, on_batch=metrics.observe_batch if metrics else None)
+        self._decoding = 0
+        self.ready = False
+        self.draining = False
+
+    @property
+    def pending(self) -> int:
+        """Requests accepted and not yet handed to the model."""
+        return self._decoding + self._batcher.queued
+
+    async def start(self) -> None:
+        """Warm up every batch size (unless disabled), then report ready."""
+        if self.config.warmup:
+            start = time.monotonic()
+            loop = asyncio.get_running_loop()
+            for size in range(1, self.config.max_batch_size + 1):
+                await loop.run_in_executor(self._compute_pool, self._warm, size)
+            log.info("warm-up of batch sizes 1..%d took %.1f s", self.config.max_batch_size,
+                     time.monotonic() - start)
+        self._batcher.start()
+        self.ready = True
+
+    def _warm(self, size: int) -> None:
+        image = resize_image(np.full((480, 640, 3), 114, np.uint8), self.spec.resize)
+        self.backend.run(pad_batch([image] * size, self.spec.resize))
+
+    async def close(self) -> None:
+        """Refuse new work, finish what was accepted, release the pools."""
+        self.draining = True
+        while self._decoding:  # admitted images still decoding go to the batcher first
+            await asyncio.sleep(0.005)
+        await self._batcher.close()
+        self._decode_pool.shutdown(wait=True)
+        self._compute_pool.shutdown(wait=True)
+
+    async def detect(self, data: bytes, score_threshold: float | None = None,
+                     deadline: float | None = None) -> Result:
+        """Detections for one encoded image. Raises :class:`ServeError` subclasses."""
+        if not self.ready or self.draining:
+            raise Unavailable("server is draining" if self.draining else "server is warming up")
+        if self.pending >= self.config.max_queue:
+            raise QueueFull(f"queue is full ({self.config.max_queue} waiting); retry later")
+        threshold = self.score_threshold if score_threshold is None else score_threshold
+        if not 0.0 <= threshold <= 1.0:
+            raise InvalidInput(f"score_threshold {threshold} is outside [0, 1]")
+        self._decoding += 1
+        try:
+            prepared = await asyncio.get_running_loop().run_in_executor(
+                self._decode_pool, self._prepare, data)
+        finally:
+            self._decoding -= 1
+        key = canvas_size([prepared.image.shape[:2]], self.spec.resize)
+        raw, info = await self._batcher.submit(prepared, key, deadline)
+        return self._finish(raw, prepared, info, threshold)
+
+    def _prepare(self, data: bytes) -> Prepared:
+        try:
+            image = decode_image(data, self.config.max_pixels)
+        except ImageError as exc:
+            raise InvalidInput(str(exc)) from None
+        return Prepared(resize_image(image, self.spec.resize), (image.shape[0], image.shape[1]))
+
+    async def _run_batch(self, items: Sequence[Prepared]) -> list[Raw]:
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._compute_pool, self._compute, items)
+
+    def _compute(self, items: Sequence[Prepared]) -> list[Raw]:
+        batch = pad_batch([p.image for p in items], self.spec.resize)
+        out: Outputs = self.backend.run(batch)
+        raws = []
+        for i, prepared in enumerate(items):
+            n = int(out.num_detections[i])
+            raws.append(Raw(out.boxes[i, :n], out.scores[i, :n], out.labels[i, :n],
+                            prepared.image.shape[:2],
+                            None if out.embeddings is None else out.embeddings[i]))
+        return raws
+
+    def _finish(self, raw: Raw, prepared: Prepared, info: BatchInfo,
+                threshold: float) -> Result:
+        keep = raw.scores >= threshold
+        ids = raw.labels[keep].astype(np.int64)
+        names = self.spec.class_names
+        height, width = prepared.original
+        if self.metrics is not None:
+            self.metrics.observe_request(info)
+        return Result(normalize_boxes(raw.boxes[keep], raw.valid),
+                      raw.scores[keep].astype(np.float32),
+                      tuple(names[i] for i in ids), ids, width, height, info, raw.embedding)
