@@ -6,6 +6,8 @@ in streams, a failed item comes back as a :class:`Prediction` whose ``error`` is
 
 from __future__ import annotations
 
+import asyncio
+import threading
 from collections.abc import AsyncIterable, AsyncIterator, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -162,13 +164,25 @@ class Client:
         return Prediction.from_proto(response)
 
     def detect_stream(self, items: Iterable[tuple[str, bytes]],
-                      score_threshold: float | None = None,
-                      timeout: float | None = None) -> Iterator[Prediction]:
-        """(id, image) pairs in, predictions out as they finish (any order)."""
-        requests = (_request(i, data, score_threshold) for i, data in items)
+                      score_threshold: float | None = None, timeout: float | None = None,
+                      window: int | None = None) -> Iterator[Prediction]:
+        """(id, image) pairs in, predictions out as they finish (any order).
+
+        ``window`` bounds the requests in flight; items are read lazily.
+        """
+        slots = threading.Semaphore(window) if window else None
+
+        def requests() -> Iterator[pb.DetectRequest]:
+            for item_id, data in items:
+                if slots is not None:
+                    slots.acquire()
+                yield _request(item_id, data, score_threshold)
+
         try:
-            for response in self._stub.DetectStream(requests, timeout=timeout,
+            for response in self._stub.DetectStream(requests(), timeout=timeout,
                                                     metadata=self.connection.metadata()):
+                if slots is not None:
+                    slots.release()
                 yield Prediction.from_proto(response)
         except grpc.RpcError as exc:
             raise _from_rpc(exc) from None
@@ -214,15 +228,23 @@ class AsyncClient:
 
     async def detect_stream(self, items: AsyncIterable[tuple[str, bytes]],
                             score_threshold: float | None = None,
-                            timeout: float | None = None) -> AsyncIterator[Prediction]:
+                            timeout: float | None = None,
+                            window: int | None = None) -> AsyncIterator[Prediction]:
+        """(id, image) pairs in, predictions out as they finish; ``window`` bounds in-flight."""
+        slots = asyncio.Semaphore(window) if window else None
+
         async def requests() -> AsyncIterator[pb.DetectRequest]:
             async for item_id, data in items:
+                if slots is not None:
+                    await slots.acquire()
                 yield _request(item_id, data, score_threshold)
 
         call = self._stub.DetectStream(requests(), timeout=timeout,
                                        metadata=self.connection.metadata())
         try:
             async for response in call:
+                if slots is not None:
+                    slots.release()
                 yield Prediction.from_proto(response)
         except grpc.RpcError as exc:
             raise _from_rpc(exc) from None

@@ -11,6 +11,7 @@ import asyncio
 import hmac
 import logging
 import signal
+import threading
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -177,3 +178,67 @@ async def serve(config: ServerConfig, backend: Backend | None = None,
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, on_signal, sig)
     await server.wait()
+
+
+class BackgroundServer:
+    """A :class:`PretagServer` on its own event loop in a daemon thread.
+
+    Used by ``pretag run`` to embed a server and by tests; ``with`` starts it
+    (after warm-up) and drains it on exit.
+    """
+
+    def __init__(self, config: ServerConfig, backend: Backend | None = None) -> None:
+        self.config = config
+        self._backend = backend
+        self._loop = asyncio.new_event_loop()
+        self._ready = threading.Event()
+        self._error: BaseException | None = None
+        self.server: PretagServer | None = None
+        self._thread = threading.Thread(target=self._main, name="pretag-server", daemon=True)
+
+    def _main(self) -> None:
+        asyncio.set_event_loop(self._loop)
+        try:
+            self._loop.run_until_complete(self._serve())
+        except BaseException as exc:  # reported to the starting thread
+            self._error = exc
+            self._ready.set()
+        finally:
+            self._loop.close()
+
+    async def _serve(self) -> None:
+        self.server = PretagServer(self.config, self._backend)
+        await self.server.start()
+        self._ready.set()
+        await self.server.wait()
+
+    @property
+    def port(self) -> int:
+        if self.server is None:
+            raise RuntimeError("server not started")
+        return self.server.port
+
+    @property
+    def metrics_port(self) -> int | None:
+        return None if self.server is None else self.server.metrics_port
+
+    def start(self, timeout: float = 600) -> int:
+        self._thread.start()
+        if not self._ready.wait(timeout):
+            raise TimeoutError(f"server did not become ready within {timeout} s")
+        if self._error is not None:
+            raise self._error
+        return self.port
+
+    def stop(self, grace_s: float | None = None) -> None:
+        if self.server is not None and self._thread.is_alive():
+            future = asyncio.run_coroutine_threadsafe(self.server.stop(grace_s), self._loop)
+            future.result()
+        self._thread.join()
+
+    def __enter__(self) -> BackgroundServer:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
