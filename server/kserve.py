@@ -84,7 +84,8 @@ def build_response(request: kpb.ModelInferRequest, model: str,
     for i, r in enumerate(results):
         m = len(r.scores)
         boxes[i, :m], scores[i, :m], labels[i, :m], counts[i] = r.boxes, r.scores, r.label_ids, m
-    arrays: dict[str, np.ndarray] = {"boxes": boxes, "scores": scores, "labels": labels, "num_detections": counts}
+    arrays: dict[str, np.ndarray] = {"boxes": boxes, "scores": scores, "labels": labels,
+                                     "num_detections": counts}
     wanted = [o.name for o in request.outputs] or list(arrays)
     unknown = [w for w in wanted if w not in arrays]
     if unknown:

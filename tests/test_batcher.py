@@ -31,7 +31,7 @@ class FakeModel:
         return [2 * i for i in items]
 
 
-def run(coro):  # noqa: ANN001, ANN201 - tiny helper
+def run(coro):
     return asyncio.run(asyncio.wait_for(coro, 10))
 
 

@@ -42,7 +42,7 @@ def client(server: BackgroundServer) -> Iterator[Client]:
 
 
 @pytest.fixture(scope="module")
-def direct(yolox_model: Path):  # noqa: ANN201 - returns a function
+def direct(yolox_model: Path):
     """The model called directly, one image per batch, no server involved."""
     backend = OrtBackend(yolox_model)
     spec = backend.spec
@@ -177,7 +177,7 @@ def test_broken_and_unusual_inputs_in_one_stream(client: Client, shared: Path, d
 
 
 def test_unary_detect_reports_invalid_argument_with_the_id(client: Client):
-    with pytest.raises(InvalidImage, match="'broken.jpg'"):
+    with pytest.raises(InvalidImage, match=r"'broken\.jpg'"):
         client.detect(b"\xff\xd8\xff\xe0 not really", id="broken.jpg")
 
 

@@ -1,0 +1,228 @@
+"""Server operations: KServe v2 (tritonclient), TLS, tokens, overload, `pretag serve`, SIGTERM."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from pretag.client import AsyncClient, Client, Connection, Overloaded, Unauthenticated
+from pretag.client.api import PretagError
+from pretag.server.app import BackgroundServer
+from pretag.server.config import ServerConfig
+
+TRITON_SCRIPT = textwrap.dedent("""
+    import json, sys
+    import numpy as np
+    import tritonclient.grpc as tc
+    url, model, *paths = sys.argv[1:]
+    c = tc.InferenceServerClient(url)
+    meta = c.get_model_metadata(model, as_json=True)
+    out = {"live": c.is_server_live(), "ready": c.is_server_ready(),
+           "model_ready": c.is_model_ready(model), "metadata": meta, "results": []}
+    data = np.array([open(p, "rb").read() for p in paths], dtype=np.object_)
+    inp = tc.InferInput("IMAGE", [len(paths)], "BYTES")
+    inp.set_data_from_numpy(data)
+    r = c.infer(model, [inp], request_id="req-1")
+    for name in ("boxes", "scores", "labels", "num_detections"):
+        out[name] = r.as_numpy(name).tolist()
+    try:
+        bad = tc.InferInput("IMAGE", [1], "BYTES")
+        bad.set_data_from_numpy(np.array([b"not an image"], dtype=np.object_))
+        c.infer(model, [bad], request_id="bad-1")
+    except tc.InferenceServerException as exc:
+        out["bad_status"], out["bad_message"] = exc.status(), exc.message()
+    print(json.dumps(out))
+""")
+
+
+@pytest.fixture(scope="module")
+def server(yolox_model: Path) -> Iterator[BackgroundServer]:
+    with BackgroundServer(ServerConfig(model=yolox_model, host="127.0.0.1", port=0,
+                                       metrics_port=None)) as srv:
+        yield srv
+
+
+def test_tritonclient_gives_the_same_detections_as_detect(server: BackgroundServer,
+                                                          shared: Path):
+    paths = [shared / "data" / "driving" / n for n in
+             ("kitti_000008.png", "nuscenes_cam_front.jpg", "kitti_000007.png")]
+    # tritonclient ships its own copy of the "inference" protos; a separate process keeps
+    # it from meeting pretag's copy in one protobuf descriptor pool.
+    proc = subprocess.run([sys.executable, "-c", TRITON_SCRIPT, f"127.0.0.1:{server.port}",
+                           "yolox_nano-driving", *map(str, paths)],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout)
+    assert out["live"] and out["ready"] and out["model_ready"]
+    assert [i["name"] for i in out["metadata"]["inputs"]] == ["IMAGE"]
+    assert [o["name"] for o in out["metadata"]["outputs"]] == ["boxes", "scores", "labels",
+                                                               "num_detections"]
+    assert out["bad_status"] == "StatusCode.INVALID_ARGUMENT"
+    assert "bad-1" in out["bad_message"]
+    info_names = ["bicycle", "bus", "car", "motorcycle", "person", "train", "truck"]
+    with Client(f"127.0.0.1:{server.port}") as client:
+        for i, path in enumerate(paths):
+            pred = client.detect(path.read_bytes())
+            n = out["num_detections"][i]
+            assert n == len(pred.labels)
+            assert [info_names[k] for k in out["labels"][i][:n]] == pred.labels
+            np.testing.assert_allclose(np.array(out["boxes"][i][:n]).reshape(-1, 4),
+                                       np.array(pred.boxes).reshape(-1, 4), atol=1e-6)
+            np.testing.assert_allclose(out["scores"][i][:n], pred.scores, atol=1e-6)
+    assert out["num_detections"][0] >= 5  # kitti_000008 is full of cars
+
+
+def _openssl(*args: str, cwd: Path) -> None:
+    subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True)
+
+
+def _make_certs(folder: Path) -> None:
+    """A CA, a server cert for localhost, a client cert, and a client cert from another CA."""
+    (folder / "san.ext").write_text("subjectAltName=DNS:localhost,IP:127.0.0.1\n")
+    for ca in ("ca", "rogue_ca"):
+        _openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", f"{ca}.key",
+                 "-out", f"{ca}.pem", "-days", "2", "-subj", f"/CN={ca}", cwd=folder)
+    for name, ca in (("server", "ca"), ("client", "ca"), ("rogue", "rogue_ca")):
+        _openssl("req", "-newkey", "rsa:2048", "-nodes", "-keyout", f"{name}.key", "-out",
+                 f"{name}.csr", "-subj", "/CN=localhost", cwd=folder)
+        _openssl("x509", "-req", "-in", f"{name}.csr", "-CA", f"{ca}.pem", "-CAkey",
+                 f"{ca}.key", "-CAcreateserial", "-out", f"{name}.pem", "-days", "2",
+                 "-extfile", "san.ext", cwd=folder)
+
+
+def test_mutual_tls_and_token(yolox_model: Path, tmp_path: Path, shared: Path):
+    _make_certs(tmp_path)
+    (tmp_path / "token").write_text("s3cret-token\n")
+    config = ServerConfig(model=yolox_model, host="127.0.0.1", port=0, metrics_port=None,
+                          warmup=False, tls_cert=tmp_path / "server.pem",
+                          tls_key=tmp_path / "server.key", tls_client_ca=tmp_path / "ca.pem",
+                          token_file=tmp_path / "token")
+    image = (shared / "data" / "driving" / "kitti_000008.png").read_bytes()
+
+    def connect(token: str | None, client: str = "client") -> Client:
+        return Client(Connection(f"localhost:{srv.port}", token=token,
+                                 root_cert=tmp_path / "ca.pem",
+                                 client_cert=tmp_path / f"{client}.pem",
+                                 client_key=tmp_path / f"{client}.key"))
+
+    with BackgroundServer(config) as srv:
+        with connect("s3cret-token") as good:
+            assert "car" in good.detect(image).labels
+        for token in (None, "wrong-token"):
+            with connect(token) as bad, pytest.raises(Unauthenticated):
+                bad.detect(image)
+        with connect("s3cret-token", "rogue") as rogue, pytest.raises(PretagError):
+            rogue.model_info(timeout=5)  # client cert from an unknown CA: handshake refused
+        with Client(f"localhost:{srv.port}", token="s3cret-token") as plain, \
+                pytest.raises(PretagError):
+            plain.model_info(timeout=5)  # plaintext against a TLS port
+        # health stays open without a token
+        creds = grpc.ssl_channel_credentials((tmp_path / "ca.pem").read_bytes(),
+                                             (tmp_path / "client.key").read_bytes(),
+                                             (tmp_path / "client.pem").read_bytes())
+        with grpc.secure_channel(f"localhost:{srv.port}", creds) as channel:
+            reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest())
+            assert reply.status == health_pb2.HealthCheckResponse.SERVING
+
+
+def test_full_queue_answers_resource_exhausted_and_recovers(yolox_model: Path, coco128: Path):
+    config = ServerConfig(model=yolox_model, host="127.0.0.1", port=0, metrics_port=None,
+                          warmup=False, max_queue=2, max_batch_size=1)
+    data = next(coco128.glob("images/**/*.jpg")).read_bytes()
+
+    async def burst(port: int) -> list[object]:
+        async with AsyncClient(f"127.0.0.1:{port}") as client:
+            return await asyncio.gather(*(client.detect(data) for _ in range(40)),
+                                        return_exceptions=True)
+
+    with BackgroundServer(config) as srv:
+        results = asyncio.run(burst(srv.port))
+        rejected = [r for r in results if isinstance(r, Overloaded)]
+        assert rejected and all(r.retryable for r in rejected)
+        assert all(isinstance(r, Overloaded) or r.error is None for r in results)  # type: ignore[union-attr]
+        with Client(f"127.0.0.1:{srv.port}") as client:
+            assert client.detect(data).error is None
+
+
+class _ServeProcess:
+    """`pretag serve` in a subprocess; its log is collected and searched for the port."""
+
+    def __init__(self, *args: str) -> None:
+        self.proc = subprocess.Popen([sys.executable, "-m", "pretag.cli", "serve", *args],
+                                     stderr=subprocess.PIPE, text=True)
+        self.lines: list[str] = []
+        self.port: int | None = None
+        self._ready = threading.Event()
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self) -> None:
+        assert self.proc.stderr is not None
+        for line in self.proc.stderr:
+            self.lines.append(line)
+            if " serving " in line and " on port " in line:
+                self.port = int(line.split(" on port ")[1].split()[0])
+                self._ready.set()
+        self._ready.set()
+
+    def wait_ready(self, timeout: float = 120) -> int:
+        self._ready.wait(timeout)
+        assert self.port is not None, "".join(self.lines)
+        return self.port
+
+
+def test_sigterm_during_a_stream_loses_no_accepted_request(yolox_model: Path, coco128: Path,
+                                                           tmp_path: Path):
+    config = tmp_path / "serve.toml"
+    config.write_text(f'model = "{yolox_model}"\nhost = "127.0.0.1"\nport = 0\n'
+                      f'max-batch-size = 4\ngrace-s = 20\n')
+    server = _ServeProcess("--config", str(config), "--no-metrics")
+    port = server.wait_ready()
+    paths = sorted(coco128.glob("images/**/*.jpg"))
+    sent: list[str] = []
+
+    def items() -> Iterator[tuple[str, bytes]]:
+        for i in range(400):
+            item_id = f"{i}:{paths[i % len(paths)].name}"
+            sent.append(item_id)
+            yield item_id, paths[i % len(paths)].read_bytes()
+            if i == 60:
+                os.kill(server.proc.pid, signal.SIGTERM)
+
+    answers: dict[str, object] = {}
+    with Client(f"127.0.0.1:{port}") as client:
+        for pred in client.detect_stream(items(), window=16):
+            assert pred.id not in answers
+            answers[pred.id] = pred.error
+    assert server.proc.wait(60) == 0, "".join(server.lines)
+    assert sorted(answers) == sorted(sent)  # every request sent got an answer
+    codes = [None if e is None else e.code for e in answers.values()]  # type: ignore[attr-defined]
+    assert set(codes) <= {None, grpc.StatusCode.UNAVAILABLE}
+    assert codes.count(None) >= 40  # the work accepted before the signal was finished
+    assert codes.count(grpc.StatusCode.UNAVAILABLE) > 0
+    log = "".join(server.lines)
+    assert "received SIGTERM" in log and "draining" in log
+
+
+def test_serve_refuses_bad_settings_with_exit_code_2(tmp_path: Path):
+    proc = subprocess.run([sys.executable, "-m", "pretag.cli", "serve", "--model",
+                           str(tmp_path / "missing.onnx")], capture_output=True, text=True,
+                          timeout=60)
+    assert proc.returncode == 2 and "missing.onnx is not a file" in proc.stderr
+    bad = tmp_path / "bad.toml"
+    bad.write_text('model = "x.onnx"\nmax_bach_size = 4\n')
+    proc = subprocess.run([sys.executable, "-m", "pretag.cli", "serve", "--config", str(bad)],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2 and "unknown settings" in proc.stderr
