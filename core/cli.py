@@ -48,6 +48,9 @@ def build_parser() -> argparse.ArgumentParser:
     from pretag.server import cli as serve_cli
 
     serve_cli.add_arguments(sub.add_parser("serve", help="run the gRPC inference server"))
+    from pretag.client import cli as run_cli
+
+    run_cli.add_arguments(sub.add_parser("run", help="pretag a folder of images"))
     return parser
 
 
@@ -93,6 +96,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from pretag.server import cli as serve_cli
 
         return serve_cli.run(args)
+    if args.command == "run":
+        from pretag.client import cli as run_cli
+
+        return run_cli.run(args)
     return EXIT_USAGE  # pragma: no cover - argparse rejects unknown commands
 
 

@@ -1,0 +1,75 @@
+"""``pretag run``: flags over :class:`RunConfig`."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from pretag.client.report import summary_table
+from pretag.client.run import RunConfig, RunError, RunSummary, run_job
+
+log = logging.getLogger("pretag")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add = parser.add_argument
+    add("input", type=Path, help="folder of images (searched recursively) or a text file "
+                                 "listing image paths")
+    add("--output-dir", type=Path, required=True, help="where predictions and reports go")
+    add("--server", action="append", default=[], metavar="HOST:PORT",
+        help="pretag server to stream to (repeatable; default: start one in-process)")
+    add("--model", type=Path, help="contract model for the in-process server (default: "
+                                   "Faster R-CNN exported once into ~/.cache/pretag)")
+    add("--score-threshold", type=float, default=0.5, help="default 0.5")
+    add("--window", type=int, default=32, help="images in flight per server (default 32)")
+    add("--read-threads", type=int, default=4, help="file reading threads (default 4)")
+    add("--debug-images", type=int, default=0, metavar="N",
+        help="draw boxes on N images spread over the run, under DIR/report/debug")
+    add("--quiet", action="store_true", help="no progress bar")
+    add("--token-file", type=Path, help="file holding the servers' bearer token")
+    add("--tls-ca", type=Path, help="CA bundle of the servers' certificates; enables TLS")
+    add("--tls-cert", type=Path, help="client certificate for mutual TLS")
+    add("--tls-key", type=Path, help="client key for mutual TLS")
+    add("--server-timeout-s", type=float, default=60.0,
+        help="give up on a server after this long failing (default 60)")
+
+
+def config_from_args(args: argparse.Namespace) -> RunConfig:
+    token = args.token_file.read_text().strip() if args.token_file else None
+    return RunConfig(input=args.input, output_dir=args.output_dir, servers=tuple(args.server),
+                     model=args.model, score_threshold=args.score_threshold,
+                     window=args.window, read_threads=args.read_threads,
+                     debug_images=args.debug_images, quiet=args.quiet, token=token,
+                     root_cert=args.tls_ca, client_cert=args.tls_cert,
+                     client_key=args.tls_key, server_timeout_s=args.server_timeout_s)
+
+
+def format_summary(summary: RunSummary, output_dir: Path) -> str:
+    return summary_table([
+        ("images", str(summary.images)),
+        ("already done (skipped)", str(summary.skipped)),
+        ("predicted now", str(summary.written)),
+        ("failed", f"{summary.failed}" + (f" (see {output_dir / 'report' / 'errors.jsonl'})"
+                                          if summary.failed else "")),
+        ("time", f"{summary.seconds:.1f} s"),
+        ("throughput", f"{summary.images_per_second:.1f} images/s"),
+        ("servers", ", ".join(summary.servers)),
+        ("predictions", str(output_dir / ".lightly" / "predictions")),
+    ])
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        if args.window < 1 or args.read_threads < 1:
+            raise RunError("--window and --read-threads must be at least 1")
+        summary = run_job(config_from_args(args))
+    except (RunError, OSError) as exc:
+        log.error("%s", exc)
+        return 2
+    except KeyboardInterrupt:
+        log.error("interrupted; run the same command again to resume")
+        return 130
+    sys.stdout.write(format_summary(summary, args.output_dir))
+    return summary.exit_code

@@ -1,0 +1,118 @@
+"""Finding input images and writing Lightly-style prediction files.
+
+Layout under the output folder::
+
+    .lightly/predictions/tasks.json                      ["lightly_pretagging"]
+    .lightly/predictions/lightly_pretagging/schema.json  task type and classes
+    .lightly/predictions/lightly_pretagging/<image path without extension>.json
+
+Every prediction file holds a list with one entry, ``{"filename", "boxes",
+"labels", "scores"}``, boxes x1, y1, x2, y2 normalised to [0, 1], in score order.
+Files are written to a temporary name and renamed, so a killed run never leaves
+a half-written one; a re-run skips images whose file exists and parses.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+TASK = "lightly_pretagging"
+IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"})
+
+
+class InputError(ValueError):
+    """The INPUT argument names nothing usable."""
+
+
+@dataclass(frozen=True)
+class ImageItem:
+    path: Path  # where to read it
+    name: str  # relative POSIX path: the "filename" written in its prediction
+
+
+def list_images(source: Path) -> list[ImageItem]:
+    """Images under a folder (recursive, sorted) or listed in a text file (one per line).
+
+    Relative paths in a list are relative to the list file's folder.
+    """
+    if source.is_dir():
+        paths = sorted(p for p in source.rglob("*")
+                       if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+        return [ImageItem(p, p.relative_to(source).as_posix()) for p in paths]
+    if source.is_file():
+        items = []
+        for line in source.read_text().splitlines():
+            line = line.strip()
+            if not line or line.startswith("#"):
+                continue
+            path = Path(line)
+            name = (PurePosixPath(*path.parts[1:]) if path.is_absolute()
+                    else PurePosixPath(*path.parts)).as_posix()
+            items.append(ImageItem(path if path.is_absolute() else source.parent / path, name))
+        return items
+    raise InputError(f"input {source} does not exist")
+
+
+def predictions_dir(output_dir: Path) -> Path:
+    return output_dir / ".lightly" / "predictions"
+
+
+def prediction_path(output_dir: Path, name: str) -> Path:
+    return predictions_dir(output_dir) / TASK / PurePosixPath(name).with_suffix(".json")
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` through a temporary file and a rename."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_task_files(output_dir: Path, class_names: Sequence[str]) -> None:
+    root = predictions_dir(output_dir)
+    write_atomic(root / "tasks.json", json.dumps([TASK], indent=2) + "\n")
+    schema = {"task_type": "object-detection",
+              "categories": [{"id": i, "name": n} for i, n in enumerate(class_names)]}
+    write_atomic(root / TASK / "schema.json", json.dumps(schema, indent=2) + "\n")
+
+
+def make_entry(name: str, boxes: Sequence[Sequence[float]], labels: Sequence[str],
+               scores: Sequence[float]) -> dict[str, Any]:
+    """One prediction entry, sorted by decreasing score, floats rounded to 6 places."""
+    order = sorted(range(len(scores)), key=lambda i: -scores[i])
+    return {"filename": name,
+            "boxes": [[round(float(v), 6) for v in boxes[i]] for i in order],
+            "labels": [labels[i] for i in order],
+            "scores": [round(float(scores[i]), 6) for i in order]}
+
+
+def write_prediction(output_dir: Path, entry: dict[str, Any]) -> None:
+    write_atomic(prediction_path(output_dir, entry["filename"]), json.dumps([entry]) + "\n")
+
+
+def read_prediction(output_dir: Path, name: str) -> dict[str, Any] | None:
+    """The entry already written for ``name``, or None if absent or unreadable."""
+    path = prediction_path(output_dir, name)
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    if not (isinstance(data, list) and len(data) == 1 and isinstance(data[0], dict)):
+        return None
+    entry = data[0]
+    keys_ok = all(isinstance(entry.get(k), list) for k in ("boxes", "labels", "scores"))
+    if entry.get("filename") != name or not keys_ok:
+        return None
+    return entry

@@ -1,0 +1,119 @@
+"""Run reports: class histogram (JSON and PNG), debug images, the summary table."""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+
+from pretag.client.outputs import write_atomic
+from pretag.preprocess import decode_image
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Histogram:
+    """Objects per class and images containing each class, over prediction entries."""
+
+    class_names: Sequence[str]
+    objects: Counter[str] = field(default_factory=Counter)
+    images_with: Counter[str] = field(default_factory=Counter)
+    images: int = 0
+    empty_images: int = 0
+
+    def add(self, entry: dict[str, Any]) -> None:
+        labels = entry["labels"]
+        self.images += 1
+        self.objects.update(labels)
+        self.images_with.update(set(labels))
+        if not labels:
+            self.empty_images += 1
+
+    def to_json(self) -> dict[str, Any]:
+        total = sum(self.objects.values())
+        return {
+            "images": self.images,
+            "objects": total,
+            "objects_per_class": {n: self.objects.get(n, 0) for n in self.class_names},
+            "images_per_class": {n: self.images_with.get(n, 0) for n in self.class_names},
+            "average_objects_per_image": total / self.images if self.images else 0.0,
+            "images_without_detections": self.empty_images,
+        }
+
+
+def write_histogram(report_dir: Path, hist: Histogram, threshold: float) -> None:
+    """class_histogram.json and class_histogram.png (a bar chart of objects per class)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    data = hist.to_json() | {"score_threshold": threshold}
+    write_atomic(report_dir / "class_histogram.json", json.dumps(data, indent=2) + "\n")
+    names = list(hist.class_names)
+    counts = [data["objects_per_class"][n] for n in names]
+    fig, ax = plt.subplots(figsize=(max(6.0, 0.9 * len(names)), 4.5), layout="constrained")
+    bars = ax.bar(names, counts, color="#3b7dd8")
+    ax.bar_label(bars, labels=[str(c) for c in counts], fontsize=9)
+    ax.set_ylabel("objects")
+    ax.set_title(f"{data['images']} images, {data['average_objects_per_image']:.2f} objects per "
+                 f"image (score >= {threshold:g})")
+    ax.tick_params(axis="x", rotation=30 if len(names) > 8 else 0)
+    tmp = report_dir / ".class_histogram.tmp.png"
+    fig.savefig(tmp, dpi=120)
+    plt.close(fig)
+    tmp.replace(report_dir / "class_histogram.png")
+
+
+def spread(count: int, total: int) -> list[int]:
+    """``count`` indices spread evenly over ``range(total)``, first and last included."""
+    if count <= 0 or total <= 0:
+        return []
+    if count >= total:
+        return list(range(total))
+    if count == 1:
+        return [total // 2]
+    return sorted({round(i * (total - 1) / (count - 1)) for i in range(count)})
+
+
+_COLORS = [(216, 125, 59), (60, 180, 75), (230, 25, 75), (245, 130, 48), (145, 30, 180),
+           (70, 240, 240), (240, 50, 230), (210, 245, 60)]
+
+
+def draw_debug_image(image_path: Path, entry: dict[str, Any], out_path: Path,
+                     class_names: Sequence[str]) -> None:
+    """The image with its boxes, labels and scores drawn, saved as JPEG."""
+    rgb = decode_image(image_path.read_bytes())
+    img = np.ascontiguousarray(rgb[:, :, ::-1])
+    h, w = img.shape[:2]
+    thick = max(1, round(max(h, w) / 500))
+    for box, label, score in zip(entry["boxes"], entry["labels"], entry["scores"], strict=True):
+        x1, y1, x2, y2 = (round(v * s) for v, s in zip(box, (w, h, w, h), strict=True))
+        idx = class_names.index(label) if label in class_names else 0
+        color = _COLORS[idx % len(_COLORS)]
+        cv2.rectangle(img, (x1, y1), (x2, y2), color, thick)
+        text = f"{label} {score:.2f}"
+        scale = 0.4 * thick
+        (tw, th), base = cv2.getTextSize(text, cv2.FONT_HERSHEY_SIMPLEX, scale, 1)
+        top = max(0, y1 - th - base - 2)
+        cv2.rectangle(img, (x1, top), (x1 + tw + 2, top + th + base + 2), color, -1)
+        cv2.putText(img, text, (x1 + 1, top + th + 1), cv2.FONT_HERSHEY_SIMPLEX, scale,
+                    (255, 255, 255), 1, cv2.LINE_AA)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    ok, buf = cv2.imencode(".jpg", img, [cv2.IMWRITE_JPEG_QUALITY, 90])
+    if not ok:
+        raise OSError(f"cannot encode debug image for {image_path}")
+    out_path.write_bytes(buf.tobytes())
+
+
+def summary_table(rows: Sequence[tuple[str, str]]) -> str:
+    width = max(len(k) for k, _ in rows)
+    return "\n".join(f"  {k.ljust(width)}  {v}" for k, v in rows) + "\n"

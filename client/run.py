@@ -1,0 +1,208 @@
+"""``pretag run INPUT --output-dir DIR``: the pretagging job, as a function tests can call.
+
+Without servers it embeds one (the same server code, on a free local port).
+Outputs: DIR/.lightly/predictions/... (see :mod:`pretag.client.outputs`) and
+DIR/report/{class_histogram.json, class_histogram.png, errors.jsonl, debug/}.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from tqdm import tqdm
+
+from pretag.client.api import Connection
+from pretag.client.outputs import (
+    ImageItem,
+    InputError,
+    list_images,
+    prediction_path,
+    read_prediction,
+    write_task_files,
+)
+from pretag.client.report import Histogram, draw_debug_image, spread, write_histogram
+from pretag.client.stream import Job, JobState, RunError, check_servers, write_errors
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MODEL_NAME = "fasterrcnn_resnet50_fpn-driving.onnx"
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    input: Path
+    output_dir: Path
+    servers: tuple[str, ...] = ()  # empty: embed a server
+    model: Path | None = None  # embedded server's model; None: the cached Faster R-CNN
+    score_threshold: float = 0.5
+    window: int = 32
+    read_threads: int = 4
+    debug_images: int = 0
+    quiet: bool = False
+    token: str | None = None
+    root_cert: Path | None = None
+    client_cert: Path | None = None
+    client_key: Path | None = None
+    max_attempts: int = 8
+    server_timeout_s: float = 60.0
+    connect_timeout_s: float = 30.0
+    max_batch_size: int = 8  # embedded server
+
+
+@dataclass(frozen=True)
+class RunSummary:
+    images: int
+    skipped: int
+    written: int
+    failed: int
+    seconds: float
+    servers: tuple[str, ...]
+
+    @property
+    def images_per_second(self) -> float:
+        return (self.written + self.failed) / self.seconds if self.seconds > 0 else 0.0
+
+    @property
+    def exit_code(self) -> int:
+        return 3 if self.failed else 0
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("PRETAG_CACHE", Path.home() / ".cache" / "pretag"))
+
+
+def default_model() -> Path:
+    """The Faster R-CNN contract model, exported into the cache on first use."""
+    path = cache_dir() / DEFAULT_MODEL_NAME
+    if path.is_file():
+        return path
+    hint = ("or pass --model FILE.onnx (for example one made by `pretag export yolox`)")
+    try:
+        from pretag.export.common import ExportError
+        from pretag.export.fasterrcnn import FasterRCNNExport, export_fasterrcnn
+    except ImportError:
+        raise RunError(f"no --model given and the default model ({path}) does not exist; "
+                       f"exporting it needs the export extra: pip install 'pretag[export]', "
+                       f"{hint}") from None
+    log.info("exporting the default model to %s (once)", path)
+    try:
+        export_fasterrcnn(FasterRCNNExport(output=path, weights="default"))
+    except ExportError as exc:
+        raise RunError(f"no --model given and the default model cannot be exported: "
+                       f"{str(exc).splitlines()[0]}; {hint}") from None
+    return path
+
+
+def _resume(config: RunConfig, items: list[ImageItem], hist: Histogram
+            ) -> tuple[list[ImageItem], list[dict[str, Any]]]:
+    """Images still to do; those with a readable prediction are counted and skipped."""
+    todo: list[ImageItem] = []
+    errors: list[dict[str, Any]] = []
+    seen: dict[Path, str] = {}
+    for item in items:
+        target = prediction_path(config.output_dir, item.name)
+        if target in seen:
+            errors.append({"path": str(item.path), "filename": item.name, "code": "NAME",
+                           "reason": f"its prediction file {target.name} would overwrite "
+                                     f"that of {seen[target]}"})
+            continue
+        seen[target] = item.name
+        entry = read_prediction(config.output_dir, item.name)
+        if entry is None:
+            todo.append(item)
+        else:
+            hist.add(entry)
+    return todo, errors
+
+
+def _connections(config: RunConfig, addresses: tuple[str, ...]) -> list[Connection]:
+    return [Connection(a, token=config.token, root_cert=config.root_cert,
+                       client_cert=config.client_cert, client_key=config.client_key)
+            for a in addresses]
+
+
+def _stream(config: RunConfig, addresses: tuple[str, ...], items: list[ImageItem],
+            on_result: Callable[[str, bool], None] | None) -> tuple[JobState, int, float]:
+    connections = _connections(config, addresses)
+    class_names = asyncio.run(check_servers(connections, config.connect_timeout_s))
+    write_task_files(config.output_dir, class_names)
+    hist = Histogram(class_names)
+    todo, name_errors = _resume(config, items, hist)
+    skipped = len(items) - len(todo) - len(name_errors)
+    if skipped:
+        log.info("resuming: %d of %d images already have predictions", skipped, len(items))
+    state = JobState(len(todo), hist, errors=name_errors)
+    start = time.monotonic()
+    with tqdm(total=len(items), initial=len(items) - len(todo), unit="img", desc="pretag",
+              disable=config.quiet, smoothing=0.1, postfix={"failed": len(name_errors)}
+              ) as progress:
+        job = Job(connections, todo, config.output_dir, state,
+                  threshold=config.score_threshold, window=config.window,
+                  read_threads=config.read_threads, max_attempts=config.max_attempts,
+                  server_timeout_s=config.server_timeout_s, progress=progress,
+                  on_result=on_result)
+        try:
+            asyncio.run(job.run())
+        finally:
+            write_errors(config.output_dir / "report" / "errors.jsonl", state.errors)
+    return state, skipped, time.monotonic() - start
+
+
+def _debug_images(config: RunConfig, items: list[ImageItem], class_names: Any) -> None:
+    written = 0
+    for index in spread(config.debug_images, len(items)):
+        item = items[index]
+        entry = read_prediction(config.output_dir, item.name)
+        if entry is None:
+            continue
+        flat = Path(item.name.replace("/", "__")).with_suffix(".jpg")
+        out = config.output_dir / "report" / "debug" / flat
+        try:
+            draw_debug_image(item.path, entry, out, class_names)
+            written += 1
+        except (OSError, ValueError) as exc:
+            log.warning("no debug image for %s: %s", item.name, exc)
+    log.info("wrote %d debug images to %s", written, config.output_dir / "report" / "debug")
+
+
+def run_job(config: RunConfig,
+            on_result: Callable[[str, bool], None] | None = None) -> RunSummary:
+    """Run the whole job; raises :class:`RunError` for the exit-code-2 cases."""
+    try:
+        items = list_images(config.input)
+    except InputError as exc:
+        raise RunError(str(exc)) from None
+    if not items:
+        raise RunError(f"no images found in {config.input}")
+    if not 0 <= config.score_threshold <= 1:
+        raise RunError("--score-threshold must be in [0, 1]")
+    embedded = None
+    addresses = config.servers
+    if not addresses:
+        from pretag.server.app import BackgroundServer
+        from pretag.server.config import ServerConfig
+
+        model = config.model or default_model()
+        if not model.is_file():
+            raise RunError(f"model file {model} does not exist")
+        embedded = BackgroundServer(ServerConfig(
+            model=model, host="127.0.0.1", port=0, metrics_port=None,
+            max_batch_size=config.max_batch_size, max_queue=max(256, 4 * config.window)))
+        addresses = (f"127.0.0.1:{embedded.start()}",)
+    try:
+        state, skipped, seconds = _stream(config, addresses, items, on_result)
+    finally:
+        if embedded is not None:
+            embedded.stop(grace_s=5)
+    write_histogram(config.output_dir / "report", state.hist, config.score_threshold)
+    if config.debug_images:
+        _debug_images(config, items, state.hist.class_names)
+    return RunSummary(len(items), skipped, state.written, len(state.errors), seconds,
+                      addresses)
