@@ -133,23 +133,24 @@ class Job:
         backoff = _Backoff()
         async with AsyncClient(connection) as client:
             while not self.done.is_set():
-                inflight: dict[str, Work] = {}
-                stopped = asyncio.Event()
-                slots = asyncio.Semaphore(self.window)
+                attempt = _Attempt(asyncio.Semaphore(self.window))
                 try:
-                    async for pred in client.detect_stream(
-                            self._feed(inflight, slots, stopped, backoff), self.threshold):
-                        slots.release()
-                        work = inflight.pop(pred.id, None)
+                    async for pred in client.detect_stream(self._feed(attempt, backoff),
+                                                           self.threshold):
+                        attempt.slots.release()
+                        work = attempt.inflight.pop(pred.id, None)
                         if work is not None:
                             await self._handle(work, pred, backoff)
-                    if stopped.is_set():
-                        return
                     error = f"{connection.address} closed the stream"
                 except PretagError as exc:
                     error = f"{connection.address}: {exc}"
-                for work in inflight.values():  # their answers are lost: someone else redoes them
-                    self.queue.put_nowait(work)
+                finally:
+                    attempt.closed = True
+                    for work in attempt.inflight.values():  # answers lost: redo elsewhere
+                        self.queue.put_nowait(work)
+                    attempt.inflight.clear()
+                if attempt.stopped:
+                    return
                 if backoff.failing_for() > self.server_timeout_s:
                     log.error("giving up on %s after %.0f s of failures", connection.address,
                               backoff.failing_for())
@@ -158,17 +159,24 @@ class Job:
                 log.warning("%s; retrying in %.1f s", error, delay)
                 await asyncio.sleep(delay)
 
-    async def _feed(self, inflight: dict[str, Work], slots: asyncio.Semaphore,
-                    stopped: asyncio.Event, backoff: _Backoff
+    async def _feed(self, attempt: _Attempt, backoff: _Backoff
                     ) -> AsyncIterator[tuple[str, bytes]]:
+        """Requests of one stream attempt, taken from the shared queue as slots free up.
+
+        gRPC may leave this generator suspended when the call ends; an image it
+        takes after that goes straight back to the queue, so none is lost.
+        """
         while True:
-            await slots.acquire()
+            await attempt.slots.acquire()
             await asyncio.sleep(backoff.pause_left())
             work = await self.queue.get()
-            if work is _STOP:
-                stopped.set()
+            if attempt.closed:
+                self.queue.put_nowait(work)
                 return
-            inflight[work.item.name] = work
+            if work is _STOP:
+                attempt.stopped = True
+                return
+            attempt.inflight[work.item.name] = work
             yield work.item.name, work.data
 
     async def _handle(self, work: Work, pred: Prediction, backoff: _Backoff) -> None:
@@ -189,6 +197,16 @@ class Job:
             self.queue.put_nowait(work)
         else:
             self._finish(work.item, None, str(error), error.code.name)
+
+
+@dataclass
+class _Attempt:
+    """One stream to one server: its window and the images it has in flight."""
+
+    slots: asyncio.Semaphore
+    inflight: dict[str, Work] = field(default_factory=dict)
+    stopped: bool = False  # the feed met the end-of-work marker
+    closed: bool = False  # the call is over
 
 
 class _Backoff:
