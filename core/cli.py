@@ -51,6 +51,9 @@ def build_parser() -> argparse.ArgumentParser:
     from pretag.client import cli as run_cli
 
     run_cli.add_arguments(sub.add_parser("run", help="pretag a folder of images"))
+    from pretag.bench import cli as bench_cli
+
+    bench_cli.add_arguments(sub.add_parser("bench", help="benchmarks (model, server, job)"))
     return parser
 
 
@@ -100,6 +103,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         from pretag.client import cli as run_cli
 
         return run_cli.run(args)
+    if args.command == "bench":
+        from pretag.bench import cli as bench_cli
+
+        args.argv = list(argv if argv is not None else sys.argv[1:])[1:]
+        return bench_cli.run(args)
     return EXIT_USAGE  # pragma: no cover - argparse rejects unknown commands
 
 

@@ -1,0 +1,1 @@
+"""``pretag bench``: model-only, server end-to-end and whole-job benchmarks."""

@@ -1,0 +1,126 @@
+"""``pretag bench {model,server,job}``: thin flags over the benchmark functions.
+
+Every command writes its figures as JSON (``--output``) and a markdown table
+(``--markdown``), with the machine, the model and the commit they were taken on.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+from pretag.bench.stats import Stability, git_commit, machine, markdown_table
+
+log = logging.getLogger("pretag")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    sub = parser.add_subparsers(dest="bench", required=True)
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--model", type=Path, required=True, help="contract ONNX model")
+    common.add_argument("--images", type=Path, required=True, help="folder of images")
+    common.add_argument("--output", type=Path, help="write the results as JSON here")
+    common.add_argument("--markdown", type=Path, help="write a markdown table here")
+    m = sub.add_parser("model", parents=[common], help="ONNX Runtime (and torch eager) only")
+    m.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 2, 4, 8])
+    m.add_argument("--iterations", type=int, default=3)
+    m.add_argument("--torch-weights", help="also time torchvision eager Faster R-CNN with "
+                                           "these weights (random, default or a file)")
+    m.add_argument("--threads", type=int, help="threads for both engines (default: all cores)")
+    s = sub.add_parser("server", parents=[common], help="pretag serve end to end")
+    s.add_argument("--concurrency", type=int, nargs="+", default=[1, 2, 4, 8, 16, 32])
+    s.add_argument("--modes", nargs="+", choices=["stream", "unary"],
+                   default=["stream", "unary"])
+    s.add_argument("--window-s", type=float, default=5.0, help="measurement window")
+    s.add_argument("--max-windows", type=int, default=10)
+    s.add_argument("--warmup-s", type=float, default=2.0)
+    s.add_argument("--max-batch-size", type=int, default=8)
+    s.add_argument("--image-limit", type=int, default=64)
+    s.add_argument("--memory-requests", type=int, nargs="*", default=[],
+                   help="also report server RSS after these cumulative request counts")
+    j = sub.add_parser("job", parents=[common], help="pretag run vs in-process ONNX Runtime")
+    j.add_argument("--batch-size", type=int, default=8)
+    j.add_argument("--repeats", type=int, default=2)
+
+
+def _model(args: argparse.Namespace) -> tuple[dict[str, Any], str]:
+    from pretag.bench.model import ModelBench, bench_model
+
+    r = bench_model(ModelBench(args.model, args.images, tuple(args.batch_sizes),
+                               args.iterations, args.torch_weights, args.threads))
+    table = markdown_table(r["rows"], ["engine", "batch_size", "canvas", "ms_per_batch",
+                                       "images_per_s"])
+    if "ort_over_torch" in r:
+        table += f"\nONNX Runtime / torch eager at their best batch sizes: " \
+                 f"{r['ort_over_torch']:.2f}x\n"
+    return r, table
+
+
+def _server(args: argparse.Namespace) -> tuple[dict[str, Any], str]:
+    from pretag.bench.job import inprocess_ort
+    from pretag.bench.server import ServerBench, bench_server
+    from pretag.client.outputs import list_images
+    from pretag.server.backend import OrtBackend
+
+    cfg = ServerBench(args.model, args.images, tuple(args.concurrency), tuple(args.modes),
+                      Stability(window_s=args.window_s, max_windows=args.max_windows),
+                      args.warmup_s, args.max_batch_size, args.image_limit,
+                      tuple(args.memory_requests))
+    data = [i.path.read_bytes() for i in list_images(args.images)[:args.image_limit]]
+    backend = OrtBackend(args.model, providers=["cpu"])
+
+    def baseline() -> float:
+        inprocess_ort(backend, [], args.max_batch_size, data[:args.max_batch_size])
+        return inprocess_ort(backend, [], args.max_batch_size, data * 2)["images_per_s"]
+
+    before = baseline()
+    r = bench_server(cfg)
+    r["inprocess_images_per_s"] = statistics.mean([before, baseline()])
+    for mode, best in r["best"].items():
+        r[f"{mode}_over_inprocess"] = best["images_per_s"] / r["inprocess_images_per_s"]
+    table = markdown_table(r["rows"], ["mode", "concurrency", "images_per_s", "p50_ms",
+                                       "p90_ms", "p99_ms", "mean_batch_size",
+                                       "server_cpu_percent", "peak_rss_mb", "stable"])
+    table += (f"\nIn-process ONNX Runtime (decode + resize + batch {args.max_batch_size}, "
+              f"same images): {r['inprocess_images_per_s']:.2f} images/s\n")
+    for mode in r["best"]:
+        table += f"Best {mode} / in-process: {r[f'{mode}_over_inprocess']:.2f}x\n"
+    for count, mem in r["memory"].items():
+        table += f"RSS after {count} requests: {mem['rss_mb']:.0f} MB " \
+                 f"(peak {mem['peak_rss_mb']:.0f} MB)\n"
+    return r, table
+
+
+def _job(args: argparse.Namespace) -> tuple[dict[str, Any], str]:
+    from pretag.bench.job import JobBench, bench_job
+
+    r = bench_job(JobBench(args.model, args.images, args.batch_size, args.repeats))
+    table = markdown_table([r], ["images", "inprocess_images_per_s", "run_images_per_s",
+                                 "run_over_inprocess", "run_wall_s_with_startup"])
+    return r, table
+
+
+def run(args: argparse.Namespace) -> int:
+    if not args.model.is_file() or not args.images.is_dir():
+        log.error("--model must be a file and --images a folder")
+        return 2
+    start = time.time()
+    result, table = {"model": _model, "server": _server, "job": _job}[args.bench](args)
+    meta = {"benchmark": args.bench, "model_file": str(args.model), "images": str(args.images),
+            "commit": git_commit(), "machine": machine(),
+            "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(start)),
+            "command": "pretag bench " + " ".join(args.argv)}
+    result = {**meta, **result}
+    if args.output:
+        args.output.parent.mkdir(parents=True, exist_ok=True)
+        args.output.write_text(json.dumps(result, indent=2, default=str) + "\n")
+    if args.markdown:
+        args.markdown.parent.mkdir(parents=True, exist_ok=True)
+        args.markdown.write_text(f"`{meta['command']}` (commit {meta['commit']})\n\n{table}")
+    log.info("results:\n%s", table)
+    return 0

@@ -1,0 +1,73 @@
+"""Whole-job benchmark: ``pretag run`` (embedded server) against a plain in-process ONNX
+Runtime loop over the same files, alternated, so the cost of decoding, gRPC and writing
+shows as one ratio."""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import statistics
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pretag.client.outputs import list_images
+from pretag.client.run import RunConfig, run_job
+from pretag.preprocess import preprocess
+from pretag.server.backend import OrtBackend
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class JobBench:
+    model: Path
+    images: Path
+    batch_size: int = 8
+    repeats: int = 2
+    window: int = 32
+
+
+def inprocess_ort(backend: OrtBackend, paths: list[Path], batch_size: int,
+                  data: list[bytes] | None = None) -> dict[str, float]:
+    """What a user would write: read, decode, resize, run in batches, one after another.
+
+    With ``data`` the encoded images are taken from memory instead of the files.
+    """
+    start = time.perf_counter()
+    n = len(paths) if data is None else len(data)
+    for i in range(0, n, batch_size):
+        chunk = (data[i:i + batch_size] if data is not None
+                 else [p.read_bytes() for p in paths[i:i + batch_size]])
+        batch, _ = preprocess(chunk, backend.spec.resize)
+        backend.run(batch)
+    seconds = time.perf_counter() - start
+    return {"images": n, "seconds": seconds, "images_per_s": n / seconds}
+
+
+def bench_job(cfg: JobBench) -> dict[str, Any]:
+    paths = [i.path for i in list_images(cfg.images)]
+    backend = OrtBackend(cfg.model, providers=["cpu"])
+    inprocess_ort(backend, paths[:cfg.batch_size], cfg.batch_size)  # warm-up
+    ort_rates, run_rates, run_walls = [], [], []
+    for _ in range(cfg.repeats):
+        ort_rates.append(inprocess_ort(backend, paths, cfg.batch_size)["images_per_s"])
+        out = Path(tempfile.mkdtemp(prefix="pretag-bench-"))
+        try:
+            start = time.perf_counter()
+            summary = run_job(RunConfig(cfg.images, out, model=cfg.model, quiet=True,
+                                        window=cfg.window, max_batch_size=cfg.batch_size))
+            run_walls.append(time.perf_counter() - start)
+        finally:
+            shutil.rmtree(out, ignore_errors=True)
+        if summary.failed:
+            raise RuntimeError(f"{summary.failed} images failed during the benchmark")
+        run_rates.append(summary.images_per_second)
+        log.info("in-process %.1f images/s, pretag run %.1f images/s", ort_rates[-1],
+                 run_rates[-1])
+    ort, run = statistics.median(ort_rates), statistics.median(run_rates)
+    return {"images": len(paths), "inprocess_images_per_s": ort, "run_images_per_s": run,
+            "run_over_inprocess": run / ort, "run_wall_s_with_startup": min(run_walls),
+            "inprocess_rates": ort_rates, "run_rates": run_rates}
