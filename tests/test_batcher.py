@@ -35,6 +35,17 @@ def run(coro):
     return asyncio.run(asyncio.wait_for(coro, 10))
 
 
+async def occupied(model: FakeModel, max_batch_size: int, max_queue: int = 256
+                   ) -> tuple[DynamicBatcher, asyncio.Future]:
+    """A batcher whose only model instance is busy with item 0 until ``model.gate`` opens."""
+    model.gate = asyncio.Event()
+    b = DynamicBatcher(model, max_batch_size=max_batch_size, max_delay_s=0.0,
+                       max_queue=max_queue)
+    busy = asyncio.ensure_future(b.submit(0))
+    await asyncio.sleep(0.01)
+    return b, busy
+
+
 def test_concurrent_submissions_form_full_batches_in_order():
     async def main() -> None:
         model = FakeModel()
@@ -69,10 +80,7 @@ def test_lone_item_waits_at_most_the_max_delay():
 def test_items_arriving_while_the_model_is_busy_form_the_next_batch():
     async def main() -> None:
         model = FakeModel()
-        model.gate = asyncio.Event()
-        b = DynamicBatcher(model, max_batch_size=8, max_delay_s=0.0)
-        first = asyncio.ensure_future(b.submit(0))
-        await asyncio.sleep(0.01)
+        b, first = await occupied(model, max_batch_size=8)
         rest = [asyncio.ensure_future(b.submit(i)) for i in range(1, 6)]
         await asyncio.sleep(0.01)
         model.gate.set()
@@ -110,10 +118,7 @@ def test_a_failing_batch_fails_every_caller_in_it_and_nothing_else():
 def test_cancelled_callers_are_dropped_before_compute():
     async def main() -> None:
         model = FakeModel()
-        model.gate = asyncio.Event()
-        b = DynamicBatcher(model, max_batch_size=8, max_delay_s=0.0)
-        busy = asyncio.ensure_future(b.submit(0))
-        await asyncio.sleep(0.01)
+        b, busy = await occupied(model, max_batch_size=8)
         waiting = [asyncio.ensure_future(b.submit(i)) for i in (1, 2, 3)]
         await asyncio.sleep(0.01)
         waiting[1].cancel()
@@ -128,10 +133,7 @@ def test_cancelled_callers_are_dropped_before_compute():
 def test_expired_deadlines_are_dropped_before_compute():
     async def main() -> None:
         model = FakeModel()
-        model.gate = asyncio.Event()
-        b = DynamicBatcher(model, max_batch_size=8, max_delay_s=0.0)
-        busy = asyncio.ensure_future(b.submit(0))
-        await asyncio.sleep(0.01)
+        b, busy = await occupied(model, max_batch_size=8)
         late = asyncio.ensure_future(b.submit(1, deadline=time.monotonic() + 0.02))
         fine = asyncio.ensure_future(b.submit(2, deadline=time.monotonic() + 5))
         await asyncio.sleep(0.05)
@@ -148,10 +150,7 @@ def test_expired_deadlines_are_dropped_before_compute():
 def test_full_queue_rejects_instead_of_growing():
     async def main() -> None:
         model = FakeModel()
-        model.gate = asyncio.Event()
-        b = DynamicBatcher(model, max_batch_size=2, max_delay_s=0.0, max_queue=3)
-        busy = asyncio.ensure_future(b.submit(0))
-        await asyncio.sleep(0.01)  # item 0 is in the model, the queue is empty
+        b, busy = await occupied(model, max_batch_size=2, max_queue=3)
         queued = [asyncio.ensure_future(b.submit(i)) for i in (1, 2, 3)]
         await asyncio.sleep(0.01)
         assert b.queued == 3

@@ -75,8 +75,12 @@ def _server(args: argparse.Namespace) -> tuple[dict[str, Any], str]:
     backend = OrtBackend(args.model, providers=["cpu"])
 
     def baseline() -> float:
-        inprocess_ort(backend, [], args.max_batch_size, data[:args.max_batch_size])
-        return inprocess_ort(backend, [], args.max_batch_size, data * 2)["images_per_s"]
+        """The better of batch 1 and the server's largest batch, run back to back."""
+        rates = []
+        for size in sorted({1, args.max_batch_size}):
+            inprocess_ort(backend, [], size, data[:size])
+            rates.append(inprocess_ort(backend, [], size, data * 2)["images_per_s"])
+        return max(rates)
 
     before = baseline()
     r = bench_server(cfg)
@@ -86,8 +90,9 @@ def _server(args: argparse.Namespace) -> tuple[dict[str, Any], str]:
     table = markdown_table(r["rows"], ["mode", "concurrency", "images_per_s", "p50_ms",
                                        "p90_ms", "p99_ms", "mean_batch_size",
                                        "server_cpu_percent", "peak_rss_mb", "stable"])
-    table += (f"\nIn-process ONNX Runtime (decode + resize + batch {args.max_batch_size}, "
-              f"same images): {r['inprocess_images_per_s']:.2f} images/s\n")
+    table += (f"\nIn-process ONNX Runtime (decode + resize + run, one after another, the "
+              f"better of batch 1 and {args.max_batch_size}, same images): "
+              f"{r['inprocess_images_per_s']:.2f} images/s\n")
     for mode in r["best"]:
         table += f"Best {mode} / in-process: {r[f'{mode}_over_inprocess']:.2f}x\n"
     for count, mem in r["memory"].items():
