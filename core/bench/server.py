@@ -100,22 +100,32 @@ class ServerProcess:
 
 async def _stream_load(address: str, data: list[bytes], window: int, seconds: float
                        ) -> list[float]:
+    """``window`` requests in flight on one stream; latency from send to answer.
+
+    The window is kept here (not by the client) so that the clock of a request
+    starts when it is sent, not while it waits for a free slot.
+    """
     sent: dict[str, float] = {}
     latencies: list[float] = []
+    slots = asyncio.Semaphore(window)
     end = time.perf_counter() + seconds
 
     async def items() -> AsyncIterator[tuple[str, bytes]]:
         i = 0
-        while time.perf_counter() < end:
+        while True:
+            await slots.acquire()
+            if time.perf_counter() >= end:
+                return
             sent[str(i)] = time.perf_counter()
             yield str(i), data[i % len(data)]
             i += 1
 
     async with AsyncClient(address) as client:
-        async for pred in client.detect_stream(items(), window=window):
+        async for pred in client.detect_stream(items()):
+            latencies.append(time.perf_counter() - sent.pop(pred.id))
+            slots.release()
             if pred.error is not None:
                 raise RuntimeError(f"benchmark request failed: {pred.error}")
-            latencies.append(time.perf_counter() - sent.pop(pred.id))
     return latencies
 
 
