@@ -10,6 +10,7 @@ import subprocess
 import sys
 import textwrap
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -226,3 +227,52 @@ def test_serve_refuses_bad_settings_with_exit_code_2(tmp_path: Path):
     proc = subprocess.run([sys.executable, "-m", "pretag.cli", "serve", "--config", str(bad)],
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2 and "unknown settings" in proc.stderr
+
+
+class SlowBackend:
+    """A fake model: the real model's spec, no detections, a fixed time per batch."""
+
+    def __init__(self, spec: object, seconds: float) -> None:
+        self.spec = spec
+        self.providers = ("FakeProvider",)
+        self.seconds = seconds
+        self.batches: list[int] = []
+
+    def run(self, batch: object) -> object:
+        from pretag.server.backend import Outputs
+
+        n = batch.images.shape[0]  # type: ignore[attr-defined]
+        self.batches.append(n)
+        time.sleep(self.seconds)
+        return Outputs(np.zeros((n, 1, 4), np.float32), np.zeros((n, 1), np.float32),
+                       np.full((n, 1), -1, np.int64), np.zeros((n,), np.int64))
+
+
+def test_expired_deadline_is_dropped_before_compute(yolox_model: Path, coco128: Path):
+    from pretag.client import DeadlineExceeded
+    from pretag.contract import validate_model
+
+    backend = SlowBackend(validate_model(yolox_model), seconds=1.0)
+    config = ServerConfig(model=yolox_model, host="127.0.0.1", port=0, metrics_port=None,
+                          warmup=False, max_batch_size=1)
+    data = next(coco128.glob("images/**/*.jpg")).read_bytes()
+
+    async def scenario(port: int) -> None:
+        async with AsyncClient(f"127.0.0.1:{port}") as client:
+            busy = asyncio.ensure_future(client.detect(data, id="busy"))
+            await asyncio.sleep(0.3)  # "busy" is in the model for 1 s
+            with pytest.raises(DeadlineExceeded):
+                await client.detect(data, id="late", timeout=0.3)
+            assert (await busy).error is None
+            await asyncio.sleep(0.2)
+
+    with BackgroundServer(config, backend=backend) as srv:  # type: ignore[arg-type]
+        asyncio.run(scenario(srv.port))
+        assert backend.batches == [1]  # "late" never reached the model
+        registry = srv.server.metrics.registry  # type: ignore[union-attr]
+        # gRPC cancels the handler when the deadline passes (counted CANCELLED); had the
+        # batch been formed first, the batcher would have refused it (DEADLINE_EXCEEDED)
+        dropped = sum(registry.get_sample_value(
+            "pretag_requests_total", {"method": "Detect", "code": code}) or 0
+            for code in ("CANCELLED", "DEADLINE_EXCEEDED"))
+        assert dropped == 1
