@@ -83,20 +83,23 @@ def default_model() -> Path:
     path = cache_dir() / DEFAULT_MODEL_NAME
     if path.is_file():
         return path
-    hint = ("or pass --model FILE.onnx (for example one made by `pretag export yolox`)")
     try:
         from pretag.export.common import ExportError
         from pretag.export.fasterrcnn import FasterRCNNExport, export_fasterrcnn
     except ImportError:
         raise RunError(f"no --model given and the default model ({path}) does not exist; "
                        f"exporting it needs the export extra: pip install 'pretag[export]', "
-                       f"{hint}") from None
+                       f"or pass --model FILE.onnx") from None
     log.info("exporting the default model to %s (once)", path)
     try:
         export_fasterrcnn(FasterRCNNExport(output=path, weights="default"))
     except ExportError as exc:
-        raise RunError(f"no --model given and the default model cannot be exported: "
-                       f"{str(exc).splitlines()[0]}; {hint}") from None
+        log.debug("default model export failed: %s", exc)
+        raise RunError(f"no --model given, and the default model ({path}) cannot be made: "
+                       f"torchvision's COCO weights are not in torch's cache and cannot be "
+                       f"downloaded. Pass --model FILE.onnx (for example from `pretag export "
+                       f"yolox`), or export it from a local weights file: pretag export "
+                       f"fasterrcnn --weights FILE.pth --output {path}") from None
     return path
 
 

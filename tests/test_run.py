@@ -249,3 +249,15 @@ def test_two_servers_one_stopped_mid_run(two_servers: list[BackgroundServer], co
     assert answered(victim, "OK") <= 30 + 2 * config.window
     assert answered(two_servers[1], "OK") >= 128 - answered(victim, "OK")
     assert predictions(tmp_path) == predictions(clean_run)
+
+
+def test_without_model_offline_says_what_to_pass(tmp_path: Path, coco128: Path,
+                                                 monkeypatch: pytest.MonkeyPatch,
+                                                 caplog: pytest.LogCaptureFixture):
+    monkeypatch.setenv("PRETAG_CACHE", str(tmp_path / "cache"))
+    start = time.monotonic()
+    assert main(["run", str(coco128), "--output-dir", str(tmp_path / "o"), "--quiet"]) == 2
+    assert time.monotonic() - start < 120
+    message = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"][-1]
+    assert "no --model given" in message and "--model FILE.onnx" in message
+    assert not (tmp_path / "cache" / "fasterrcnn_resnet50_fpn-driving.onnx").exists()
