@@ -276,3 +276,14 @@ def test_expired_deadline_is_dropped_before_compute(yolox_model: Path, coco128: 
             "pretag_requests_total", {"method": "Detect", "code": code}) or 0
             for code in ("CANCELLED", "DEADLINE_EXCEEDED"))
         assert dropped == 1
+
+
+def test_example_config_file_is_valid(yolox_model: Path):
+    from pretag.server.config import build_config, read_config_file
+
+    root = Path(__file__).resolve().parent.parent
+    values = read_config_file(root / "examples" / "serve.toml")
+    assert values["model"] == root / "examples" / ".." / "models" / "yolox_nano_driving.onnx"
+    config = build_config(values, {"model": yolox_model, "port": 0})  # flags win
+    assert (config.model, config.port, config.max_batch_size) == (yolox_model, 0, 8)
+    assert config.metrics_port == 8000 and config.grace_s == 30
