@@ -141,7 +141,7 @@ def _stream(config: RunConfig, addresses: tuple[str, ...], items: list[ImageItem
     skipped = len(items) - len(todo) - len(name_errors)
     if skipped:
         log.info("resuming: %d of %d images already have predictions", skipped, len(items))
-    state = JobState(len(todo), hist, errors=name_errors)
+    state = JobState(hist, errors=name_errors)
     start = time.monotonic()
     with tqdm(total=len(items), initial=len(items) - len(todo), unit="img", desc="pretag",
               disable=config.quiet, smoothing=0.1, postfix={"failed": len(name_errors)}

@@ -48,7 +48,6 @@ _STOP: Any = object()
 class JobState:
     """What the job has done so far; shared by readers and workers (one event loop)."""
 
-    total: int
     hist: Histogram
     errors: list[dict[str, Any]] = field(default_factory=list)
     written: int = 0
@@ -94,7 +93,7 @@ class Job:
             await asyncio.gather(*tasks, *workers, return_exceptions=True)
             self.pool.shutdown(wait=True)
         if not self.done.is_set():
-            left = self.state.total - self.state.finished
+            left = len(self.todo) - self.state.finished
             raise RunError(f"no server answered for {self.server_timeout_s:g} s; {left} images "
                            f"left unprocessed (run the same command again to resume)")
 

@@ -117,10 +117,13 @@ class PretagServer:
         reflection.enable_server_reflection(names, server)
         return server
 
+    async def _set_health(self, status: health_pb2.HealthCheckResponse.ServingStatus) -> None:
+        for name in ("", *SERVICES):  # the server as a whole and each service
+            await self.health.set(name, status)
+
     async def start(self) -> int:
         """Bind, warm up, report SERVING; returns the bound port."""
-        for name in ("", *SERVICES):
-            await self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+        await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
         self._server = self._build()
         address = f"{self.config.host}:{self.config.port}"
         creds = _credentials(self.config)
@@ -133,8 +136,7 @@ class PretagServer:
             self.metrics_port = self.metrics.serve_http(self.config.metrics_port,
                                                         self.config.metrics_host)
         await self.engine.start()
-        for name in ("", *SERVICES):
-            await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        await self._set_health(health_pb2.HealthCheckResponse.SERVING)
         log.info("serving %s on port %d (%s, providers %s)%s", self.engine.spec.name, self.port,
                  "TLS" if creds else "plaintext", ", ".join(self.backend.providers),
                  f", metrics on port {self.metrics_port}" if self.metrics_port else "")

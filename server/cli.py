@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import logging
 from pathlib import Path
 
@@ -51,18 +52,15 @@ def run(args: argparse.Namespace) -> int:
              if k not in ("command", "verbose", "config", "no_metrics")}
     try:
         file_values = read_config_file(args.config) if args.config else {}
-        if args.no_metrics:
-            flags["metrics_port"], file_values["metrics_port"] = None, None
         config = build_config(file_values, flags)
+        if args.no_metrics:
+            config = dataclasses.replace(config, metrics_port=None)
     except ConfigError as exc:
         log.error("%s", exc)
         return 2
     try:
         asyncio.run(serve(config))
-    except BackendError as exc:
-        log.error("%s", exc)
-        return 1
-    except OSError as exc:
+    except (BackendError, OSError) as exc:
         log.error("%s", exc)
         return 1
     return 0
