@@ -13,6 +13,9 @@ log = logging.getLogger("pretag")
 EXIT_USAGE = 2
 
 
+FP16_HELP = "float16 network body; float32 I/O and post-processing (for GPUs)"
+
+
 def _add_export(sub: argparse._SubParsersAction) -> None:
     export = sub.add_parser("export", help="write a contract ONNX model")
     models = export.add_subparsers(dest="model", required=True)
@@ -27,7 +30,7 @@ def _add_export(sub: argparse._SubParsersAction) -> None:
     frcnn.add_argument("--max-detections", type=int, default=100)
     frcnn.add_argument("--rpn-pre-nms-top-n", type=int, default=1000)
     frcnn.add_argument("--rpn-post-nms-top-n", type=int, default=1000)
-    frcnn.add_argument("--fp16", action="store_true", help="half-precision math (GPU)")
+    frcnn.add_argument("--fp16", action="store_true", help=FP16_HELP)
     frcnn.add_argument("--seed", type=int, default=0, help="seed for --weights random")
     yolox = models.add_parser("yolox", help="adapt a YOLOX ONNX export (e.g. yolox_nano.onnx)")
     yolox.add_argument("--onnx", required=True, type=Path)
@@ -37,7 +40,7 @@ def _add_export(sub: argparse._SubParsersAction) -> None:
     yolox.add_argument("--score-threshold", type=float, default=0.05)
     yolox.add_argument("--nms-threshold", type=float, default=0.45)
     yolox.add_argument("--max-detections", type=int, default=100)
-    yolox.add_argument("--fp16", action="store_true", help="half-precision math (GPU)")
+    yolox.add_argument("--fp16", action="store_true", help=FP16_HELP)
 
 
 def build_parser() -> argparse.ArgumentParser:

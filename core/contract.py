@@ -23,6 +23,7 @@ from typing import Any, Literal
 
 CONTRACT_VERSION = "1"
 META_PREFIX = "pretag."
+PRECISIONS = ("fp32", "fp16")
 
 #: (ONNX Runtime type string, shape) of every input; strings are symbolic dims.
 INPUTS: dict[str, tuple[str, tuple[int | str, ...]]] = {
@@ -100,6 +101,12 @@ class ModelSpec:
     source_sha256: str
     contract_version: str = CONTRACT_VERSION
     embedding_dim: int | None = field(default=None, compare=False)
+    #: arithmetic of the network body; inputs, outputs and post-processing are always as above
+    precision: Literal["fp32", "fp16"] = "fp32"
+
+    def __post_init__(self) -> None:
+        if self.precision not in PRECISIONS:
+            raise ContractError(f"precision must be one of {PRECISIONS}, not {self.precision!r}")
 
     def metadata(self) -> dict[str, str]:
         """The ONNX metadata_props that record this spec in a model file."""
@@ -112,6 +119,7 @@ class ModelSpec:
             META_PREFIX + "max_detections": str(int(self.max_detections)),
             META_PREFIX + "source_weights": self.source_weights,
             META_PREFIX + "source_sha256": self.source_sha256,
+            META_PREFIX + "precision": self.precision,
         }
 
     @classmethod
@@ -148,6 +156,7 @@ class ModelSpec:
             source_weights=get("source_weights"),
             source_sha256=get("source_sha256"),
             contract_version=version,
+            precision=meta.get(META_PREFIX + "precision", "fp32"),  # type: ignore[arg-type]
         )
 
 

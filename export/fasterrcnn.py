@@ -22,7 +22,7 @@ from torchvision.ops.poolers import initLevelMapper
 
 from pretag.contract import DRIVING_CLASSES, ModelSpec, ResizeSpec
 from pretag.export.common import INPUT_NAMES, ExportError, finalize, trace_to_onnx
-from pretag.export.fp16 import to_fp16
+from pretag.export.fp16 import HalfPrecision
 from pretag.export.ops import MASKED, clip_boxes, dim_min, nms_topk, pad_outputs, valid_mask
 from pretag.export.weights import COCO_CATEGORIES, load_fasterrcnn
 
@@ -45,12 +45,16 @@ class BatchedFasterRCNN(nn.Module):
     std: Tensor
 
     def __init__(self, model: FasterRCNN, class_ids: list[int], score_threshold: float,
-                 max_detections: int) -> None:
+                 max_detections: int, fp16: bool = False) -> None:
         super().__init__()
         model = model.eval()
         rpn, heads = model.rpn, model.roi_heads
-        self.backbone = model.backbone
-        self.rpn_head = rpn.head
+
+        def precision(module: nn.Module) -> nn.Module:
+            return HalfPrecision(module) if fp16 else module
+
+        self.backbone = precision(model.backbone)
+        self.rpn_head = precision(rpn.head)
         self.anchor_generator = rpn.anchor_generator
         self.rpn_coder = rpn.box_coder
         self.pre_nms_top_n = int(rpn._pre_nms_top_n["testing"])
@@ -62,8 +66,8 @@ class BatchedFasterRCNN(nn.Module):
         self.featmap_names = list(pool.featmap_names)
         self.roi_output_size = pool.output_size
         self.sampling_ratio = int(pool.sampling_ratio)
-        self.box_head = heads.box_head
-        self.box_predictor = heads.box_predictor
+        self.box_head = precision(heads.box_head)
+        self.box_predictor = precision(heads.box_predictor)
         self.box_coder = heads.box_coder
         self.box_nms = float(heads.nms_thresh)
         self.score_threshold = float(score_threshold)
@@ -256,14 +260,13 @@ def export_fasterrcnn(cfg: FasterRCNNExport) -> ModelSpec:
 def export_fasterrcnn_model(model: FasterRCNN, cfg: FasterRCNNExport, source: str,
                             sha256: str) -> ModelSpec:
     """Trace ``model`` (a torchvision Faster R-CNN) into the contract ONNX graph."""
-    if cfg.fp16:
-        to_fp16()  # raises: not available yet, before minutes of tracing
     ids, names = class_selection(cfg.classes)
-    graph = BatchedFasterRCNN(model, ids, cfg.score_threshold, cfg.max_detections).eval()
+    graph = BatchedFasterRCNN(model, ids, cfg.score_threshold, cfg.max_detections,
+                              fp16=cfg.fp16).eval()
     # Two images of different sizes so that nothing gets specialised to one shape.
-    images = torch.full((2, 3, 320, 384), 114, dtype=torch.uint8)
-    images[:, :, 40:200, 60:300] = 200
-    sizes = torch.tensor([[320, 384], [288, 320]], dtype=torch.int64)
+    images = torch.full((2, 3, 192, 224), 114, dtype=torch.uint8)
+    images[:, :, 40:150, 60:200] = 200
+    sizes = torch.tensor([[192, 224], [160, 192]], dtype=torch.int64)
     spec = ModelSpec(
         name=f"fasterrcnn_resnet50_fpn-{cfg.classes}",
         class_names=tuple(names),
@@ -273,6 +276,7 @@ def export_fasterrcnn_model(model: FasterRCNN, cfg: FasterRCNNExport, source: st
         max_detections=cfg.max_detections,
         source_weights=source,
         source_sha256=sha256,
+        precision="fp16" if cfg.fp16 else "fp32",
     )
     proto = trace_to_onnx(graph, (images, sizes), INPUT_NAMES, OUTPUT_NAMES)
     return finalize(proto, spec, cfg.output)

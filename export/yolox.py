@@ -27,7 +27,7 @@ from pretag.export.common import (
     sha256_file,
     trace_to_onnx,
 )
-from pretag.export.fp16 import to_fp16
+from pretag.export.fp16 import onnx_to_fp16
 from pretag.export.ops import MASKED, clip_boxes, nms_topk, pad_outputs, valid_mask
 
 log = logging.getLogger(__name__)
@@ -183,10 +183,10 @@ def export_yolox(cfg: YoloxExport) -> ModelSpec:
         class_names = COCO80
     else:
         raise ExportError(f"unknown class set {cfg.classes!r}; use driving or coco")
-    if cfg.fp16:
-        to_fp16()  # raises: not available yet
     class_ids = [COCO80.index(n) for n in class_names]
     original = load_original(cfg.onnx)
+    if cfg.fp16:
+        original = onnx_to_fp16(original)
     size = cfg.input_size
     images = torch.full((2, 3, size, size), LETTERBOX_VALUE, dtype=torch.uint8)
     sizes = torch.tensor([[size, size], [size // 2, size]], dtype=torch.int64)
@@ -208,5 +208,6 @@ def export_yolox(cfg: YoloxExport) -> ModelSpec:
         max_detections=cfg.max_detections,
         source_weights=f"file:{cfg.onnx.name}",
         source_sha256=sha256_file(cfg.onnx),
+        precision="fp16" if cfg.fp16 else "fp32",
     )
     return finalize(model, spec, cfg.output)

@@ -151,4 +151,4 @@ class PretaggerService(pb_grpc.PretaggerServicer):
                                        max_queue=cfg.max_queue, instances=cfg.instances),
             default_score_threshold=self.engine.score_threshold,
             resize_json=spec.resize.to_json(), source_weights=spec.source_weights,
-            source_sha256=spec.source_sha256)
+            source_sha256=spec.source_sha256, precision=spec.precision)

@@ -61,3 +61,14 @@ def test_metadata_round_trip():
     spec = ModelSpec("m", ("car", "bus"), ResizeSpec("shortest_edge", 1333, 800), 0.25, 50,
                      "file:w.pth", "ab" * 32)
     assert ModelSpec.from_metadata(spec.metadata()) == spec
+
+
+def test_precision_is_recorded_and_defaults_to_fp32():
+    spec = ModelSpec("m", ("car",), ResizeSpec("longest_edge", 416), 0.05, 100, "file:w", "0",
+                     precision="fp16")
+    meta = spec.metadata()
+    assert ModelSpec.from_metadata(meta).precision == "fp16"
+    del meta["pretag.precision"]  # models written before the key existed
+    assert ModelSpec.from_metadata(meta).precision == "fp32"
+    with pytest.raises(ContractError, match="precision"):
+        ModelSpec.from_metadata({**meta, "pretag.precision": "int8"})

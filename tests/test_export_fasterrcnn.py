@@ -48,9 +48,10 @@ def model() -> torch.nn.Module:
     return _random_model()
 
 
-def _export(model: torch.nn.Module, out: Path, classes: str, threshold: float = 0.05) -> Path:
+def _export(model: torch.nn.Module, out: Path, classes: str, threshold: float = 0.05,
+            fp16: bool = False) -> Path:
     cfg = FasterRCNNExport(output=out, classes=classes, score_threshold=threshold,
-                           min_size=SMALL.min_size, max_size=SMALL.max_size)
+                           min_size=SMALL.min_size, max_size=SMALL.max_size, fp16=fp16)
     export_fasterrcnn_model(model, cfg, "random:seed=0", "0" * 64)
     return out
 
@@ -145,6 +146,35 @@ def test_contract_and_metadata(coco_onnx):
     assert spec.resize.policy == "shortest_edge" and spec.resize.min_size == 224
     assert spec.source_weights == "random:seed=0" and len(spec.class_names) == 80
     assert spec.embedding_dim == 1280
+
+
+def test_fp16_graph_agrees_with_fp32(model, coco_onnx, images, tmp_path):
+    """--fp16: backbone and heads in float16, decoding, RoiAlign and NMS in float32.
+
+    Random weights give nearly flat scores, so float16 rounding reorders some near-ties;
+    the check is that nearly every float32 detection has a float16 twin.
+    """
+    path = _export(model, tmp_path / "fp16.onnx", "coco", fp16=True)
+    spec = validate_model(path)
+    assert spec.precision == "fp16" and spec.embedding_dim == 1280
+    assert path.stat().st_size < 0.55 * coco_onnx.stat().st_size  # the weights are halved
+    batch, _ = preprocess(images, SMALL)
+    full, half = _run(coco_onnx, batch), _run(path, batch)
+    for i in range(len(images)):
+        n32, n16 = int(full[3][i]), int(half[3][i])
+        assert n32 >= 20 and abs(n32 - n16) <= max(2, n32 // 20), (i, n32, n16)
+        iou = box_iou(torch.from_numpy(full[0][i, :n32]), torch.from_numpy(half[0][i, :n16]))
+        same = full[2][i, :n32, None] == half[2][i, None, :n16]
+        best = np.where(same, iou.numpy(), -1).argmax(axis=1)
+        twin = np.where(same, iou.numpy(), -1).max(axis=1) > 0.9
+        assert twin.mean() >= 0.85, f"image {i}: {twin.mean():.2f} of detections have a twin"
+        np.testing.assert_allclose(half[1][i, best[twin]], full[1][i, :n32][twin], atol=0.01)
+    emb32, emb16 = full[4], half[4]
+    assert np.abs(emb16 - emb32).max() <= 5e-3 * np.abs(emb32).max()
+    for i in range(2):  # N=1 works too; float16 rounding may differ in the last digits
+        alone = _run(path, Batch(batch.images[i:i + 1], batch.image_sizes[i:i + 1]))
+        assert abs(int(alone[3][0]) - int(half[3][i])) <= 1
+        np.testing.assert_allclose(alone[1][0, :10], half[1][i, :10], atol=1e-3)
 
 
 def _closed_port() -> int:

@@ -185,7 +185,7 @@ def test_model_info(client: Client):
     info = client.model_info()
     assert list(info.class_names) == ["bicycle", "bus", "car", "motorcycle", "person", "train",
                                       "truck"]
-    assert info.contract_version == "1"
+    assert info.contract_version == "1" and info.precision == "fp32"
     assert list(info.providers) == ["CPUExecutionProvider"]
     assert info.batching.max_batch_size == 8 and info.batching.max_queue == 256
 
