@@ -27,6 +27,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add("--read-threads", type=int, default=4, help="file reading threads (default 4)")
     add("--debug-images", type=int, default=0, metavar="N",
         help="draw boxes on N images spread over the run, under DIR/report/debug")
+    add("--overwrite", action="store_true",
+        help="predict every image again (default: resume, keeping existing predictions "
+             "if they were made with the same model and threshold)")
     add("--quiet", action="store_true", help="no progress bar")
     add("--token-file", type=Path, help="file holding the servers' bearer token")
     add("--tls-ca", type=Path, help="CA bundle of the servers' certificates; enables TLS")
@@ -43,7 +46,8 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
                      window=args.window, read_threads=args.read_threads,
                      debug_images=args.debug_images, quiet=args.quiet, token=token,
                      root_cert=args.tls_ca, client_cert=args.tls_cert,
-                     client_key=args.tls_key, server_timeout_s=args.server_timeout_s)
+                     client_key=args.tls_key, server_timeout_s=args.server_timeout_s,
+                     overwrite=args.overwrite)
 
 
 def format_summary(summary: RunSummary, output_dir: Path) -> str:

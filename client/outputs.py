@@ -10,6 +10,8 @@ Every prediction file holds a list with one entry, ``{"filename", "boxes",
 "labels", "scores"}``, boxes x1, y1, x2, y2 normalised to [0, 1], in score order.
 Files are written to a temporary name and renamed, so a killed run never leaves
 a half-written one; a re-run skips images whose file exists and parses.
+``report/run_settings.json`` records what made them (model, threshold), so that a
+re-run with other settings does not silently keep the old files.
 """
 
 from __future__ import annotations
@@ -81,6 +83,23 @@ def write_atomic(path: Path, text: str) -> None:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def settings_path(output_dir: Path) -> Path:
+    return output_dir / "report" / "run_settings.json"
+
+
+def read_settings(output_dir: Path) -> dict[str, Any] | None:
+    """The settings recorded by an earlier run in ``output_dir``, or None."""
+    try:
+        data = json.loads(settings_path(output_dir).read_text())
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def write_settings(output_dir: Path, settings: dict[str, Any]) -> None:
+    write_atomic(settings_path(output_dir), json.dumps(settings, indent=2) + "\n")
 
 
 def write_task_files(output_dir: Path, class_names: Sequence[str]) -> None:

@@ -25,6 +25,8 @@ from pretag.client.outputs import (
     list_images,
     prediction_path,
     read_prediction,
+    read_settings,
+    write_settings,
     write_task_files,
 )
 from pretag.client.report import Histogram, draw_debug_image, spread, write_histogram
@@ -54,6 +56,7 @@ class RunConfig:
     server_timeout_s: float = 60.0
     connect_timeout_s: float = 30.0
     max_batch_size: int = 8  # embedded server
+    overwrite: bool = False  # predict every image again, whatever is in output_dir
 
 
 @dataclass(frozen=True)
@@ -125,6 +128,31 @@ def _resume(config: RunConfig, items: list[ImageItem], hist: Histogram
     return todo, errors
 
 
+def run_settings(config: RunConfig, info: Any) -> dict[str, Any]:
+    """What decides the predictions' content: the model and the threshold."""
+    return {"model": info.name, "source_sha256": info.source_sha256,
+            "precision": info.precision or "fp32", "class_names": list(info.class_names),
+            "score_threshold": config.score_threshold}
+
+
+def _check_settings(config: RunConfig, settings: dict[str, Any], items: list[ImageItem]
+                    ) -> None:
+    """Refuse to resume over predictions made otherwise; with --overwrite, clear them."""
+    previous = read_settings(config.output_dir)
+    if (previous not in (None, settings) and not config.overwrite
+            and any(prediction_path(config.output_dir, i.name).exists() for i in items)):
+        changes = "; ".join(f"{key} {previous.get(key)!r} -> {settings.get(key)!r}"
+                            for key in sorted(settings.keys() | previous.keys())
+                            if previous.get(key) != settings.get(key))
+        raise RunError(f"{config.output_dir} holds predictions made with other settings "
+                       f"({changes}). Use another --output-dir, or --overwrite to predict "
+                       f"every image again")
+    if config.overwrite:
+        for item in items:
+            prediction_path(config.output_dir, item.name).unlink(missing_ok=True)
+    write_settings(config.output_dir, settings)
+
+
 def _connections(config: RunConfig, addresses: tuple[str, ...]) -> list[Connection]:
     return [Connection(a, token=config.token, root_cert=config.root_cert,
                        client_cert=config.client_cert, client_key=config.client_key)
@@ -134,7 +162,9 @@ def _connections(config: RunConfig, addresses: tuple[str, ...]) -> list[Connecti
 def _stream(config: RunConfig, addresses: tuple[str, ...], items: list[ImageItem],
             on_result: Callable[[str, bool], None] | None) -> tuple[JobState, int, float]:
     connections = _connections(config, addresses)
-    class_names = asyncio.run(check_servers(connections, config.connect_timeout_s))
+    info = asyncio.run(check_servers(connections, config.connect_timeout_s))
+    class_names = tuple(info.class_names)
+    _check_settings(config, run_settings(config, info), items)
     write_task_files(config.output_dir, class_names)
     hist = Histogram(class_names)
     todo, name_errors = _resume(config, items, hist)

@@ -26,6 +26,7 @@ from tqdm import tqdm
 from pretag.client.api import AsyncClient, Connection, Prediction, PretagError
 from pretag.client.outputs import ImageItem, make_entry, write_prediction
 from pretag.client.report import Histogram
+from pretag.v1 import pretag_pb2 as pb
 
 log = logging.getLogger(__name__)
 
@@ -236,21 +237,26 @@ class _Backoff:
         return 0.0 if self.failing_since is None else time.monotonic() - self.failing_since
 
 
-async def check_servers(connections: list[Connection], timeout_s: float) -> tuple[str, ...]:
-    """Every server's class names (they must agree); RunError if one cannot be reached."""
-    async def info(connection: Connection) -> tuple[str, ...]:
+async def check_servers(connections: list[Connection], timeout_s: float
+                        ) -> pb.ModelInfoResponse:
+    """The first server's model info; RunError if one cannot be reached or classes differ."""
+    async def info(connection: Connection) -> pb.ModelInfoResponse:
         async with AsyncClient(connection) as client:
             try:
-                reply = await client.model_info(timeout=timeout_s)
+                return await client.model_info(timeout=timeout_s)
             except PretagError as exc:
                 raise RunError(f"server {connection.address} is unreachable: "
                                f"{str(exc).splitlines()[0]}") from None
-            return tuple(reply.class_names)
 
-    names = await asyncio.gather(*(info(c) for c in connections))
-    if len(set(names)) > 1:
-        raise RunError(f"servers disagree on class names: {sorted(set(names))}")
-    return names[0]
+    infos = await asyncio.gather(*(info(c) for c in connections))
+    names = {tuple(i.class_names) for i in infos}
+    if len(names) > 1:
+        raise RunError(f"servers disagree on class names: {sorted(names)}")
+    models = {(i.name, i.source_sha256, i.precision) for i in infos}
+    if len(models) > 1:
+        log.warning("servers run different models (name, weights sha256, precision): %s",
+                    sorted(models))
+    return infos[0]
 
 
 def write_errors(path: Path, errors: list[dict[str, Any]]) -> None:

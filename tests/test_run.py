@@ -195,6 +195,34 @@ def test_broken_files_are_reported_and_the_rest_written(coco128: Path, yolox_mod
     assert all(Path(e["path"]).is_file() for e in errors)
 
 
+def test_rerun_with_another_threshold_refuses_then_overwrites(coco128: Path, yolox_model: Path,
+                                                              tmp_path: Path,
+                                                              caplog: pytest.LogCaptureFixture):
+    folder = tmp_path / "few"
+    folder.mkdir()
+    for path in sorted(coco128.glob("images/**/*.jpg"))[60:66]:  # people and vehicles
+        shutil.copy(path, folder / path.name)
+    out = tmp_path / "out"
+
+    def run(*extra: str) -> int:
+        return main(["run", str(folder), "--output-dir", str(out), "--model", str(yolox_model),
+                     "--quiet", *extra])
+
+    assert run("--score-threshold", "0.5") == 0
+    strict = predictions(out)
+    settings = json.loads((out / "report" / "run_settings.json").read_text())
+    assert settings["score_threshold"] == 0.5 and settings["model"] == "yolox_nano-driving"
+    assert run("--score-threshold", "0.5") == 0  # same settings: resumes, nothing redone
+    assert run("--score-threshold", "0.1") == 2
+    assert "score_threshold 0.5 -> 0.1" in caplog.text and "--overwrite" in caplog.text
+    assert predictions(out) == strict  # refused before touching anything
+    assert run("--score-threshold", "0.1", "--overwrite") == 0
+    loose = predictions(out)
+    assert sum(len(e["scores"]) for e in loose.values()) > sum(
+        len(e["scores"]) for e in strict.values())
+    assert min(s for e in loose.values() for s in e["scores"]) < 0.5
+
+
 def test_missing_input_and_unreachable_server_exit_2(tmp_path: Path, coco128: Path,
                                                      caplog: pytest.LogCaptureFixture):
     assert main(["run", str(tmp_path / "nope"), "--output-dir", str(tmp_path / "o")]) == 2
