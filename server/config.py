@@ -72,12 +72,22 @@ _PATHS = {"model", "tls_cert", "tls_key", "tls_client_ca", "token_file"}
 
 
 def read_config_file(path: Path) -> dict[str, Any]:
-    """Settings from a TOML file whose keys are the flag names (dashes or underscores)."""
+    """Settings from a TOML file whose keys are the flag names (dashes or underscores).
+
+    ``metrics = false`` stands for ``--no-metrics`` (TOML has no null for metrics_port).
+    """
     try:
         data = tomllib.loads(Path(path).read_text())
     except (OSError, tomllib.TOMLDecodeError) as exc:
         raise ConfigError(f"cannot read config file {path}: {exc}") from exc
     values = {k.replace("-", "_"): v for k, v in data.get("serve", data).items()}
+    metrics = values.pop("metrics", True)
+    if not isinstance(metrics, bool):
+        raise ConfigError(f"{path}: metrics must be true or false, not {metrics!r}")
+    if not metrics:
+        if "metrics_port" in values:
+            raise ConfigError(f"{path}: metrics = false and metrics_port contradict each other")
+        values["metrics_port"] = None
     known = {f.name for f in fields(ServerConfig)}
     unknown = sorted(values.keys() - known)
     if unknown:

@@ -287,3 +287,18 @@ def test_example_config_file_is_valid(yolox_model: Path):
     config = build_config(values, {"model": yolox_model, "port": 0})  # flags win
     assert (config.model, config.port, config.max_batch_size) == (yolox_model, 0, 8)
     assert config.metrics_port == 8000 and config.grace_s == 30
+
+
+def test_config_file_can_switch_metrics_off(tmp_path: Path, yolox_model: Path):
+    from pretag.server.config import ConfigError, build_config, read_config_file
+
+    path = tmp_path / "serve.toml"
+    path.write_text(f'model = "{yolox_model}"\nmetrics = false\n')
+    assert build_config(read_config_file(path), {}).metrics_port is None
+    assert build_config(read_config_file(path), {"metrics_port": 0}).metrics_port == 0
+    path.write_text('metrics = "no"\n')
+    with pytest.raises(ConfigError, match="true or false"):
+        read_config_file(path)
+    path.write_text("metrics = false\nmetrics-port = 9000\n")
+    with pytest.raises(ConfigError, match="contradict"):
+        read_config_file(path)
