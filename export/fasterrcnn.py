@@ -187,8 +187,8 @@ def eager_reference(model: FasterRCNN, images: Tensor, image_sizes: Tensor,
 
     model = model.eval()
     t = model.transform
-    mean = torch.tensor(t.image_mean).reshape(1, 3, 1, 1)
-    std = torch.tensor(t.image_std).reshape(1, 3, 1, 1)
+    mean = torch.tensor(t.image_mean, device=images.device).reshape(1, 3, 1, 1)
+    std = torch.tensor(t.image_std, device=images.device).reshape(1, 3, 1, 1)
     x = (images.float() / 255.0 - mean) / std
     sizes = [(int(h), int(w)) for h, w in image_sizes.tolist()]
     padded = torch.zeros_like(x)

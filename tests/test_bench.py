@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
+
 from pretag.bench.stats import Stability, measure_until_stable, percentiles
 from pretag.cli import main
 
@@ -27,11 +29,16 @@ def test_bench_model_server_and_job_commands(yolox_model: Path, shared: Path, tm
     images = shared / "data" / "driving"
     out = tmp_path / "model.json"
     assert main(["bench", "model", "--model", str(yolox_model), "--images", str(images),
-                 "--batch-sizes", "1", "2", "--iterations", "1", "--output", str(out),
-                 "--markdown", str(tmp_path / "model.md")]) == 0
+                 "--batch-sizes", "1", "2", "--iterations", "2", "--output", str(out),
+                 "--markdown", str(tmp_path / "model.md"), "--providers", "cpu",
+                 "--gflops-per-image", "1.08", "--peak-tflops", "2"]) == 0
     result = json.loads(out.read_text())
     assert [r["batch_size"] for r in result["rows"]] == [1, 2]
-    assert all(r["images_per_s"] > 0 for r in result["rows"])
+    assert result["providers"] == ["CPUExecutionProvider"] and result["precision"] == "fp32"
+    for row in result["rows"]:
+        assert row["images_per_s"] > 0 and row["p99_ms"] >= row["ms_per_batch"] * 0.5
+        assert row["tflops"] == pytest.approx(row["images_per_s"] * 1.08 / 1000)
+        assert row["fraction_of_peak"] == pytest.approx(row["tflops"] / 2)
     assert result["machine"]["cpu_count"] >= 1 and result["commit"]
     assert "| onnxruntime | 2 |" in (tmp_path / "model.md").read_text()
 

@@ -32,6 +32,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     m.add_argument("--torch-weights", help="also time torchvision eager Faster R-CNN with "
                                            "these weights (random, default or a file)")
     m.add_argument("--threads", type=int, help="threads for both engines (default: all cores)")
+    m.add_argument("--providers", nargs="+", default=["cpu"],
+                   help="ONNX Runtime execution providers (default: cpu; e.g. cuda)")
+    m.add_argument("--torch-device", default="cpu", help="device for torch eager (e.g. cuda)")
+    m.add_argument("--gflops-per-image", type=float,
+                   help="the model's GFLOPs per image at the canvas used (Faster R-CNN "
+                        "R50-FPN: about 134 at 800x1333): adds achieved TFLOP/s")
+    m.add_argument("--peak-tflops", type=float,
+                   help="the device's peak TFLOP/s at the measured precision: adds the "
+                        "fraction of peak")
     s = sub.add_parser("server", parents=[common], help="pretag serve end to end")
     s.add_argument("--concurrency", type=int, nargs="+", default=[1, 2, 4, 8, 16, 32])
     s.add_argument("--modes", nargs="+", choices=["stream", "unary"],
@@ -51,10 +60,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def _model(args: argparse.Namespace) -> tuple[dict[str, Any], str]:
     from pretag.bench.model import ModelBench, bench_model
 
-    r = bench_model(ModelBench(args.model, args.images, tuple(args.batch_sizes),
-                               args.iterations, args.torch_weights, args.threads))
-    table = markdown_table(r["rows"], ["engine", "batch_size", "canvas", "ms_per_batch",
-                                       "images_per_s"])
+    r = bench_model(ModelBench(
+        args.model, args.images, tuple(args.batch_sizes), args.iterations, args.torch_weights,
+        args.threads, providers=tuple(args.providers), torch_device=args.torch_device,
+        gflops_per_image=args.gflops_per_image, peak_tflops=args.peak_tflops))
+    columns = ["engine", "batch_size", "canvas", "ms_per_batch", "p99_ms", "images_per_s"]
+    columns += [c for c in ("tflops", "fraction_of_peak") if c in r["rows"][0]]
+    table = markdown_table(r["rows"], columns)
+    table += f"\nModel {r['model']} ({r['precision']}) on {', '.join(r['providers'])}\n"
     if "ort_over_torch" in r:
         table += f"\nONNX Runtime / torch eager at their best batch sizes: " \
                  f"{r['ort_over_torch']:.2f}x\n"
@@ -72,7 +85,7 @@ def _server(args: argparse.Namespace) -> tuple[dict[str, Any], str]:
                       args.warmup_s, args.max_batch_size, args.image_limit,
                       tuple(args.memory_requests))
     data = [i.path.read_bytes() for i in list_images(args.images)[:args.image_limit]]
-    backend = OrtBackend(args.model, providers=["cpu"])
+    backend = OrtBackend(args.model)  # the same default providers as the server
 
     def baseline() -> float:
         """The better of batch 1 and the server's largest batch, run back to back."""

@@ -49,7 +49,7 @@ def inprocess_ort(backend: OrtBackend, paths: list[Path], batch_size: int,
 
 def bench_job(cfg: JobBench) -> dict[str, Any]:
     paths = [i.path for i in list_images(cfg.images)]
-    backend = OrtBackend(cfg.model, providers=["cpu"])
+    backend = OrtBackend(cfg.model)  # the same default providers as pretag run
     inprocess_ort(backend, paths[:cfg.batch_size], cfg.batch_size)  # warm-up
     ort_rates, run_rates, run_walls = [], [], []
     for _ in range(cfg.repeats):

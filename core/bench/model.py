@@ -1,5 +1,10 @@
 """Model-only benchmark: ONNX Runtime in-process at several batch sizes, and for Faster
-R-CNN torchvision eager on the same preprocessed tensors, the two alternated in one run."""
+R-CNN torchvision eager on the same preprocessed tensors, the two alternated in one run.
+
+A timed call is one whole model call as a server makes it: host arrays in, host
+arrays out (so on a GPU it includes the copies). With ``gflops_per_image`` and
+``peak_tflops`` each row also says what fraction of the device's peak it reached.
+"""
 
 from __future__ import annotations
 
@@ -13,6 +18,7 @@ from typing import Any
 
 import numpy as np
 
+from pretag.bench.stats import percentiles
 from pretag.client.outputs import list_images
 from pretag.preprocess import Batch, decode_image, pad_batch, resize_image
 from pretag.server.backend import OrtBackend
@@ -29,6 +35,10 @@ class ModelBench:
     torch_weights: str | None = None  # with a Faster R-CNN model: also torchvision eager
     threads: int | None = None
     seed: int = 0
+    providers: tuple[str, ...] = ("cpu",)  # ONNX Runtime's, e.g. ("cuda",)
+    torch_device: str = "cpu"
+    gflops_per_image: float | None = None  # e.g. 134 for Faster R-CNN R50-FPN at 800x1333
+    peak_tflops: float | None = None  # the device's peak for the precision measured
 
 
 def load_resized(folder: Path, backend: OrtBackend) -> list[np.ndarray]:
@@ -65,18 +75,35 @@ def _torch_runner(cfg: ModelBench, backend: OrtBackend) -> Callable[[Batch], Any
         torch.set_num_threads(cfg.threads)
     loaded = load_fasterrcnn(cfg.torch_weights or "random", seed=cfg.seed,
                              min_size=spec.resize.min_size, max_size=spec.resize.max_size)
+    model = loaded.model.to(cfg.torch_device)
     class_ids, _ = class_selection("coco" if len(spec.class_names) > 7 else "driving")
 
     def run(batch: Batch) -> Any:
-        return eager_reference(loaded.model, torch.from_numpy(batch.images),
-                               torch.from_numpy(batch.image_sizes), class_ids,
-                               spec.max_detections, spec.score_threshold)
+        images = torch.from_numpy(batch.images).to(cfg.torch_device)
+        sizes = torch.from_numpy(batch.image_sizes)
+        return eager_reference(model, images, sizes, class_ids, spec.max_detections,
+                               spec.score_threshold)  # ends in host values: synchronised
 
     return run
 
 
+def _row(engine: str, batch: Batch, times: list[float], cfg: ModelBench) -> dict[str, Any]:
+    size = batch.images.shape[0]
+    row: dict[str, Any] = {
+        "engine": engine, "batch_size": size,
+        "canvas": f"{batch.images.shape[2]}x{batch.images.shape[3]}",
+        "ms_per_batch": 1000 * float(np.median(times)),
+        "p99_ms": percentiles(times)["p99_ms"],
+        "images_per_s": size * len(times) / sum(times)}
+    if cfg.gflops_per_image:
+        row["tflops"] = row["images_per_s"] * cfg.gflops_per_image / 1000
+        if cfg.peak_tflops:
+            row["fraction_of_peak"] = row["tflops"] / cfg.peak_tflops
+    return row
+
+
 def bench_model(cfg: ModelBench) -> dict[str, Any]:
-    backend = OrtBackend(cfg.model, providers=["cpu"], threads=cfg.threads)
+    backend = OrtBackend(cfg.model, providers=list(cfg.providers), threads=cfg.threads)
     images = load_resized(cfg.images, backend)
     engines: dict[str, Callable[[Batch], Any]] = {"onnxruntime": backend.run}
     if cfg.torch_weights is not None:
@@ -93,16 +120,14 @@ def bench_model(cfg: ModelBench) -> dict[str, Any]:
                 run(batch)
                 times[name].append(time.perf_counter() - start)
         for name, t in times.items():
-            row: dict[str, Any] = {"engine": name, "batch_size": size,
-                   "canvas": f"{batch.images.shape[2]}x{batch.images.shape[3]}",
-                   "ms_per_batch": 1000 * float(np.median(t)),
-                   "images_per_s": size * len(t) / sum(t)}
-            rows.append(row)
-            log.info("%s batch %d: %.2f images/s", name, size, row["images_per_s"])
-    result: dict[str, Any] = {"model": backend.spec.name, "rows": rows}
+            rows.append(_row(name, batch, t, cfg))
+            log.info("%s batch %d: %.2f images/s", name, size, rows[-1]["images_per_s"])
     best = {e: max((r for r in rows if r["engine"] == e), key=lambda r: r["images_per_s"])
             for e in engines}
-    result["best"] = best
+    result: dict[str, Any] = {"model": backend.spec.name, "precision": backend.spec.precision,
+                              "providers": list(backend.providers),
+                              "torch_device": cfg.torch_device if "torch_eager" in engines
+                              else None, "rows": rows, "best": best}
     if "torch_eager" in best:
         result["ort_over_torch"] = (best["onnxruntime"]["images_per_s"]
                                     / best["torch_eager"]["images_per_s"])
