@@ -74,6 +74,6 @@ def finalize(model: Any, spec: ModelSpec, output: str | Path) -> ModelSpec:
     onnx.save(model, str(tmp))
     tmp.replace(output)
     checked = validate_model(output)
-    log.info("wrote %s (%s, %d classes, %.1f MB)", output, spec.name, len(spec.class_names),
-             output.stat().st_size / 1e6)
+    log.info("wrote %s (%s, %s, %d classes, %.1f MB)", output, spec.name, spec.precision,
+             len(spec.class_names), output.stat().st_size / 1e6)
     return checked
