@@ -91,8 +91,8 @@ def _server(args: argparse.Namespace) -> tuple[dict[str, Any], str]:
         """The better of batch 1 and the server's largest batch, run back to back."""
         rates = []
         for size in sorted({1, args.max_batch_size}):
-            inprocess_ort(backend, [], size, data[:size])
-            rates.append(inprocess_ort(backend, [], size, data * 2)["images_per_s"])
+            inprocess_ort(backend, data[:size], size)
+            rates.append(inprocess_ort(backend, data * 2, size)["images_per_s"])
         return max(rates)
 
     before = baseline()

@@ -9,6 +9,7 @@ import shutil
 import statistics
 import tempfile
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,21 +31,20 @@ class JobBench:
     window: int = 32
 
 
-def inprocess_ort(backend: OrtBackend, paths: list[Path], batch_size: int,
-                  data: list[bytes] | None = None) -> dict[str, float]:
+def inprocess_ort(backend: OrtBackend, images: Sequence[Path | bytes], batch_size: int
+                  ) -> dict[str, float]:
     """What a user would write: read, decode, resize, run in batches, one after another.
 
-    With ``data`` the encoded images are taken from memory instead of the files.
+    ``images``: files (read inside the timed loop) or encoded images already in memory.
     """
     start = time.perf_counter()
-    n = len(paths) if data is None else len(data)
-    for i in range(0, n, batch_size):
-        chunk = (data[i:i + batch_size] if data is not None
-                 else [p.read_bytes() for p in paths[i:i + batch_size]])
+    for i in range(0, len(images), batch_size):
+        chunk = [x.read_bytes() if isinstance(x, Path) else x
+                 for x in images[i:i + batch_size]]
         batch, _ = preprocess(chunk, backend.spec.resize)
         backend.run(batch)
     seconds = time.perf_counter() - start
-    return {"images": n, "seconds": seconds, "images_per_s": n / seconds}
+    return {"images": len(images), "seconds": seconds, "images_per_s": len(images) / seconds}
 
 
 def bench_job(cfg: JobBench) -> dict[str, Any]:
