@@ -72,6 +72,25 @@ def resolve_providers(requested: Sequence[str] | None, available: Sequence[str])
     return names
 
 
+def check_started(requested: Sequence[str], started: Sequence[str], explicit: bool) -> None:
+    """Catch ONNX Runtime's silent fall-back to other providers when one fails to start.
+
+    Explicitly requested providers must all have started (BackendError otherwise). For
+    the default order, ending on the CPU when an accelerator was tried is logged as a
+    warning: ONNX Runtime may fall back from TensorRT straight to the CPU, skipping
+    CUDA (microsoft/onnxruntime#27006).
+    """
+    missing = [p for p in requested if p not in started]
+    if not missing:
+        return
+    if explicit:
+        raise BackendError(f"execution providers {missing} did not start (ONNX Runtime "
+                           f"fell back to {list(started)}; its log above says why)")
+    if all(p == "CPUExecutionProvider" for p in started):
+        log.warning("%s did not start and the model runs on the CPU; ONNX Runtime's log above "
+                    "says why. To use CUDA without TensorRT pass --providers cuda", missing)
+
+
 class OrtBackend:
     """A contract model on ONNX Runtime, with a pool of ``instances`` sessions."""
 
@@ -102,6 +121,7 @@ class OrtBackend:
         except ContractError as exc:
             raise BackendError(str(exc)) from exc
         self.providers = tuple(sessions[0].get_providers())
+        check_started(names, self.providers, explicit=bool(providers))
         self._outputs = [o.name for o in sessions[0].get_outputs()]
         log.info("loaded %s (%s) on %s, %d instance(s) x %d threads", path.name,
                  self.spec.name, ", ".join(self.providers), instances, intra)

@@ -302,3 +302,21 @@ def test_config_file_can_switch_metrics_off(tmp_path: Path, yolox_model: Path):
     path.write_text("metrics = false\nmetrics-port = 9000\n")
     with pytest.raises(ConfigError, match="contradict"):
         read_config_file(path)
+
+
+def test_providers_are_resolved_and_a_silent_fallback_is_caught(caplog: pytest.LogCaptureFixture):
+    from pretag.server.backend import BackendError, check_started, resolve_providers
+
+    trt, cuda, cpu = "TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"
+    assert resolve_providers(None, [cpu, cuda, trt]) == [trt, cuda, cpu]
+    assert resolve_providers(None, [cpu]) == [cpu]
+    assert resolve_providers(["cuda", "cpu"], [trt, cuda, cpu]) == [cuda, cpu]
+    with pytest.raises(BackendError, match=r"pretag\[gpu\]"):
+        resolve_providers(["cuda"], [cpu])
+    with pytest.raises(BackendError, match="did not start"):  # asked for, fell back
+        check_started([cuda, cpu], [cpu], explicit=True)
+    with caplog.at_level("WARNING", logger="pretag.server.backend"):
+        check_started([trt, cuda, cpu], [cuda, cpu], explicit=False)  # CUDA is fine
+        assert not caplog.records
+        check_started([trt, cuda, cpu], [cpu], explicit=False)  # TensorRT -> CPU
+    assert "--providers cuda" in caplog.text
