@@ -83,14 +83,24 @@ def coco_images(coco128: Path) -> list[Path]:
     return paths
 
 
-def test_ap_equals_reference_decode(yolox_model, yolox_original, coco_images, coco128):
-    spec = validate_model(yolox_model)
-    session = ort.InferenceSession(str(yolox_model), providers=["CPUExecutionProvider"])
+def _ap(model: Path, paths: list[Path], coco128: Path) -> float:
+    spec = validate_model(model)
+    session = ort.InferenceSession(str(model), providers=["CPUExecutionProvider"])
+    preds = contract_predict(session, paths, spec, batch_size=4)
+    return coco_ap(preds, coco128 / "annotations" / "instances_train2017.json", DRIVING_CLASSES)
+
+
+@pytest.fixture(scope="module")
+def contract_ap(yolox_model: Path, coco_images: list[Path], coco128: Path) -> float:
+    """AP@[.5:.95] over the seven classes of the float32 contract model on coco128."""
+    return _ap(yolox_model, coco_images, coco128)
+
+
+def test_ap_equals_reference_decode(contract_ap, yolox_original, coco_images, coco128):
     original = ort.InferenceSession(str(yolox_original), providers=["CPUExecutionProvider"])
     ann = coco128 / "annotations" / "instances_train2017.json"
-    ours = contract_predict(session, coco_images, spec, batch_size=4)
     reference = [reference_predict(original, p) for p in coco_images]
-    ap_ours = coco_ap(ours, ann, DRIVING_CLASSES)
+    ap_ours = contract_ap
     ap_ref = coco_ap(reference, ann, DRIVING_CLASSES)
     print(f"AP@[.5:.95] seven classes: contract model {ap_ours:.4f}, reference {ap_ref:.4f}")
     assert ap_ref > 0.2, "the reference decode itself is broken"
@@ -139,20 +149,13 @@ def test_coco_classes_and_cli(tmp_path, yolox_original):
     assert spec.source_sha256.startswith("e8af0749")
 
 
-def _ap(model: Path, paths: list[Path], coco128: Path) -> float:
-    spec = validate_model(model)
-    session = ort.InferenceSession(str(model), providers=["CPUExecutionProvider"])
-    preds = contract_predict(session, paths, spec, batch_size=4)
-    return coco_ap(preds, coco128 / "annotations" / "instances_train2017.json", DRIVING_CLASSES)
-
-
 def _initializer_types(path: Path) -> Counter[str]:
     model = onnx.load(str(path))
     return Counter(onnx.TensorProto.DataType.Name(t.data_type) for t in model.graph.initializer)
 
 
 def test_fp16_export_keeps_accuracy_and_serves(tmp_path, yolox_original, yolox_model,
-                                               coco_images, coco128):
+                                               coco_images, coco128, contract_ap):
     """--fp16: the network body in float16, contract I/O unchanged, same AP within 0.005.
 
     ONNX Runtime's CPU provider runs float16 nodes by casting around those it has no
@@ -168,7 +171,7 @@ def test_fp16_export_keeps_accuracy_and_serves(tmp_path, yolox_original, yolox_m
     types = _initializer_types(out)
     assert types["FLOAT16"] >= 200 and types["FLOAT16"] > 20 * types["FLOAT"], types
     assert out.stat().st_size < 0.6 * yolox_model.stat().st_size
-    ap16, ap32 = _ap(out, coco_images, coco128), _ap(yolox_model, coco_images, coco128)
+    ap16, ap32 = _ap(out, coco_images, coco128), contract_ap
     print(f"AP@[.5:.95] seven classes: fp16 {ap16:.4f}, fp32 {ap32:.4f}")
     assert abs(ap16 - ap32) <= 0.005
     config = ServerConfig(model=out, host="127.0.0.1", port=0, metrics_port=None)
