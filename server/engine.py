@@ -101,6 +101,11 @@ class Engine:
         self.draining = False
 
     @property
+    def accepting(self) -> bool:
+        """Warmed up and not draining: new images are taken."""
+        return self.ready and not self.draining
+
+    @property
     def pending(self) -> int:
         """Requests accepted and not yet handed to the model."""
         return self._decoding + self._batcher.queued
@@ -133,7 +138,7 @@ class Engine:
     async def detect(self, data: bytes, score_threshold: float | None = None,
                      deadline: float | None = None) -> Result:
         """Detections for one encoded image. Raises :class:`ServeError` subclasses."""
-        if not self.ready or self.draining:
+        if not self.accepting:
             raise Unavailable("server is draining" if self.draining else "server is warming up")
         if self.pending >= self.config.max_queue:
             raise QueueFull(f"queue is full ({self.config.max_queue} waiting); retry later")

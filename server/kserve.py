@@ -114,11 +114,11 @@ class KServeService(kpb_grpc.GRPCInferenceServiceServicer):
 
     async def ServerReady(self, request: kpb.ServerReadyRequest,
                           context: grpc.aio.ServicerContext) -> kpb.ServerReadyResponse:
-        return kpb.ServerReadyResponse(ready=self.engine.ready and not self.engine.draining)
+        return kpb.ServerReadyResponse(ready=self.engine.accepting)
 
     async def ModelReady(self, request: kpb.ModelReadyRequest,
                          context: grpc.aio.ServicerContext) -> kpb.ModelReadyResponse:
-        ready = request.name == self.model and self.engine.ready and not self.engine.draining
+        ready = request.name == self.model and self.engine.accepting
         return kpb.ModelReadyResponse(ready=ready)
 
     async def ServerMetadata(self, request: kpb.ServerMetadataRequest,

@@ -27,25 +27,24 @@ def deadline_of(context: grpc.aio.ServicerContext) -> float | None:
 async def guarded_detect(engine: Engine, method: str, request_id: str, data: bytes,
                          threshold: float | None, deadline: float | None) -> Result:
     """engine.detect with every failure turned into a :class:`ServeError` and counted."""
-    metrics = engine.metrics
+    code = None  # stays None only for exits other than these (KeyboardInterrupt, ...)
     try:
         result = await engine.detect(data, threshold, deadline)
+        code = "OK"
+        return result
     except ServeError as exc:
-        if metrics is not None:
-            metrics.count(method, grpc_code(exc).name)
+        code = grpc_code(exc).name
         raise
     except asyncio.CancelledError:
-        if metrics is not None:
-            metrics.count(method, "CANCELLED")
+        code = "CANCELLED"
         raise
     except Exception as exc:
+        code = "INTERNAL"
         log.exception("request %r failed with an internal error", request_id)
-        if metrics is not None:
-            metrics.count(method, "INTERNAL")
         raise Internal(str(exc)) from exc
-    if metrics is not None:
-        metrics.count(method, "OK")
-    return result
+    finally:
+        if engine.metrics is not None and code is not None:
+            engine.metrics.count(method, code)
 
 
 def to_response(request_id: str, result: Result) -> pb.DetectResponse:
