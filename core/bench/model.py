@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from pretag.bench.stats import percentiles
+from pretag.bench.stats import best_rows, percentiles
 from pretag.client.outputs import list_images
 from pretag.preprocess import Batch, decode_image, pad_batch, resize_image
 from pretag.server.backend import OrtBackend
@@ -122,8 +122,7 @@ def bench_model(cfg: ModelBench) -> dict[str, Any]:
         for name, t in times.items():
             rows.append(_row(name, batch, t, cfg))
             log.info("%s batch %d: %.2f images/s", name, size, rows[-1]["images_per_s"])
-    best = {e: max((r for r in rows if r["engine"] == e), key=lambda r: r["images_per_s"])
-            for e in engines}
+    best = best_rows(rows, "engine")
     result: dict[str, Any] = {"model": backend.spec.name, "precision": backend.spec.precision,
                               "providers": list(backend.providers),
                               "torch_device": cfg.torch_device if "torch_eager" in engines

@@ -23,7 +23,7 @@ from typing import Any
 import psutil
 from prometheus_client.parser import text_string_to_metric_families
 
-from pretag.bench.stats import Stability, measure_until_stable, percentiles
+from pretag.bench.stats import Stability, best_rows, measure_until_stable, percentiles
 from pretag.client.api import AsyncClient
 from pretag.client.outputs import list_images
 
@@ -207,7 +207,6 @@ def bench_server(cfg: ServerBench) -> dict[str, Any]:
         memory = _memory(server, data, cfg.memory_requests) if cfg.memory_requests else {}
     finally:
         code = server.stop()
-    best = {m: max((r for r in rows if r["mode"] == m), key=lambda r: r["images_per_s"])
-            for m in cfg.modes}
+    best = best_rows(rows, "mode")
     return {"rows": rows, "best": best, "memory": memory, "server_exit_code": code,
             "images": len(data)}

@@ -68,6 +68,15 @@ def measure_until_stable(run_window: Callable[[float], dict[str, Any]],
     return merged
 
 
+def best_rows(rows: Sequence[dict[str, Any]], by: str) -> dict[Any, dict[str, Any]]:
+    """For each value of ``row[by]``, the row with the most images per second."""
+    best: dict[Any, dict[str, Any]] = {}
+    for row in rows:
+        if row[by] not in best or row["images_per_s"] > best[row[by]]["images_per_s"]:
+            best[row[by]] = row
+    return best
+
+
 def machine() -> dict[str, Any]:
     import os
 
