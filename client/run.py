@@ -31,6 +31,7 @@ from pretag.client.outputs import (
 )
 from pretag.client.report import Histogram, draw_debug_image, spread, write_histogram
 from pretag.client.stream import Job, JobState, RunError, check_servers, write_errors
+from pretag.v1 import pretag_pb2 as pb
 
 log = logging.getLogger(__name__)
 
@@ -128,7 +129,7 @@ def _resume(config: RunConfig, items: list[ImageItem], hist: Histogram
     return todo, errors
 
 
-def run_settings(config: RunConfig, info: Any) -> dict[str, Any]:
+def run_settings(config: RunConfig, info: pb.ModelInfoResponse) -> dict[str, Any]:
     """What decides the predictions' content: the model and the threshold."""
     return {"model": info.name, "source_sha256": info.source_sha256,
             "precision": info.precision or "fp32", "class_names": list(info.class_names),
