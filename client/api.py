@@ -76,10 +76,24 @@ def error_from(code: grpc.StatusCode | int, message: str) -> PretagError:
     return _BY_CODE.get(code, ServerError)(message, code)
 
 
-def _from_rpc(exc: grpc.RpcError) -> PretagError:
+# What grpc's connect error says when the TLS handshake itself failed (wrong CA,
+# expired or mismatched certificate): a refusal that retrying cannot fix.
+_HANDSHAKE_MARKS = ("handshake failed", "certificate_verify_failed", "ssl_error_ssl",
+                    "tsi_protocol_failure")
+
+
+def _from_rpc(exc: grpc.RpcError, connection: Connection | None = None) -> PretagError:
     code = exc.code() if hasattr(exc, "code") else grpc.StatusCode.UNKNOWN
-    details = exc.details() if hasattr(exc, "details") else str(exc)
-    return error_from(code, details or str(code))
+    details = (exc.details() if hasattr(exc, "details") else str(exc)) or str(code)
+    if code == grpc.StatusCode.UNAVAILABLE:
+        lowered = details.lower()
+        if any(mark in lowered for mark in _HANDSHAKE_MARKS):
+            return Unauthenticated(f"TLS handshake failed: {details}",
+                                   grpc.StatusCode.UNAUTHENTICATED)
+        if connection is not None and connection.client_cert and "socket closed" in lowered:
+            details += (" (with TLS 1.3 a server that refuses the client certificate "
+                        "shows as this too)")
+    return error_from(code, details)
 
 
 @dataclass(frozen=True)
@@ -160,7 +174,7 @@ class Client:
             response = self._stub.Detect(_request(id, image, score_threshold), timeout=timeout,
                                          metadata=self.connection.metadata())
         except grpc.RpcError as exc:
-            raise _from_rpc(exc) from None
+            raise _from_rpc(exc, self.connection) from None
         return Prediction.from_proto(response)
 
     def detect_stream(self, items: Iterable[tuple[str, bytes]],
@@ -185,14 +199,14 @@ class Client:
                     slots.release()
                 yield Prediction.from_proto(response)
         except grpc.RpcError as exc:
-            raise _from_rpc(exc) from None
+            raise _from_rpc(exc, self.connection) from None
 
     def model_info(self, timeout: float | None = 10.0) -> pb.ModelInfoResponse:
         try:
             return self._stub.ModelInfo(pb.ModelInfoRequest(), timeout=timeout,
                                         metadata=self.connection.metadata())
         except grpc.RpcError as exc:
-            raise _from_rpc(exc) from None
+            raise _from_rpc(exc, self.connection) from None
 
     def close(self) -> None:
         self._channel.close()
@@ -223,7 +237,7 @@ class AsyncClient:
                                                timeout=timeout,
                                                metadata=self.connection.metadata())
         except grpc.RpcError as exc:
-            raise _from_rpc(exc) from None
+            raise _from_rpc(exc, self.connection) from None
         return Prediction.from_proto(response)
 
     async def detect_stream(self, items: AsyncIterable[tuple[str, bytes]],
@@ -247,14 +261,14 @@ class AsyncClient:
                     slots.release()
                 yield Prediction.from_proto(response)
         except grpc.RpcError as exc:
-            raise _from_rpc(exc) from None
+            raise _from_rpc(exc, self.connection) from None
 
     async def model_info(self, timeout: float | None = 10.0) -> pb.ModelInfoResponse:
         try:
             return await self._stub.ModelInfo(pb.ModelInfoRequest(), timeout=timeout,
                                               metadata=self.connection.metadata())
         except grpc.RpcError as exc:
-            raise _from_rpc(exc) from None
+            raise _from_rpc(exc, self.connection) from None
 
     async def close(self) -> None:
         await self._channel.close()

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from pretag.client.report import summary_table
 from pretag.client.run import RunConfig, RunError, RunSummary, run_job
+from pretag.token_file import TokenFileError, read_token_file
 
 log = logging.getLogger("pretag")
 
@@ -36,11 +37,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add("--tls-cert", type=Path, help="client certificate for mutual TLS")
     add("--tls-key", type=Path, help="client key for mutual TLS")
     add("--server-timeout-s", type=float, default=60.0,
-        help="give up on a server after this long failing (default 60)")
+        help="give up on a server after this long failing, or answering nothing while "
+             "images are in flight; its images go to the other servers (default 60)")
 
 
 def config_from_args(args: argparse.Namespace) -> RunConfig:
-    token = args.token_file.read_text().strip() if args.token_file else None
+    token = read_token_file(args.token_file) if args.token_file else None
     return RunConfig(input=args.input, output_dir=args.output_dir, servers=tuple(args.server),
                      model=args.model, score_threshold=args.score_threshold,
                      window=args.window, read_threads=args.read_threads,
@@ -68,8 +70,10 @@ def run(args: argparse.Namespace) -> int:
     try:
         if args.window < 1 or args.read_threads < 1:
             raise RunError("--window and --read-threads must be at least 1")
+        if args.server_timeout_s <= 0:
+            raise RunError("--server-timeout-s must be positive")
         summary = run_job(config_from_args(args))
-    except (RunError, OSError) as exc:
+    except (RunError, TokenFileError, OSError) as exc:
         log.error("%s", exc)
         return 2
     except KeyboardInterrupt:

@@ -37,15 +37,55 @@ class ImageItem:
     name: str  # relative POSIX path: the "filename" written in its prediction
 
 
-def list_images(source: Path) -> list[ImageItem]:
+@dataclass(frozen=True)
+class Listing:
+    """The images found, and the entries that look like images but cannot be read as files
+    (records for errors.jsonl: a directory named x.jpg, a broken symbolic link)."""
+
+    items: list[ImageItem]
+    problems: list[dict[str, Any]]
+
+
+def _not_a_file(path: Path, name: str) -> dict[str, Any]:
+    what = ("a broken symbolic link" if path.is_symlink() and not path.exists()
+            else "a directory" if path.is_dir() else "not a regular file")
+    return {"path": str(path), "filename": name, "code": "NOT_A_FILE",
+            "reason": f"has an image suffix but is {what}"}
+
+
+def list_name(line: str, list_dir: Path) -> str:
+    """The name of an image listed in a list file (its "filename" and prediction path).
+
+    An image inside the list file's folder is named by its path relative to that
+    folder; any other by its absolute path without the leading "/". ".." and "."
+    are resolved first, so a name never leaves the prediction folder:
+    ``../images/a.jpg`` in ``/data/lists/todo.txt`` is named ``data/images/a.jpg``.
+    """
+    base = Path(os.path.normpath(list_dir.absolute()))
+    full = Path(os.path.normpath(base / line))  # an absolute line replaces base
+    try:
+        return full.relative_to(base).as_posix()
+    except ValueError:
+        return PurePosixPath(*full.parts[1:]).as_posix()
+
+
+def list_images(source: Path) -> Listing:
     """Images under a folder (recursive, sorted) or listed in a text file (one per line).
 
-    Relative paths in a list are relative to the list file's folder.
+    Relative paths in a list are relative to the list file's folder; see
+    :func:`list_name` for the names they get.
     """
     if source.is_dir():
-        paths = sorted(p for p in source.rglob("*")
-                       if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
-        return [ImageItem(p, p.relative_to(source).as_posix()) for p in paths]
+        items, problems = [], []
+        for p in sorted(source.rglob("*")):
+            if p.suffix.lower() not in IMAGE_SUFFIXES:
+                continue
+            name = p.relative_to(source).as_posix()
+            if p.is_file():
+                items.append(ImageItem(p, name))
+            else:
+                problems.append(_not_a_file(p, name))
+        return Listing(items, problems)
     if source.is_file():
         items = []
         for line in source.read_text().splitlines():
@@ -53,10 +93,9 @@ def list_images(source: Path) -> list[ImageItem]:
             if not line or line.startswith("#"):
                 continue
             path = Path(line)
-            name = (PurePosixPath(*path.parts[1:]) if path.is_absolute()
-                    else PurePosixPath(*path.parts)).as_posix()
-            items.append(ImageItem(path if path.is_absolute() else source.parent / path, name))
-        return items
+            items.append(ImageItem(path if path.is_absolute() else source.parent / path,
+                                   list_name(line, source.parent)))
+        return Listing(items, [])
     raise InputError(f"input {source} does not exist")
 
 
@@ -65,7 +104,12 @@ def predictions_dir(output_dir: Path) -> Path:
 
 
 def prediction_path(output_dir: Path, name: str) -> Path:
-    return predictions_dir(output_dir) / TASK / PurePosixPath(name).with_suffix(".json")
+    """Where the prediction of image ``name`` goes: always inside the task folder."""
+    rel = PurePosixPath(name)
+    if rel.is_absolute() or not rel.parts or any(p in ("..", ".") for p in rel.parts):
+        raise ValueError(f"image name {name!r} would place its prediction outside "
+                         f"{predictions_dir(output_dir) / TASK}")
+    return predictions_dir(output_dir) / TASK / rel.with_suffix(".json")
 
 
 def write_atomic(path: Path, text: str) -> None:

@@ -8,6 +8,7 @@ DIR/report/{class_histogram.json, class_histogram.png, errors.jsonl, debug/}.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import os
 import time
@@ -22,6 +23,7 @@ from pretag.client.api import Connection
 from pretag.client.outputs import (
     ImageItem,
     InputError,
+    Listing,
     list_images,
     prediction_path,
     read_prediction,
@@ -30,7 +32,15 @@ from pretag.client.outputs import (
     write_task_files,
 )
 from pretag.client.report import Histogram, draw_debug_image, spread, write_histogram
-from pretag.client.stream import Job, JobState, RunError, check_servers, write_errors
+from pretag.client.stream import (
+    Job,
+    JobState,
+    RunError,
+    StreamSettings,
+    Target,
+    check_servers,
+    write_errors,
+)
 from pretag.v1 import pretag_pb2 as pb
 
 log = logging.getLogger(__name__)
@@ -160,10 +170,24 @@ def _connections(config: RunConfig, addresses: tuple[str, ...]) -> list[Connecti
             for a in addresses]
 
 
-def _stream(config: RunConfig, addresses: tuple[str, ...], items: list[ImageItem],
-            on_result: Callable[[str, bool], None] | None) -> tuple[JobState, int, float]:
+def _effective_threshold(config: RunConfig, info: pb.ModelInfoResponse) -> RunConfig:
+    """The threshold the model can honour: its in-graph floor drops lower scores."""
+    floor = round(float(info.min_score_threshold), 6)
+    if config.score_threshold < floor:
+        log.warning("--score-threshold %g is below the lowest score %s outputs (%g, set at "
+                    "export): using %g", config.score_threshold, info.name, floor, floor)
+        return dataclasses.replace(config, score_threshold=floor)
+    return config
+
+
+def _stream(config: RunConfig, addresses: tuple[str, ...], listing: Listing,
+            on_result: Callable[[str, bool], None] | None
+            ) -> tuple[RunConfig, JobState, int, float]:
     connections = _connections(config, addresses)
-    info = asyncio.run(check_servers(connections, config.connect_timeout_s))
+    infos = asyncio.run(check_servers(connections, config.connect_timeout_s))
+    info = infos[0]
+    config = _effective_threshold(config, info)
+    items = listing.items
     class_names = tuple(info.class_names)
     _check_settings(config, run_settings(config, info), items)
     write_task_files(config.output_dir, class_names)
@@ -172,21 +196,25 @@ def _stream(config: RunConfig, addresses: tuple[str, ...], items: list[ImageItem
     skipped = len(items) - len(todo) - len(name_errors)
     if skipped:
         log.info("resuming: %d of %d images already have predictions", skipped, len(items))
-    state = JobState(hist, errors=name_errors)
+    state = JobState(hist, errors=listing.problems + name_errors)
+    total = len(items) + len(listing.problems)
     start = time.monotonic()
-    with tqdm(total=len(items), initial=len(items) - len(todo), unit="img", desc="pretag",
-              disable=config.quiet, smoothing=0.1, postfix={"failed": len(name_errors)}
+    with tqdm(total=total, initial=total - len(todo), unit="img", desc="pretag",
+              disable=config.quiet, smoothing=0.1, postfix={"failed": len(state.errors)}
               ) as progress:
-        job = Job(connections, todo, config.output_dir, state,
-                  threshold=config.score_threshold, window=config.window,
-                  read_threads=config.read_threads, max_attempts=config.max_attempts,
-                  server_timeout_s=config.server_timeout_s, progress=progress,
-                  on_result=on_result)
+        settings = StreamSettings(config.score_threshold, config.window, config.read_threads,
+                                  config.max_attempts, config.server_timeout_s)
+        targets = [Target.of(c, i, config.window) for c, i in zip(connections, infos,
+                                                                    strict=True)]
+        job = Job(targets, todo, config.output_dir, state, settings, progress, on_result)
         try:
             asyncio.run(job.run())
         finally:
-            write_errors(config.output_dir / "report" / "errors.jsonl", state.errors)
-    return state, skipped, time.monotonic() - start
+            try:
+                write_errors(config.output_dir / "report" / "errors.jsonl", state.errors)
+            except OSError as exc:
+                log.error("cannot write errors.jsonl: %s", exc)
+    return config, state, skipped, time.monotonic() - start
 
 
 def _debug_images(config: RunConfig, items: list[ImageItem], class_names: Any) -> None:
@@ -210,10 +238,11 @@ def run_job(config: RunConfig,
             on_result: Callable[[str, bool], None] | None = None) -> RunSummary:
     """Run the whole job; raises :class:`RunError` for the exit-code-2 cases."""
     try:
-        items = list_images(config.input)
+        listing = list_images(config.input)
     except InputError as exc:
         raise RunError(str(exc)) from None
-    if not items:
+    items = listing.items
+    if not items and not listing.problems:
         raise RunError(f"no images found in {config.input}")
     if not 0 <= config.score_threshold <= 1:
         raise RunError("--score-threshold must be in [0, 1]")
@@ -231,12 +260,12 @@ def run_job(config: RunConfig,
             max_batch_size=config.max_batch_size, max_queue=max(256, 4 * config.window)))
         addresses = (f"127.0.0.1:{embedded.start()}",)
     try:
-        state, skipped, seconds = _stream(config, addresses, items, on_result)
+        config, state, skipped, seconds = _stream(config, addresses, listing, on_result)
     finally:
         if embedded is not None:
             embedded.stop(grace_s=5)
     write_histogram(config.output_dir / "report", state.hist, config.score_threshold)
     if config.debug_images:
         _debug_images(config, items, state.hist.class_names)
-    return RunSummary(len(items), skipped, state.written, len(state.errors), seconds,
-                      addresses)
+    return RunSummary(len(items) + len(listing.problems), skipped, state.written,
+                      len(state.errors), seconds, addresses)

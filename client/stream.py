@@ -5,13 +5,18 @@ images held at once. One worker per server pulls images from the shared queue
 into its own DetectStream with at most ``window`` in flight, so faster servers
 take more work. A worker whose server fails puts its in-flight images back for
 the others and retries its server with backoff; images refused with an overload
-or unavailable status go back to the queue. Results are written atomically as
-they arrive, so a killed run is finished by running it again.
+or unavailable status go back to the queue. A stream that answers nothing for
+``server_timeout_s`` while images are in flight (a frozen or hung server) is
+cancelled and its images go to the others. Files too large for the servers'
+message limit are reported before they are sent. A full disk stops the job at
+once. Results are written atomically as they arrive, so a killed run is
+finished by running it again.
 """
 
 from __future__ import annotations
 
 import asyncio
+import errno
 import json
 import logging
 import time
@@ -24,7 +29,7 @@ from typing import Any
 from tqdm import tqdm
 
 from pretag.client.api import AsyncClient, Connection, Prediction, PretagError
-from pretag.client.outputs import ImageItem, make_entry, write_prediction
+from pretag.client.outputs import ImageItem, make_entry, write_atomic, write_prediction
 from pretag.client.report import Histogram
 from pretag.v1 import pretag_pb2 as pb
 
@@ -33,6 +38,45 @@ log = logging.getLogger(__name__)
 
 class RunError(RuntimeError):
     """The run cannot start or cannot go on (exit code 2); the message says what to do."""
+
+
+# Out of room or read-only: every later write would fail too, so the job stops.
+_DISK_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS})
+# Bytes of a DetectRequest beside the image and its id (field tags, lengths, threshold).
+_REQUEST_OVERHEAD = 64
+
+
+@dataclass(frozen=True)
+class StreamSettings:
+    """How the job streams; one value for every server."""
+
+    threshold: float
+    window: int = 32  # images in flight per server (capped at each server's --max-queue)
+    read_threads: int = 4
+    max_attempts: int = 8  # tries per image: retryable refusals and lost streams
+    server_timeout_s: float = 60.0  # a server failing, or silent with work, this long is dropped
+
+
+@dataclass(frozen=True)
+class Target:
+    """One server as the job uses it."""
+
+    connection: Connection
+    window: int
+    max_message_bytes: int  # largest request it takes
+
+    @classmethod
+    def of(cls, connection: Connection, info: pb.ModelInfoResponse, window: int) -> Target:
+        """Window within the server's queue; message limit the smaller of both ends'."""
+        limit = connection.max_message_mb * 1024 * 1024
+        if info.max_message_bytes > 0:
+            limit = min(limit, info.max_message_bytes)
+        max_queue = info.batching.max_queue
+        if 0 < max_queue < window:
+            log.info("%s queues at most %d images: window %d -> %d", connection.address,
+                     max_queue, window, max_queue)
+            window = max_queue
+        return cls(connection, window, limit)
 
 
 @dataclass
@@ -56,34 +100,32 @@ class JobState:
 
 
 class Job:
-    """Streams ``todo`` to ``connections``; see the module docstring."""
+    """Streams ``todo`` to ``targets``; see the module docstring."""
 
-    def __init__(self, connections: list[Connection], todo: list[ImageItem], output_dir: Path,
-                 state: JobState, *, threshold: float, window: int, read_threads: int,
-                 max_attempts: int, server_timeout_s: float, progress: tqdm,
+    def __init__(self, targets: list[Target], todo: list[ImageItem], output_dir: Path,
+                 state: JobState, settings: StreamSettings, progress: tqdm,
                  on_result: Callable[[str, bool], None] | None = None) -> None:
-        self.connections = connections
+        self.targets = targets
         self.todo = todo
         self.output_dir = output_dir
         self.state = state
-        self.threshold = threshold
-        self.window = window
-        self.read_threads = read_threads
-        self.max_attempts = max_attempts
-        self.server_timeout_s = server_timeout_s
+        self.settings = settings
         self.progress = progress
         self.on_result = on_result
-        self.pool = ThreadPoolExecutor(read_threads + 2, thread_name_prefix="pretag-io")
+        self.max_image_bytes = min(t.max_message_bytes for t in targets) - _REQUEST_OVERHEAD
+        self.fatal: RunError | None = None
+        self.pool = ThreadPoolExecutor(settings.read_threads + 2, thread_name_prefix="pretag-io")
 
     async def run(self) -> None:
         self.queue: asyncio.Queue[Any] = asyncio.Queue()
-        self.memory = asyncio.Semaphore(self.window * len(self.connections) * 2)
+        self.memory = asyncio.Semaphore(sum(t.window for t in self.targets) * 2)
         self.done = asyncio.Event()
         if not self.todo:
             return
         items = iter(self.todo)
-        tasks = [asyncio.ensure_future(self._read(items)) for _ in range(self.read_threads)]
-        workers = [asyncio.ensure_future(self._worker(c)) for c in self.connections]
+        tasks = [asyncio.ensure_future(self._read(items))
+                 for _ in range(self.settings.read_threads)]
+        workers = [asyncio.ensure_future(self._worker(t)) for t in self.targets]
         done_wait = asyncio.ensure_future(self.done.wait())
         all_workers = asyncio.ensure_future(asyncio.wait(workers))
         try:
@@ -93,19 +135,28 @@ class Job:
                 task.cancel()
             await asyncio.gather(*tasks, *workers, return_exceptions=True)
             self.pool.shutdown(wait=True)
+        if self.fatal is not None:
+            raise self.fatal
         if not self.done.is_set():
             left = len(self.todo) - self.state.finished
-            raise RunError(f"no server answered for {self.server_timeout_s:g} s; {left} images "
-                           f"left unprocessed (run the same command again to resume)")
+            raise RunError(f"no server answered for {self.settings.server_timeout_s:g} s; "
+                           f"{left} images left unprocessed (run the same command again to "
+                           f"resume)")
 
     async def _read(self, items: Iterator[ImageItem]) -> None:
         loop = asyncio.get_running_loop()
         for item in items:
             await self.memory.acquire()
             try:
+                size = await loop.run_in_executor(self.pool, _file_size, item.path)
+                if size + len(item.name.encode()) > self.max_image_bytes:
+                    self._finish(item, None, f"file is {size / 2**20:.1f} MiB, over the "
+                                 f"{self.max_image_bytes / 2**20:.1f} MiB a request may carry "
+                                 f"(the servers' --max-message-mb)", "TOO_LARGE")
+                    continue
                 data = await loop.run_in_executor(self.pool, item.path.read_bytes)
             except OSError as exc:
-                self._finish(item, None, f"cannot read file: {exc.strerror or exc}")
+                self._finish(item, None, f"cannot read file: {exc.strerror or exc}", "READ")
                 continue
             self.queue.put_nowait(Work(item, data))
 
@@ -125,39 +176,73 @@ class Job:
             self.on_result(item.name, entry is not None)
         if self.state.finished == len(self.todo):
             self.done.set()
-            for _ in self.connections:
+            for _ in self.targets:
                 self.queue.put_nowait(_STOP)
 
-    async def _worker(self, connection: Connection) -> None:
+    async def _worker(self, target: Target) -> None:
         """Keeps one stream to one server busy; reconnects with backoff on failure."""
         backoff = _Backoff()
-        async with AsyncClient(connection) as client:
+        address = target.connection.address
+        async with AsyncClient(target.connection) as client:
             while not self.done.is_set():
-                attempt = _Attempt(asyncio.Semaphore(self.window))
+                attempt = _Attempt(asyncio.Semaphore(target.window))
                 try:
-                    async for pred in client.detect_stream(self._feed(attempt, backoff),
-                                                           self.threshold):
-                        attempt.slots.release()
-                        work = attempt.inflight.pop(pred.id, None)
-                        if work is not None:
-                            await self._handle(work, pred, backoff)
-                    error = f"{connection.address} closed the stream"
-                except PretagError as exc:
-                    error = f"{connection.address}: {exc}"
+                    error = await self._attempt(client, attempt, backoff, address)
                 finally:
                     attempt.closed = True
-                    for work in attempt.inflight.values():  # answers lost: redo elsewhere
-                        self.queue.put_nowait(work)
-                    attempt.inflight.clear()
-                if attempt.stopped:
+                    self._requeue(attempt, error_text=f"stream to {address} lost")
+                if attempt.stopped or self.done.is_set():
                     return
-                if backoff.failing_for() > self.server_timeout_s:
-                    log.error("giving up on %s after %.0f s of failures", connection.address,
+                if backoff.failing_for() > self.settings.server_timeout_s:
+                    log.error("giving up on %s after %.0f s without progress", address,
                               backoff.failing_for())
                     return
                 delay = backoff.fail()
                 log.warning("%s; retrying in %.1f s", error, delay)
                 await asyncio.sleep(delay)
+
+    async def _attempt(self, client: AsyncClient, attempt: _Attempt, backoff: _Backoff,
+                       address: str) -> str:
+        """One stream, until it ends, fails or stalls; returns why it ended."""
+        consume = asyncio.ensure_future(self._consume(client, attempt, backoff, address))
+        watchdog = asyncio.ensure_future(attempt.stalled(self.settings.server_timeout_s))
+        try:
+            await asyncio.wait([consume, watchdog], return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            watchdog.cancel()
+            if not consume.done():
+                consume.cancel()
+            await asyncio.gather(consume, watchdog, return_exceptions=True)
+        if consume.cancelled():  # the watchdog fired: failing since its last answer
+            if backoff.failing_since is None or attempt.progress_at < backoff.failing_since:
+                backoff.failing_since = attempt.progress_at
+            return (f"{address} answered nothing for {self.settings.server_timeout_s:g} s "
+                    f"with {len(attempt.inflight)} images in flight")
+        return consume.result()
+
+    async def _consume(self, client: AsyncClient, attempt: _Attempt, backoff: _Backoff,
+                       address: str) -> str:
+        try:
+            async for pred in client.detect_stream(self._feed(attempt, backoff),
+                                                   self.settings.threshold):
+                attempt.answered()
+                work = attempt.inflight.pop(pred.id, None)
+                if work is not None:
+                    await self._handle(work, pred, backoff)
+            return f"{address} closed the stream"
+        except PretagError as exc:
+            return f"{address}: {exc}"
+
+    def _requeue(self, attempt: _Attempt, error_text: str) -> None:
+        """Images whose answers were lost with a stream: redo them elsewhere, counting
+        an attempt, so that an image that keeps breaking streams ends in errors.jsonl."""
+        for work in attempt.inflight.values():
+            work.attempts += 1
+            if work.attempts >= self.settings.max_attempts:
+                self._finish(work.item, None, f"{error_text} {work.attempts} times", "STREAM")
+            else:
+                self.queue.put_nowait(work)
+        attempt.inflight.clear()
 
     async def _feed(self, attempt: _Attempt, backoff: _Backoff
                     ) -> AsyncIterator[tuple[str, bytes]]:
@@ -176,8 +261,14 @@ class Job:
             if work is _STOP:
                 attempt.stopped = True
                 return
-            attempt.inflight[work.item.name] = work
+            attempt.sent(work)
             yield work.item.name, work.data
+
+    def _stop(self, fatal: RunError) -> None:
+        """End the job now: every later image would fail the same way."""
+        if self.fatal is None:
+            self.fatal = fatal
+            self.done.set()
 
     async def _handle(self, work: Work, pred: Prediction, backoff: _Backoff) -> None:
         error = pred.error
@@ -188,10 +279,16 @@ class Job:
                 await asyncio.get_running_loop().run_in_executor(
                     self.pool, write_prediction, self.output_dir, entry)
             except OSError as exc:
-                self._finish(work.item, None, f"cannot write prediction: {exc}", "WRITE")
+                if exc.errno in _DISK_ERRNOS:
+                    self._stop(RunError(f"cannot write predictions to {self.output_dir}: "
+                                        f"{exc.strerror}. Stopped with {self.state.written} "
+                                        f"of {len(self.todo)} images written; free space and "
+                                        f"run the same command again to resume"))
+                else:
+                    self._finish(work.item, None, f"cannot write prediction: {exc}", "WRITE")
                 return
             self._finish(work.item, entry, None)
-        elif error.retryable and work.attempts + 1 < self.max_attempts:
+        elif error.retryable and work.attempts + 1 < self.settings.max_attempts:
             work.attempts += 1
             backoff.pause()  # this server is busy or going away: let the others take work
             self.queue.put_nowait(work)
@@ -207,6 +304,25 @@ class _Attempt:
     inflight: dict[str, Work] = field(default_factory=dict)
     stopped: bool = False  # the feed met the end-of-work marker
     closed: bool = False  # the call is over
+    progress_at: float = field(default_factory=time.monotonic)  # last answer, or idle->busy
+
+    def sent(self, work: Work) -> None:
+        if not self.inflight:  # the silence that counts starts when work is outstanding
+            self.progress_at = time.monotonic()
+        self.inflight[work.item.name] = work
+
+    def answered(self) -> None:
+        self.slots.release()
+        self.progress_at = time.monotonic()
+
+    async def stalled(self, timeout_s: float) -> None:
+        """Returns once images are in flight and nothing was answered for ``timeout_s``."""
+        while True:
+            silent = time.monotonic() - self.progress_at
+            if self.inflight and silent > timeout_s:
+                return
+            await asyncio.sleep(max(0.05, min(1.0, timeout_s - silent if self.inflight
+                                              else timeout_s / 4)))
 
 
 class _Backoff:
@@ -238,8 +354,8 @@ class _Backoff:
 
 
 async def check_servers(connections: list[Connection], timeout_s: float
-                        ) -> pb.ModelInfoResponse:
-    """The first server's model info; RunError if one cannot be reached or classes differ."""
+                        ) -> list[pb.ModelInfoResponse]:
+    """Each server's model info; RunError if one cannot be reached or classes differ."""
     async def info(connection: Connection) -> pb.ModelInfoResponse:
         async with AsyncClient(connection) as client:
             try:
@@ -256,12 +372,14 @@ async def check_servers(connections: list[Connection], timeout_s: float
     if len(models) > 1:
         log.warning("servers run different models (name, weights sha256, precision): %s",
                     sorted(models))
-    return infos[0]
+    return list(infos)
+
+
+def _file_size(path: Path) -> int:
+    return path.stat().st_size
 
 
 def write_errors(path: Path, errors: list[dict[str, Any]]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("w") as f:
-        for record in errors:
-            f.write(json.dumps(record) + "\n")
+    """errors.jsonl, written whole or not at all (a full disk leaves the old one)."""
+    write_atomic(path, "".join(json.dumps(record) + "\n" for record in errors))
 

@@ -9,6 +9,10 @@ from __future__ import annotations
 
 import io
 import math
+import threading
+from collections import deque
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import cv2
@@ -27,15 +31,58 @@ class ImageError(ValueError):
     """An input could not be turned into an image; the message says why."""
 
 
-def image_size(data: bytes) -> tuple[int, int]:
-    """(width, height) from the file header alone, without decoding pixels."""
+@dataclass(frozen=True)
+class ImageHeader:
+    """What the file header says, read without decoding pixels."""
+
+    width: int
+    height: int
+    bytes_per_sample: int  # 1 for 8-bit images, 2 for 16-bit, 4 for 32-bit
+
+    @property
+    def decode_bytes(self) -> int:
+        """Peak memory of :func:`decode_image` for this image: the decoded array, and for
+        deeper than 8-bit samples the 8-bit copy made from it."""
+        pixels = self.width * self.height * 3
+        return pixels * self.bytes_per_sample + (pixels if self.bytes_per_sample > 1 else 0)
+
+
+def _bytes_per_sample(img: Image.Image) -> int:
+    rawmodes = " ".join(str(t[3]) for t in getattr(img, "tile", []) or [] if len(t) > 3)
+    if img.mode in ("I", "F") or "32" in rawmodes:
+        return 4
+    if img.mode.startswith("I;16") or "16" in rawmodes:
+        return 2
+    return 1
+
+
+def read_header(data: bytes) -> ImageHeader:
+    """Size and sample depth from the file header alone."""
     try:
         with Image.open(io.BytesIO(data)) as img:
-            return img.size
+            return ImageHeader(img.size[0], img.size[1], _bytes_per_sample(img))
     except UnidentifiedImageError:
         raise ImageError("not a recognised image format") from None
     except (OSError, ValueError, SyntaxError) as exc:
         raise ImageError(f"unreadable image header: {exc}") from None
+
+
+def image_size(data: bytes) -> tuple[int, int]:
+    """(width, height) from the file header alone, without decoding pixels."""
+    header = read_header(data)
+    return header.width, header.height
+
+
+def check_header(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> ImageHeader:
+    """The header of a non-empty image within ``max_pixels``; ImageError otherwise."""
+    if not data:
+        raise ImageError("empty input")
+    header = read_header(data)
+    pixels = header.width * header.height
+    if pixels > max_pixels:
+        raise ImageError(f"image is {header.width}x{header.height} = {pixels} pixels, over "
+                         f"the limit of {max_pixels}")
+    return header
 
 
 def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
@@ -43,13 +90,10 @@ def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarra
 
     Raises :class:`ImageError` for empty, unrecognised, truncated or oversized
     inputs. ``max_pixels`` is checked on the header before any pixel is decoded.
+    Peak memory is :attr:`ImageHeader.decode_bytes`: 16-bit samples are scaled to
+    8 bits in one pass and channels are swapped in place, with no wider copies.
     """
-    if not data:
-        raise ImageError("empty input")
-    width, height = image_size(data)
-    if width * height > max_pixels:
-        raise ImageError(f"image is {width}x{height} = {width * height} pixels, over the "
-                         f"limit of {max_pixels}")
+    check_header(data, max_pixels)
     buf = np.frombuffer(data, dtype=np.uint8)
     # IMREAD_COLOR applies EXIF orientation and converts gray/RGBA/CMYK to 3 channels;
     # ANYDEPTH keeps 16-bit samples so they can be scaled rather than truncated.
@@ -57,12 +101,47 @@ def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarra
     if img is None:
         raise ImageError("image data is corrupt or truncated")
     if img.dtype == np.uint16:
-        img = ((img.astype(np.uint32) + 128) // 257).astype(np.uint8)
+        img = cv2.convertScaleAbs(img, alpha=1 / 257)  # == (x + 128) // 257 for every x
     elif img.dtype != np.uint8:
         img = np.clip(img, 0, 255).astype(np.uint8)
     if img.shape[0] * img.shape[1] == 0:
         raise ImageError("image has no pixels")
-    return np.ascontiguousarray(img[:, :, ::-1])
+    return cv2.cvtColor(img, cv2.COLOR_BGR2RGB, dst=img)
+
+
+class DecodeBudget:
+    """Bounds the memory of decodes running at once, first come first served.
+
+    A decode reserves its :attr:`ImageHeader.decode_bytes` and waits until it fits
+    under ``limit_bytes`` beside those running; one larger than the limit runs alone.
+    """
+
+    def __init__(self, limit_bytes: int) -> None:
+        if limit_bytes < 1:
+            raise ValueError("the decode memory budget must be positive")
+        self.limit_bytes = limit_bytes
+        self.used = 0
+        self.peak = 0
+        self._cond = threading.Condition()
+        self._waiting: deque[object] = deque()
+
+    @contextmanager
+    def reserve(self, nbytes: int) -> Iterator[None]:
+        ticket = object()
+        with self._cond:
+            self._waiting.append(ticket)
+            self._cond.wait_for(lambda: self._waiting[0] is ticket and (
+                self.used == 0 or self.used + nbytes <= self.limit_bytes))
+            self._waiting.popleft()
+            self.used += nbytes
+            self.peak = max(self.peak, self.used)
+            self._cond.notify_all()
+        try:
+            yield
+        finally:
+            with self._cond:
+                self.used -= nbytes
+                self._cond.notify_all()
 
 
 def target_size(height: int, width: int, spec: ResizeSpec) -> tuple[int, int]:

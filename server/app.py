@@ -8,13 +8,11 @@ the server within ``grace_s``, exit 0.
 from __future__ import annotations
 
 import asyncio
-import hmac
 import logging
 import signal
 import threading
 import time
-from collections.abc import Awaitable, Callable
-from typing import Any
+from collections.abc import Callable
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -23,12 +21,15 @@ from grpc_reflection.v1alpha import reflection
 
 from pretag.kserve_v2 import grpc_service_pb2 as kpb
 from pretag.kserve_v2 import grpc_service_pb2_grpc as kpb_grpc
+from pretag.server.auth import TokenAuth
 from pretag.server.backend import Backend, OrtBackend
 from pretag.server.config import ServerConfig
 from pretag.server.engine import Engine
 from pretag.server.kserve import KServeService
 from pretag.server.metrics import Metrics
+from pretag.server.rpc import MessageGuard
 from pretag.server.service import PretaggerService
+from pretag.token_file import read_token_file
 from pretag.v1 import pretag_pb2 as pb
 from pretag.v1 import pretag_pb2_grpc as pb_grpc
 
@@ -36,39 +37,6 @@ log = logging.getLogger(__name__)
 
 SERVICES = (pb.DESCRIPTOR.services_by_name["Pretagger"].full_name,
             kpb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name)
-OPEN_PREFIXES = ("/grpc.health.v1.Health/",)
-
-
-class TokenAuth(grpc.aio.ServerInterceptor):
-    """Requires ``authorization: Bearer <token>``; health checks stay open."""
-
-    def __init__(self, token: str) -> None:
-        self._expected = f"Bearer {token}".encode()
-
-    async def intercept_service(self, continuation: Callable[[Any], Awaitable[Any]],
-                                details: grpc.HandlerCallDetails) -> Any:
-        handler = await continuation(details)
-        if handler is None or details.method.startswith(OPEN_PREFIXES):
-            return handler
-        metadata = dict(details.invocation_metadata or ())
-        given = metadata.get("authorization", "")
-        given_bytes = given.encode() if isinstance(given, str) else given
-        if hmac.compare_digest(given_bytes, self._expected):
-            return handler
-        return _deny(handler)
-
-
-def _deny(handler: Any) -> Any:
-    async def abort(request: Any, context: grpc.aio.ServicerContext) -> None:
-        await context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or wrong bearer token")
-
-    kind = (handler.request_streaming, handler.response_streaming)
-    make = {(False, False): grpc.unary_unary_rpc_method_handler,
-            (False, True): grpc.unary_stream_rpc_method_handler,
-            (True, False): grpc.stream_unary_rpc_method_handler,
-            (True, True): grpc.stream_stream_rpc_method_handler}[kind]
-    return make(abort, request_deserializer=handler.request_deserializer,
-                response_serializer=handler.response_serializer)
 
 
 def _credentials(config: ServerConfig) -> grpc.ServerCredentials | None:
@@ -99,17 +67,16 @@ class PretagServer:
 
     def _build(self) -> grpc.aio.Server:
         limit = self.config.max_message_mb * 1024 * 1024
-        interceptors = []
+        interceptors: list[grpc.aio.ServerInterceptor] = []
         if self.config.token_file is not None:
-            token = self.config.token_file.read_text().strip()
-            if not token:
-                raise ValueError(f"token file {self.config.token_file} is empty")
-            interceptors.append(TokenAuth(token))
+            interceptors.append(TokenAuth(read_token_file(self.config.token_file),
+                                          self.metrics))
+        interceptors.append(MessageGuard(self.metrics))
         server = grpc.aio.server(interceptors=interceptors, options=[
             ("grpc.max_send_message_length", limit),
             ("grpc.max_receive_message_length", limit),
         ])
-        pb_grpc.add_PretaggerServicer_to_server(PretaggerService(self.engine), server)
+        pb_grpc.add_PretaggerServicer_to_server(PretaggerService(self.engine, limit), server)
         kpb_grpc.add_GRPCInferenceServiceServicer_to_server(KServeService(self.engine), server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         names = (*SERVICES, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
@@ -134,7 +101,7 @@ class PretagServer:
         await self._server.start()
         if self.config.metrics_port is not None:
             self.metrics_port = self.metrics.serve_http(self.config.metrics_port,
-                                                        self.config.metrics_host)
+                                                        self.config.metrics_address())
         await self.engine.start()
         await self._set_health(health_pb2.HealthCheckResponse.SERVING)
         log.info("serving %s on port %d (%s, providers %s)%s", self.engine.spec.name, self.port,

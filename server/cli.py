@@ -10,6 +10,7 @@ from pathlib import Path
 
 from pretag.server.backend import BackendError
 from pretag.server.config import ConfigError, build_config, read_config_file
+from pretag.token_file import TokenFileError, read_token_file
 
 log = logging.getLogger("pretag")
 
@@ -32,10 +33,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="images waiting before new ones get RESOURCE_EXHAUSTED (default 256)")
     add("--max-pixels", type=int, help="largest image accepted, in pixels (default 100M)")
     add("--decode-threads", type=int, help="image decoding threads (default: one per core)")
+    add("--decode-memory-mb", type=int,
+        help="memory for images being decoded at once; more wait their turn (default 1024; "
+             "a single larger image is decoded alone)")
     add("--score-threshold", type=float, help="default threshold (default: the model's)")
     add("--no-warmup", dest="warmup", action="store_const", const=False,
         help="report SERVING without running every batch size first")
     add("--metrics-port", type=int, help="Prometheus /metrics port (default 8000; 0: free port)")
+    add("--metrics-host", help="address the metrics endpoint binds (default: --host)")
     add("--no-metrics", action="store_true", help="no metrics endpoint")
     add("--grace-s", type=float, help="time to finish accepted work on SIGTERM (default 30)")
     add("--max-message-mb", type=int, help="largest gRPC message sent or received (default 64)")
@@ -55,7 +60,9 @@ def run(args: argparse.Namespace) -> int:
         config = build_config(file_values, flags)
         if args.no_metrics:
             config = dataclasses.replace(config, metrics_port=None)
-    except ConfigError as exc:
+        if config.token_file is not None:
+            read_token_file(config.token_file)  # refuse an empty one before binding
+    except (ConfigError, TokenFileError) as exc:
         log.error("%s", exc)
         return 2
     try:

@@ -28,10 +28,11 @@ class ServerConfig:
     max_queue: int = 256
     max_pixels: int = DEFAULT_MAX_PIXELS
     decode_threads: int = 0
+    decode_memory_mb: int = 1024
     score_threshold: float | None = None
     warmup: bool = True
     metrics_port: int | None = 8000  # None: no metrics endpoint; 0: a free port
-    metrics_host: str = "0.0.0.0"
+    metrics_host: str | None = None  # None: the same address as host
     grace_s: float = 30.0
     max_message_mb: int = 64
     tls_cert: Path | None = None
@@ -45,8 +46,8 @@ class ServerConfig:
             problems.append("max_batch_size, max_queue and instances must be at least 1")
         if self.max_queue_delay_ms < 0 or self.grace_s < 0:
             problems.append("max_queue_delay_ms and grace_s cannot be negative")
-        if self.max_message_mb < 1:
-            problems.append("max_message_mb must be at least 1")
+        if self.max_message_mb < 1 or self.decode_memory_mb < 1:
+            problems.append("max_message_mb and decode_memory_mb must be at least 1")
         if (self.tls_cert is None) != (self.tls_key is None):
             problems.append("tls_cert and tls_key go together")
         if self.tls_client_ca is not None and self.tls_cert is None:
@@ -60,11 +61,17 @@ class ServerConfig:
         if problems:
             raise ConfigError("; ".join(problems))
 
+    def metrics_address(self) -> str:
+        """Where the metrics endpoint binds: metrics_host, else the gRPC host."""
+        host = self.metrics_host if self.metrics_host is not None else self.host
+        return host[1:-1] if host.startswith("[") and host.endswith("]") else host
+
     def engine(self) -> EngineConfig:
         return EngineConfig(
             max_batch_size=self.max_batch_size, max_queue_delay_ms=self.max_queue_delay_ms,
             max_queue=self.max_queue, instances=self.instances, max_pixels=self.max_pixels,
-            decode_threads=self.decode_threads, score_threshold=self.score_threshold,
+            decode_threads=self.decode_threads, decode_memory_mb=self.decode_memory_mb,
+            score_threshold=self.score_threshold,
             warmup=self.warmup)
 
 

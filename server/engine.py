@@ -19,8 +19,10 @@ import numpy as np
 
 from pretag.preprocess import (
     DEFAULT_MAX_PIXELS,
+    DecodeBudget,
     ImageError,
     canvas_size,
+    check_header,
     decode_image,
     normalize_boxes,
     pad_batch,
@@ -42,8 +44,16 @@ class EngineConfig:
     instances: int = 1
     max_pixels: int = DEFAULT_MAX_PIXELS
     decode_threads: int = 0  # 0: one per core
+    decode_memory_mb: int = 1024  # decodes running at once stay under this (one may exceed)
     score_threshold: float | None = None  # None: the model's own
     warmup: bool = True
+
+
+@dataclass
+class Reservation:
+    """Places in the queue taken for one request's images (see :meth:`Engine.reserve`)."""
+
+    left: int
 
 
 @dataclass(frozen=True)
@@ -96,9 +106,12 @@ class Engine:
             self._run_batch, max_batch_size=cfg.max_batch_size,
             max_delay_s=cfg.max_queue_delay_ms / 1000, max_queue=cfg.max_queue,
             instances=cfg.instances, on_batch=metrics.observe_batch if metrics else None)
+        self.decode_budget = DecodeBudget(cfg.decode_memory_mb * 1024 * 1024)
         self._decoding = 0
+        self._reserved = 0
         self.ready = False
         self.draining = False
+        self.stopping = asyncio.Event()  # set when draining starts: streams read no more
 
     @property
     def accepting(self) -> bool:
@@ -108,7 +121,7 @@ class Engine:
     @property
     def pending(self) -> int:
         """Requests accepted and not yet handed to the model."""
-        return self._decoding + self._batcher.queued
+        return self._reserved + self._decoding + self._batcher.queued
 
     async def start(self) -> None:
         """Warm up every batch size (unless disabled), then report ready."""
@@ -129,24 +142,54 @@ class Engine:
     async def close(self) -> None:
         """Refuse new work, finish what was accepted, release the pools."""
         self.draining = True
+        self.stopping.set()
         while self._decoding:  # admitted images still decoding go to the batcher first
             await asyncio.sleep(0.005)
         await self._batcher.close()
         self._decode_pool.shutdown(wait=True)
         self._compute_pool.shutdown(wait=True)
 
-    async def detect(self, data: bytes, score_threshold: float | None = None,
-                     deadline: float | None = None) -> Result:
-        """Detections for one encoded image. Raises :class:`ServeError` subclasses."""
+    def _admit(self, count: int) -> None:
+        """Raise unless ``count`` more images can be taken now."""
         if not self.accepting:
             raise Unavailable("server is draining" if self.draining else "server is warming up")
-        if self.pending >= self.config.max_queue:
-            raise QueueFull(f"queue is full ({self.config.max_queue} waiting); retry later")
-        threshold = self.score_threshold if score_threshold is None else score_threshold
-        if not 0.0 <= threshold <= 1.0:
-            raise InvalidInput(f"score_threshold {threshold} is outside [0, 1]")
+        if count > self.config.max_queue:
+            raise InvalidInput(f"{count} images in one request; this server queues at most "
+                               f"{self.config.max_queue} (--max-queue): send fewer at a time")
+        if self.pending + count > self.config.max_queue:
+            raise QueueFull(f"queue is full ({self.pending} of {self.config.max_queue} "
+                            f"waiting); retry later")
+
+    def reserve(self, count: int) -> Reservation:
+        """Admit a request of ``count`` images as a whole, or refuse it as a whole.
+
+        Its images pass the reservation to :meth:`detect`; :meth:`release` gives
+        back the places not used.
+        """
+        self._admit(count)
+        self._reserved += count
+        return Reservation(count)
+
+    def release(self, reservation: Reservation) -> None:
+        self._reserved -= reservation.left
+        reservation.left = 0
+
+    async def detect(self, data: bytes, score_threshold: float | None = None,
+                     deadline: float | None = None,
+                     reservation: Reservation | None = None) -> Result:
+        """Detections for one encoded image. Raises :class:`ServeError` subclasses."""
+        if reservation is None:
+            self._admit(1)
+        elif reservation.left > 0:
+            reservation.left -= 1
+            self._reserved -= 1
+        else:
+            raise RuntimeError("more images than the reservation was made for")
         self._decoding += 1
         try:
+            threshold = self.score_threshold if score_threshold is None else score_threshold
+            if not 0.0 <= threshold <= 1.0:
+                raise InvalidInput(f"score_threshold {threshold} is outside [0, 1]")
             prepared = await asyncio.get_running_loop().run_in_executor(
                 self._decode_pool, self._prepare, data)
         finally:
@@ -157,10 +200,13 @@ class Engine:
 
     def _prepare(self, data: bytes) -> Prepared:
         try:
-            image = decode_image(data, self.config.max_pixels)
+            header = check_header(data, self.config.max_pixels)
+            with self.decode_budget.reserve(header.decode_bytes):
+                image = decode_image(data, self.config.max_pixels)
+                return Prepared(resize_image(image, self.spec.resize),
+                                (image.shape[0], image.shape[1]))
         except ImageError as exc:
             raise InvalidInput(str(exc)) from None
-        return Prepared(resize_image(image, self.spec.resize), (image.shape[0], image.shape[1]))
 
     async def _run_batch(self, items: Sequence[Prepared]) -> list[Raw]:
         loop = asyncio.get_running_loop()

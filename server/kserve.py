@@ -6,7 +6,9 @@ image: ``boxes`` FP32 [N, K, 4] normalised to [0, 1], ``scores`` FP32 [N, K],
 ``labels`` INT64 [N, K] (class index, -1 for padding), ``num_detections``
 INT64 [N]. K is the largest detection count in the request. An optional
 request parameter ``score_threshold`` (double) overrides the server default.
-Class names are in the ``pretag.v1.Pretagger/ModelInfo`` answer.
+Class names are in the ``pretag.v1.Pretagger/ModelInfo`` answer. A request is
+admitted as a whole (RESOURCE_EXHAUSTED when the queue cannot take all of its
+images now, INVALID_ARGUMENT when it holds more than ``--max-queue`` images).
 """
 
 from __future__ import annotations
@@ -21,11 +23,12 @@ import numpy as np
 import pretag
 from pretag.kserve_v2 import grpc_service_pb2 as kpb
 from pretag.kserve_v2 import grpc_service_pb2_grpc as kpb_grpc
-from pretag.server.engine import Engine, Result
+from pretag.server.engine import Engine, Reservation, Result
 from pretag.server.errors import InvalidInput, NotFound, ServeError, describe, grpc_code
-from pretag.server.service import answer_concurrently, deadline_of, guarded_detect
+from pretag.server.rpc import answer_concurrently, deadline_of, guarded_detect
 
 INPUT = "IMAGE"
+VERSION = "1"
 OUTPUTS = (("boxes", "FP32", (-1, -1, 4)), ("scores", "FP32", (-1, -1)),
            ("labels", "INT64", (-1, -1)), ("num_detections", "INT64", (-1,)))
 
@@ -90,7 +93,7 @@ def build_response(request: kpb.ModelInferRequest, model: str,
     unknown = [w for w in wanted if w not in arrays]
     if unknown:
         raise InvalidInput(f"unknown outputs {unknown}; this model has {list(arrays)}")
-    response = kpb.ModelInferResponse(model_name=model, model_version="1", id=request.id)
+    response = kpb.ModelInferResponse(model_name=model, model_version=VERSION, id=request.id)
     dtypes = {name: dtype for name, dtype, _ in OUTPUTS}
     for name in wanted:
         arr = arrays[name]
@@ -104,9 +107,11 @@ class KServeService(kpb_grpc.GRPCInferenceServiceServicer):
         self.engine = engine
         self.model = engine.spec.name
 
-    def _check_model(self, name: str) -> None:
+    def _check_model(self, name: str, version: str = "") -> None:
         if name != self.model:
             raise NotFound(f"model {name!r} is not served here (this server has {self.model!r})")
+        if version not in ("", VERSION):
+            raise NotFound(f"model {name!r} has no version {version!r} here (only {VERSION!r})")
 
     async def ServerLive(self, request: kpb.ServerLiveRequest,
                          context: grpc.aio.ServicerContext) -> kpb.ServerLiveResponse:
@@ -118,7 +123,8 @@ class KServeService(kpb_grpc.GRPCInferenceServiceServicer):
 
     async def ModelReady(self, request: kpb.ModelReadyRequest,
                          context: grpc.aio.ServicerContext) -> kpb.ModelReadyResponse:
-        ready = request.name == self.model and self.engine.accepting
+        ready = (request.name == self.model and request.version in ("", VERSION)
+                 and self.engine.accepting)
         return kpb.ModelReadyResponse(ready=ready)
 
     async def ServerMetadata(self, request: kpb.ServerMetadataRequest,
@@ -128,10 +134,10 @@ class KServeService(kpb_grpc.GRPCInferenceServiceServicer):
     async def ModelMetadata(self, request: kpb.ModelMetadataRequest,
                             context: grpc.aio.ServicerContext) -> kpb.ModelMetadataResponse:
         try:
-            self._check_model(request.name)
+            self._check_model(request.name, request.version)
         except ServeError as exc:
             await context.abort(grpc_code(exc), str(exc))
-        response = kpb.ModelMetadataResponse(name=self.model, versions=["1"],
+        response = kpb.ModelMetadataResponse(name=self.model, versions=[VERSION],
                                              platform="onnxruntime_onnx")
         response.inputs.add(name=INPUT, datatype="BYTES", shape=[-1])
         for name, dtype, shape in OUTPUTS:
@@ -140,14 +146,38 @@ class KServeService(kpb_grpc.GRPCInferenceServiceServicer):
 
     async def _infer(self, request: kpb.ModelInferRequest,
                      context: grpc.aio.ServicerContext) -> kpb.ModelInferResponse:
-        self._check_model(request.model_name)
+        """All images of a request are admitted together or refused together (no image
+        is computed for a request that cannot finish); the first failure cancels the rest
+        and is reported with its element index."""
+        self._check_model(request.model_name, request.model_version)
         images = request_images(request)
         threshold, deadline = _threshold(request), deadline_of(context)
-        results = await asyncio.gather(*(
-            guarded_detect(self.engine, "ModelInfer", f"{request.id}[{i}]", data, threshold,
-                           deadline)
-            for i, data in enumerate(images)))
+        try:
+            reservation = self.engine.reserve(len(images))
+        except ServeError as exc:
+            if self.engine.metrics is not None:
+                for _ in images:
+                    self.engine.metrics.count("ModelInfer", grpc_code(exc).name)
+            raise
+        tasks = [asyncio.ensure_future(self._one(request.id, i, len(images), data, threshold,
+                                                 deadline, reservation))
+                 for i, data in enumerate(images)]
+        try:
+            results = await asyncio.gather(*tasks)
+        finally:
+            for task in tasks:
+                task.cancel()
+            self.engine.release(reservation)
         return build_response(request, self.model, list(results))
+
+    async def _one(self, request_id: str, index: int, count: int, data: bytes,
+                   threshold: float | None, deadline: float | None,
+                   reservation: Reservation) -> Result:
+        try:
+            return await guarded_detect(self.engine, "ModelInfer", f"{request_id}[{index}]",
+                                        data, threshold, deadline, reservation)
+        except ServeError as exc:
+            raise type(exc)(f"IMAGE[{index}] (of {count}): {exc}") from exc
 
     async def ModelInfer(self, request: kpb.ModelInferRequest,
                          context: grpc.aio.ServicerContext) -> kpb.ModelInferResponse:
@@ -170,5 +200,8 @@ class KServeService(kpb_grpc.GRPCInferenceServiceServicer):
                     infer_response=kpb.ModelInferResponse(model_name=self.model, id=request.id))
             return kpb.ModelStreamInferResponse(infer_response=response)
 
-        async for response in answer_concurrently(request_iterator, one):
+        async for response in answer_concurrently(request_iterator, one, self.engine.stopping):
             yield response
+        if self.engine.draining:
+            await context.abort(grpc.StatusCode.UNAVAILABLE,
+                                "server is draining; send the rest elsewhere")

@@ -2,49 +2,18 @@
 
 from __future__ import annotations
 
-import asyncio
 import logging
-import time
-from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import TypeVar
+from collections.abc import AsyncIterator
 
 import grpc
 
 from pretag.server.engine import Engine, EngineConfig, Result
-from pretag.server.errors import Internal, ServeError, describe, grpc_code
+from pretag.server.errors import ServeError, describe, grpc_code
+from pretag.server.rpc import answer_concurrently, deadline_of, guarded_detect
 from pretag.v1 import pretag_pb2 as pb
 from pretag.v1 import pretag_pb2_grpc as pb_grpc
 
 log = logging.getLogger(__name__)
-
-
-def deadline_of(context: grpc.aio.ServicerContext) -> float | None:
-    """The call's deadline as a time.monotonic() value, or None."""
-    remaining = context.time_remaining()
-    return None if remaining is None else time.monotonic() + remaining
-
-
-async def guarded_detect(engine: Engine, method: str, request_id: str, data: bytes,
-                         threshold: float | None, deadline: float | None) -> Result:
-    """engine.detect with every failure turned into a :class:`ServeError` and counted."""
-    code = None  # stays None only for exits other than these (KeyboardInterrupt, ...)
-    try:
-        result = await engine.detect(data, threshold, deadline)
-        code = "OK"
-        return result
-    except ServeError as exc:
-        code = grpc_code(exc).name
-        raise
-    except asyncio.CancelledError:
-        code = "CANCELLED"
-        raise
-    except Exception as exc:
-        code = "INTERNAL"
-        log.exception("request %r failed with an internal error", request_id)
-        raise Internal(str(exc)) from exc
-    finally:
-        if engine.metrics is not None and code is not None:
-            engine.metrics.count(method, code)
 
 
 def to_response(request_id: str, result: Result) -> pb.DetectResponse:
@@ -66,50 +35,14 @@ def error_response(request_id: str, exc: BaseException) -> pb.DetectResponse:
         code=code.value[0], message=describe(exc, request_id)))
 
 
-Req = TypeVar("Req")
-Resp = TypeVar("Resp")
-
-
-async def answer_concurrently(requests: AsyncIterator[Req],
-                              handle: Callable[[Req], Awaitable[Resp]]) -> AsyncIterator[Resp]:
-    """Run ``handle`` on every request of a stream at once; yield answers as they finish.
-
-    ``handle`` must turn failures into answers itself. Ends after the client has
-    half-closed and every answer is out; cancelling the stream cancels the rest.
-    """
-    out: asyncio.Queue[Resp | None] = asyncio.Queue()
-    tasks: set[asyncio.Task[None]] = set()
-
-    async def one(request: Req) -> None:
-        await out.put(await handle(request))
-
-    async def read() -> None:
-        async for request in requests:
-            task = asyncio.get_running_loop().create_task(one(request))
-            tasks.add(task)
-            task.add_done_callback(tasks.discard)
-        while tasks:
-            await asyncio.gather(*list(tasks), return_exceptions=True)
-        await out.put(None)
-
-    reader = asyncio.get_running_loop().create_task(read())
-    try:
-        while (response := await out.get()) is not None:
-            yield response
-        await reader
-    finally:
-        reader.cancel()
-        for task in list(tasks):
-            task.cancel()
-
-
 def _threshold(request: pb.DetectRequest) -> float | None:
     return request.score_threshold if request.HasField("score_threshold") else None
 
 
 class PretaggerService(pb_grpc.PretaggerServicer):
-    def __init__(self, engine: Engine) -> None:
+    def __init__(self, engine: Engine, max_message_bytes: int = 0) -> None:
         self.engine = engine
+        self.max_message_bytes = max_message_bytes
 
     async def Detect(self, request: pb.DetectRequest,
                      context: grpc.aio.ServicerContext) -> pb.DetectResponse:
@@ -123,7 +56,11 @@ class PretaggerService(pb_grpc.PretaggerServicer):
     async def DetectStream(self, request_iterator: AsyncIterator[pb.DetectRequest],
                            context: grpc.aio.ServicerContext
                            ) -> AsyncIterator[pb.DetectResponse]:
-        """Answer items as they finish; each failure is reported in its own response."""
+        """Answer items as they finish; each failure is reported in its own response.
+
+        When the server starts draining, the stream reads no more requests and ends
+        once what it read is answered, so a client moves on without waiting for --grace-s.
+        """
         deadline = deadline_of(context)
 
         async def one(request: pb.DetectRequest) -> pb.DetectResponse:
@@ -134,8 +71,11 @@ class PretaggerService(pb_grpc.PretaggerServicer):
                 return error_response(request.id, exc)
             return to_response(request.id, result)
 
-        async for response in answer_concurrently(request_iterator, one):
+        async for response in answer_concurrently(request_iterator, one, self.engine.stopping):
             yield response
+        if self.engine.draining:
+            await context.abort(grpc.StatusCode.UNAVAILABLE,
+                                "server is draining; send the rest elsewhere")
 
     async def ModelInfo(self, request: pb.ModelInfoRequest,
                         context: grpc.aio.ServicerContext) -> pb.ModelInfoResponse:
@@ -150,4 +90,6 @@ class PretaggerService(pb_grpc.PretaggerServicer):
                                        max_queue=cfg.max_queue, instances=cfg.instances),
             default_score_threshold=self.engine.score_threshold,
             resize_json=spec.resize.to_json(), source_weights=spec.source_weights,
-            source_sha256=spec.source_sha256, precision=spec.precision)
+            source_sha256=spec.source_sha256, precision=spec.precision,
+            max_message_bytes=self.max_message_bytes,
+            min_score_threshold=spec.score_threshold)

@@ -84,7 +84,7 @@ def _server(args: argparse.Namespace) -> tuple[dict[str, Any], str]:
                       Stability(window_s=args.window_s, max_windows=args.max_windows),
                       args.warmup_s, args.max_batch_size, args.image_limit,
                       tuple(args.memory_requests))
-    data = [i.path.read_bytes() for i in list_images(args.images)[:args.image_limit]]
+    data = [i.path.read_bytes() for i in list_images(args.images).items[:args.image_limit]]
     backend = OrtBackend(args.model)  # the same default providers as the server
 
     def baseline() -> float:

@@ -48,7 +48,7 @@ def inprocess_ort(backend: OrtBackend, images: Sequence[Path | bytes], batch_siz
 
 
 def bench_job(cfg: JobBench) -> dict[str, Any]:
-    paths = [i.path for i in list_images(cfg.images)]
+    paths = [i.path for i in list_images(cfg.images).items]
     backend = OrtBackend(cfg.model)  # the same default providers as pretag run
     inprocess_ort(backend, paths[:cfg.batch_size], cfg.batch_size)  # warm-up
     ort_rates, run_rates, run_walls = [], [], []

@@ -47,7 +47,7 @@ def load_resized(folder: Path, backend: OrtBackend) -> list[np.ndarray]:
     Batches are then built from images of one size, so that padding (which the
     server avoids by grouping images by shape) does not blur the batch scaling.
     """
-    items = list_images(folder)
+    items = list_images(folder).items
     if not items:
         raise ValueError(f"no images in {folder}")
     resized = [resize_image(decode_image(i.path.read_bytes()), backend.spec.resize)

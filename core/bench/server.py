@@ -183,7 +183,7 @@ def _memory(server: ServerProcess, data: list[bytes], counts: tuple[int, ...]) -
 
 
 def bench_server(cfg: ServerBench) -> dict[str, Any]:
-    items = list_images(cfg.images)[:cfg.image_limit]
+    items = list_images(cfg.images).items[:cfg.image_limit]
     data = [i.path.read_bytes() for i in items]
     server = ServerProcess(cfg.model, "--max-batch-size", str(cfg.max_batch_size))
     rows = []
