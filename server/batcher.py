@@ -17,7 +17,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import time
 from collections import OrderedDict, deque
 from collections.abc import Awaitable, Callable, Hashable, Sequence
 from dataclasses import dataclass, field
@@ -31,6 +30,11 @@ T = TypeVar("T")
 R = TypeVar("R")
 
 RunBatch = Callable[[Sequence[T]], Awaitable[Sequence[R]]]
+
+
+def _now() -> float:
+    """The event loop's clock: time.monotonic() in production, a fake one in tests."""
+    return asyncio.get_running_loop().time()
 
 
 @dataclass(frozen=True)
@@ -96,7 +100,7 @@ class DynamicBatcher(Generic[T, R]):
                      deadline: float | None = None) -> tuple[R, BatchInfo]:
         """Queue ``item`` and wait for its result.
 
-        ``deadline`` is an absolute ``time.monotonic()`` value, or None.
+        ``deadline`` is an absolute time on the event loop's clock (``loop.time()``), or None.
         """
         if self._closed:
             raise Unavailable("server is shutting down")
@@ -105,7 +109,7 @@ class DynamicBatcher(Generic[T, R]):
         self.start()
         future: asyncio.Future[tuple[R, BatchInfo]] = asyncio.get_running_loop().create_future()
         self._groups.setdefault(key, deque()).append(
-            _Pending(item, future, time.monotonic(), deadline))
+            _Pending(item, future, _now(), deadline))
         self._queued += 1
         self._arrival.set()
         return await future
@@ -141,7 +145,7 @@ class DynamicBatcher(Generic[T, R]):
             key, group = min(self._groups.items(), key=lambda kv: kv[1][0].enqueued)
             close_at = group[0].enqueued + self.max_delay_s
             while len(group) < self.max_batch_size and not self._closed:
-                remaining = close_at - time.monotonic()
+                remaining = close_at - _now()
                 if remaining <= 0:
                     break
                 self._arrival.clear()
@@ -153,7 +157,7 @@ class DynamicBatcher(Generic[T, R]):
 
     def _take(self, key: Hashable, group: deque[_Pending[T, R]]) -> list[_Pending[T, R]]:
         batch: list[_Pending[T, R]] = []
-        now = time.monotonic()
+        now = _now()
         while group and len(batch) < self.max_batch_size:
             pending = group.popleft()
             self._queued -= 1
@@ -170,7 +174,7 @@ class DynamicBatcher(Generic[T, R]):
         return batch
 
     async def _run(self, batch: list[_Pending[T, R]]) -> None:
-        start = time.monotonic()
+        start = _now()
         try:
             results = await self._run_batch([p.item for p in batch])
             if len(results) != len(batch):
@@ -184,7 +188,7 @@ class DynamicBatcher(Generic[T, R]):
             return
         finally:
             self._slots.release()
-        compute = time.monotonic() - start
+        compute = _now() - start
         for pending, result in zip(batch, results, strict=True):
             info = BatchInfo(pending.started - pending.enqueued, compute, len(batch))
             if not pending.future.done():

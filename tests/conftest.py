@@ -6,6 +6,11 @@ A test that needs them fails when they are missing: it never skips.
 from __future__ import annotations
 
 import os
+import signal
+import subprocess
+import sys
+import threading
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -44,3 +49,49 @@ def yolox_model(tmp_path_factory: pytest.TempPathFactory, yolox_original: Path) 
     out = tmp_path_factory.mktemp("models") / "yolox_driving.onnx"
     export_yolox(YoloxExport(onnx=yolox_original, output=out))
     return out
+
+
+class ServeProcess:
+    """`pretag serve` in a subprocess; its log is collected and searched for the port."""
+
+    def __init__(self, *args: str) -> None:
+        self.proc = subprocess.Popen([sys.executable, "-m", "pretag.cli", "serve", *args],
+                                     stderr=subprocess.PIPE, text=True)
+        self.lines: list[str] = []
+        self.port: int | None = None
+        self._ready = threading.Event()
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self) -> None:
+        assert self.proc.stderr is not None
+        for line in self.proc.stderr:
+            self.lines.append(line)
+            if " serving " in line and " on port " in line:
+                self.port = int(line.split(" on port ")[1].split()[0])
+                self._ready.set()
+        self._ready.set()
+
+    def wait_ready(self, timeout: float = 120) -> int:
+        self._ready.wait(timeout)
+        assert self.port is not None, "".join(self.lines)
+        return self.port
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGCONT)  # a test may have frozen it
+            self.proc.kill()
+        self.proc.wait(30)
+
+
+@pytest.fixture()
+def serve_process() -> Iterator[Callable[..., ServeProcess]]:
+    """Starts `pretag serve` subprocesses; kills whatever is left of them afterwards."""
+    started: list[ServeProcess] = []
+
+    def start(*args: str) -> ServeProcess:
+        started.append(ServeProcess(*args))
+        return started[-1]
+
+    yield start
+    for process in started:
+        process.kill()

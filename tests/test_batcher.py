@@ -1,11 +1,15 @@
-"""DynamicBatcher with a fake model: composition, delay, errors, cancellation, deadlines, queue."""
+"""DynamicBatcher with a fake model: composition, delay, errors, cancellation, deadlines, queue.
+
+Every test runs on an event loop with a fake clock (looptime): time moves only when
+every task waits, so sleeps order events deterministically and durations are exact.
+"""
 
 from __future__ import annotations
 
 import asyncio
-import time
 from collections.abc import Sequence
 
+import looptime
 import pytest
 
 from pretag.server.batcher import DynamicBatcher
@@ -32,7 +36,15 @@ class FakeModel:
 
 
 def run(coro):
-    return asyncio.run(asyncio.wait_for(coro, 10))
+    loop = looptime.new_event_loop(start=0.0, _enabled=True)
+    try:
+        return loop.run_until_complete(asyncio.wait_for(coro, 10))
+    finally:
+        loop.close()
+
+
+def now() -> float:
+    return asyncio.get_running_loop().time()
 
 
 async def occupied(model: FakeModel, max_batch_size: int, max_queue: int = 256
@@ -62,16 +74,16 @@ def test_lone_item_waits_at_most_the_max_delay():
     async def main() -> None:
         model = FakeModel()
         b = DynamicBatcher(model, max_batch_size=8, max_delay_s=0.05)
-        start = time.monotonic()
+        start = now()
         result, info = await b.submit(3)
-        elapsed = time.monotonic() - start
         assert result == 6 and info.batch_size == 1
-        assert 0.04 <= elapsed < 0.5
+        assert now() - start == pytest.approx(0.05)
+        assert info.queue_s == pytest.approx(0.05)
         # zero delay: no waiting at all for a batch to fill
         b0 = DynamicBatcher(model, max_batch_size=8, max_delay_s=0.0)
-        start = time.monotonic()
+        start = now()
         await b0.submit(1)
-        assert time.monotonic() - start < 0.04
+        assert now() - start == 0
         await b.close()
         await b0.close()
     run(main())
@@ -134,8 +146,8 @@ def test_expired_deadlines_are_dropped_before_compute():
     async def main() -> None:
         model = FakeModel()
         b, busy = await occupied(model, max_batch_size=8)
-        late = asyncio.ensure_future(b.submit(1, deadline=time.monotonic() + 0.02))
-        fine = asyncio.ensure_future(b.submit(2, deadline=time.monotonic() + 5))
+        late = asyncio.ensure_future(b.submit(1, deadline=now() + 0.02))
+        fine = asyncio.ensure_future(b.submit(2, deadline=now() + 5))
         await asyncio.sleep(0.05)
         model.gate.set()
         with pytest.raises(DeadlineExceeded):
@@ -167,9 +179,9 @@ def test_instances_run_batches_concurrently():
     async def main() -> None:
         model = FakeModel(delay_s=0.2)
         b = DynamicBatcher(model, max_batch_size=1, max_delay_s=0.0, instances=4)
-        start = time.monotonic()
+        start = now()
         await asyncio.gather(*(b.submit(i) for i in range(4)))
-        assert time.monotonic() - start < 0.6  # 4 x 0.2 s run side by side, not in series
+        assert now() - start == pytest.approx(0.2)  # 4 x 0.2 s side by side, not in series
         await b.close()
     run(main())
 

@@ -6,6 +6,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -283,6 +284,14 @@ def test_without_model_offline_says_what_to_pass(tmp_path: Path, coco128: Path,
                                                  monkeypatch: pytest.MonkeyPatch,
                                                  caplog: pytest.LogCaptureFixture):
     monkeypatch.setenv("PRETAG_CACHE", str(tmp_path / "cache"))
+    # the same answer whether or not this machine has cached weights or network: no torch
+    # cache, and downloads go to a proxy port nothing listens on
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        closed = f"http://127.0.0.1:{probe.getsockname()[1]}"
+    monkeypatch.setenv("https_proxy", closed)
+    monkeypatch.setenv("HTTPS_PROXY", closed)
     start = time.monotonic()
     assert main(["run", str(coco128), "--output-dir", str(tmp_path / "o"), "--quiet"]) == 2
     assert time.monotonic() - start < 120

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import urllib.request
 from collections.abc import Iterator
@@ -29,8 +30,9 @@ MAX_PIXELS = 2_000_000
 
 @pytest.fixture(scope="module")
 def server(yolox_model: Path) -> Iterator[BackgroundServer]:
+    # CPU named explicitly: the answers do not depend on which onnxruntime is installed
     config = ServerConfig(model=yolox_model, host="127.0.0.1", port=0, metrics_port=0,
-                          metrics_host="127.0.0.1", max_pixels=MAX_PIXELS)
+                          max_pixels=MAX_PIXELS, providers=("cpu",))
     with BackgroundServer(config) as srv:
         yield srv
 
@@ -44,7 +46,7 @@ def client(server: BackgroundServer) -> Iterator[Client]:
 @pytest.fixture(scope="module")
 def direct(yolox_model: Path):
     """The model called directly, one image per batch, no server involved."""
-    backend = OrtBackend(yolox_model)
+    backend = OrtBackend(yolox_model, providers=("cpu",))
     spec = backend.spec
 
     def detect(data: bytes) -> tuple[np.ndarray, list[str], np.ndarray]:
@@ -188,6 +190,16 @@ def test_model_info(client: Client):
     assert info.contract_version == "1" and info.precision == "fp32"
     assert list(info.providers) == ["CPUExecutionProvider"]
     assert info.batching.max_batch_size == 8 and info.batching.max_queue == 256
+    assert info.max_message_bytes == 64 * 2**20
+    assert info.min_score_threshold == pytest.approx(0.05)  # the YOLOX export's in-graph floor
+
+
+def test_metrics_bind_the_grpc_host_unless_told_otherwise(server: BackgroundServer):
+    assert server.server is not None and server.server.metrics._http is not None
+    assert server.server.metrics._http.server_address[0] == "127.0.0.1"
+    config = server.config
+    assert dataclasses.replace(config, host="[::]").metrics_address() == "::"
+    assert dataclasses.replace(config, metrics_host="0.0.0.0").metrics_address() == "0.0.0.0"
 
 
 def test_health_and_reflection(server: BackgroundServer):

@@ -9,10 +9,10 @@ import signal
 import subprocess
 import sys
 import textwrap
-import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import grpc
 import numpy as np
@@ -23,6 +23,8 @@ from pretag.client import AsyncClient, Client, Connection, Overloaded, Unauthent
 from pretag.client.api import PretagError
 from pretag.server.app import BackgroundServer
 from pretag.server.config import ServerConfig
+
+StartServe = Callable[..., Any]
 
 TRITON_SCRIPT = textwrap.dedent("""
     import json, sys
@@ -127,6 +129,12 @@ def test_mutual_tls_and_token(yolox_model: Path, tmp_path: Path, shared: Path):
                 bad.detect(image)
         with connect("s3cret-token", "rogue") as rogue, pytest.raises(PretagError):
             rogue.model_info(timeout=5)  # client cert from an unknown CA: handshake refused
+        doubting = Connection(f"localhost:{srv.port}", token="s3cret-token",
+                              root_cert=tmp_path / "rogue_ca.pem",
+                              client_cert=tmp_path / "client.pem",
+                              client_key=tmp_path / "client.key")
+        with Client(doubting) as wrong_ca, pytest.raises(Unauthenticated, match="handshake"):
+            wrong_ca.model_info(timeout=5)  # server cert not from the CA we trust: no retry
         with Client(f"localhost:{srv.port}", token="s3cret-token") as plain, \
                 pytest.raises(PretagError):
             plain.model_info(timeout=5)  # plaintext against a TLS port
@@ -158,40 +166,14 @@ def test_full_queue_answers_resource_exhausted_and_recovers(yolox_model: Path, c
             assert client.detect(data).error is None
 
 
-class _ServeProcess:
-    """`pretag serve` in a subprocess; its log is collected and searched for the port."""
-
-    def __init__(self, *args: str) -> None:
-        self.proc = subprocess.Popen([sys.executable, "-m", "pretag.cli", "serve", *args],
-                                     stderr=subprocess.PIPE, text=True)
-        self.lines: list[str] = []
-        self.port: int | None = None
-        self._ready = threading.Event()
-        threading.Thread(target=self._read, daemon=True).start()
-
-    def _read(self) -> None:
-        assert self.proc.stderr is not None
-        for line in self.proc.stderr:
-            self.lines.append(line)
-            if " serving " in line and " on port " in line:
-                self.port = int(line.split(" on port ")[1].split()[0])
-                self._ready.set()
-        self._ready.set()
-
-    def wait_ready(self, timeout: float = 120) -> int:
-        self._ready.wait(timeout)
-        assert self.port is not None, "".join(self.lines)
-        return self.port
-
-
 def test_sigterm_during_a_stream_finishes_accepted_work_then_ends_it_promptly(
-        yolox_model: Path, coco128: Path, tmp_path: Path):
+        yolox_model: Path, coco128: Path, tmp_path: Path, serve_process: StartServe):
     """Draining: accepted images are answered, the open stream then ends with UNAVAILABLE
     (the client sends the rest elsewhere), and the server exits long before --grace-s."""
     config = tmp_path / "serve.toml"
     config.write_text(f'model = "{yolox_model}"\nhost = "127.0.0.1"\nport = 0\n'
                       f'max-batch-size = 4\ngrace-s = 20\n')
-    server = _ServeProcess("--config", str(config), "--no-metrics")
+    server = serve_process("--config", str(config), "--no-metrics")
     port = server.wait_ready()
     paths = sorted(coco128.glob("images/**/*.jpg"))
     sent: list[str] = []
