@@ -1,14 +1,20 @@
-"""``pretag run``: flags over :class:`RunConfig`."""
+"""``pretag run``: flags over :class:`RunConfig`.
+
+Without ``--server``, the handler opens a local server through the ``local_server``
+function it is given (the CLI passes :func:`pretag.cli.local.local_server`).
+"""
 
 from __future__ import annotations
 
 import argparse
 import logging
 import sys
+from collections.abc import Callable
+from contextlib import AbstractContextManager
 from pathlib import Path
 
 from pretag.client.report import summary_table
-from pretag.client.run import RunConfig, RunError, RunSummary, run_job
+from pretag.client.run import RunConfig, RunError, RunSummary, load_listing, run_job
 from pretag.token_file import TokenFileError, read_token_file
 
 log = logging.getLogger("pretag")
@@ -44,7 +50,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def config_from_args(args: argparse.Namespace) -> RunConfig:
     token = read_token_file(args.token_file) if args.token_file else None
     return RunConfig(input=args.input, output_dir=args.output_dir, servers=tuple(args.server),
-                     model=args.model, score_threshold=args.score_threshold,
+                     score_threshold=args.score_threshold,
                      window=args.window, read_threads=args.read_threads,
                      debug_images=args.debug_images, quiet=args.quiet, token=token,
                      root_cert=args.tls_ca, client_cert=args.tls_cert,
@@ -66,13 +72,24 @@ def format_summary(summary: RunSummary, output_dir: Path) -> str:
     ])
 
 
-def run(args: argparse.Namespace) -> int:
+LocalServer = Callable[..., AbstractContextManager[str]]
+
+
+def run(args: argparse.Namespace, local_server: LocalServer | None = None) -> int:
     try:
         if args.window < 1 or args.read_threads < 1:
             raise RunError("--window and --read-threads must be at least 1")
         if args.server_timeout_s <= 0:
             raise RunError("--server-timeout-s must be positive")
-        summary = run_job(config_from_args(args))
+        config = config_from_args(args)
+        listing = load_listing(config)  # before any server is started for it
+        if config.servers:
+            summary = run_job(config, listing=listing)
+        elif local_server is None:
+            raise RunError("no --server given")
+        else:
+            with local_server(args.model, window=config.window) as address:
+                summary = run_job(config.with_servers((address,)), listing=listing)
     except (RunError, TokenFileError, OSError) as exc:
         log.error("%s", exc)
         return 2

@@ -156,12 +156,12 @@ def write_task_files(output_dir: Path, class_names: Sequence[str]) -> None:
 
 def make_entry(name: str, boxes: Sequence[Sequence[float]], labels: Sequence[str],
                scores: Sequence[float]) -> dict[str, Any]:
-    """One prediction entry, sorted by decreasing score, floats rounded to 6 places."""
-    order = sorted(range(len(scores)), key=lambda i: -scores[i])
+    """One prediction entry, floats rounded to 6 places, in the order the server sent
+    them: decreasing score, as the detector contract guarantees."""
     return {"filename": name,
-            "boxes": [[round(float(v), 6) for v in boxes[i]] for i in order],
-            "labels": [labels[i] for i in order],
-            "scores": [round(float(scores[i]), 6) for i in order]}
+            "boxes": [[round(v, 6) for v in box] for box in boxes],
+            "labels": list(labels),
+            "scores": [round(s, 6) for s in scores]}
 
 
 def write_prediction(output_dir: Path, entry: dict[str, Any]) -> None:

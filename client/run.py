@@ -1,16 +1,17 @@
 """``pretag run INPUT --output-dir DIR``: the pretagging job, as a function tests can call.
 
-Without servers it embeds one (the same server code, on a free local port).
-Outputs: DIR/.lightly/predictions/... (see :mod:`pretag.client.outputs`) and
-DIR/report/{class_histogram.json, class_histogram.png, errors.jsonl, debug/}.
+The job talks to servers by address only; :mod:`pretag.cli.local` starts one locally
+when the command names none. Outputs: DIR/.lightly/predictions/... (see
+:mod:`pretag.client.outputs`) and DIR/report/{class_histogram.json, class_histogram.png,
+errors.jsonl, debug/}.
 """
 
 from __future__ import annotations
 
 import asyncio
 import dataclasses
+import json
 import logging
-import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -19,7 +20,7 @@ from typing import Any
 
 from tqdm import tqdm
 
-from pretag.client.api import Connection
+from pretag.client.api import AsyncClient, Connection, PretagError
 from pretag.client.outputs import (
     ImageItem,
     InputError,
@@ -28,32 +29,21 @@ from pretag.client.outputs import (
     prediction_path,
     read_prediction,
     read_settings,
+    write_atomic,
     write_settings,
     write_task_files,
 )
 from pretag.client.report import Histogram, draw_debug_image, spread, write_histogram
-from pretag.client.stream import (
-    Job,
-    JobState,
-    RunError,
-    StreamSettings,
-    Target,
-    check_servers,
-    write_errors,
-)
+from pretag.client.stream import Job, JobState, RunError, StreamSettings, Target
 from pretag.v1 import pretag_pb2 as pb
 
 log = logging.getLogger(__name__)
-
-DEFAULT_MODEL_NAME = "fasterrcnn_resnet50_fpn-driving.onnx"
-
 
 @dataclass(frozen=True)
 class RunConfig:
     input: Path
     output_dir: Path
-    servers: tuple[str, ...] = ()  # empty: embed a server
-    model: Path | None = None  # embedded server's model; None: the cached Faster R-CNN
+    servers: tuple[str, ...] = ()  # addresses; run_job needs at least one
     score_threshold: float = 0.5
     window: int = 32
     read_threads: int = 4
@@ -66,8 +56,10 @@ class RunConfig:
     max_attempts: int = 8
     server_timeout_s: float = 60.0
     connect_timeout_s: float = 30.0
-    max_batch_size: int = 8  # embedded server
     overwrite: bool = False  # predict every image again, whatever is in output_dir
+
+    def with_servers(self, servers: tuple[str, ...]) -> RunConfig:
+        return dataclasses.replace(self, servers=servers)
 
 
 @dataclass(frozen=True)
@@ -86,35 +78,6 @@ class RunSummary:
     @property
     def exit_code(self) -> int:
         return 3 if self.failed else 0
-
-
-def cache_dir() -> Path:
-    return Path(os.environ.get("PRETAG_CACHE", Path.home() / ".cache" / "pretag"))
-
-
-def default_model() -> Path:
-    """The Faster R-CNN contract model, exported into the cache on first use."""
-    path = cache_dir() / DEFAULT_MODEL_NAME
-    if path.is_file():
-        return path
-    try:
-        from pretag.export.common import ExportError
-        from pretag.export.fasterrcnn import FasterRCNNExport, export_fasterrcnn
-    except ImportError:
-        raise RunError(f"no --model given and the default model ({path}) does not exist; "
-                       f"exporting it needs the export extra: pip install 'pretag[export]', "
-                       f"or pass --model FILE.onnx") from None
-    log.info("exporting the default model to %s (once)", path)
-    try:
-        export_fasterrcnn(FasterRCNNExport(output=path, weights="default"))
-    except ExportError as exc:
-        log.debug("default model export failed: %s", exc)
-        raise RunError(f"no --model given, and the default model ({path}) cannot be made: "
-                       f"torchvision's COCO weights are not in torch's cache and cannot be "
-                       f"downloaded. Pass --model FILE.onnx (for example from `pretag export "
-                       f"yolox`), or export it from a local weights file: pretag export "
-                       f"fasterrcnn --weights FILE.pth --output {path}") from None
-    return path
 
 
 def _resume(config: RunConfig, items: list[ImageItem], hist: Histogram
@@ -137,6 +100,33 @@ def _resume(config: RunConfig, items: list[ImageItem], hist: Histogram
         else:
             hist.add(entry)
     return todo, errors
+
+
+async def check_servers(connections: list[Connection], timeout_s: float
+                        ) -> list[pb.ModelInfoResponse]:
+    """Each server's model info; RunError if one cannot be reached or classes differ."""
+    async def info(connection: Connection) -> pb.ModelInfoResponse:
+        async with AsyncClient(connection) as client:
+            try:
+                return await client.model_info(timeout=timeout_s)
+            except PretagError as exc:
+                raise RunError(f"server {connection.address} is unreachable: "
+                               f"{str(exc).splitlines()[0]}") from None
+
+    infos = await asyncio.gather(*(info(c) for c in connections))
+    names = {tuple(i.class_names) for i in infos}
+    if len(names) > 1:
+        raise RunError(f"servers disagree on class names: {sorted(names)}")
+    models = {(i.name, i.source_sha256, i.precision) for i in infos}
+    if len(models) > 1:
+        log.warning("servers run different models (name, weights sha256, precision): %s",
+                    sorted(models))
+    return list(infos)
+
+
+def write_errors(path: Path, errors: list[dict[str, Any]]) -> None:
+    """errors.jsonl, written whole or not at all (a full disk leaves the old one)."""
+    write_atomic(path, "".join(json.dumps(record) + "\n" for record in errors))
 
 
 def run_settings(config: RunConfig, info: pb.ModelInfoResponse) -> dict[str, Any]:
@@ -234,38 +224,31 @@ def _debug_images(config: RunConfig, items: list[ImageItem], class_names: Any) -
     log.info("wrote %d debug images to %s", written, config.output_dir / "report" / "debug")
 
 
-def run_job(config: RunConfig,
-            on_result: Callable[[str, bool], None] | None = None) -> RunSummary:
-    """Run the whole job; raises :class:`RunError` for the exit-code-2 cases."""
+def load_listing(config: RunConfig) -> Listing:
+    """The inputs of the job; RunError when there is nothing to do or a setting is wrong."""
+    if not 0 <= config.score_threshold <= 1:
+        raise RunError("--score-threshold must be in [0, 1]")
     try:
         listing = list_images(config.input)
     except InputError as exc:
         raise RunError(str(exc)) from None
-    items = listing.items
-    if not items and not listing.problems:
+    if not listing.items and not listing.problems:
         raise RunError(f"no images found in {config.input}")
-    if not 0 <= config.score_threshold <= 1:
-        raise RunError("--score-threshold must be in [0, 1]")
-    embedded = None
-    addresses = config.servers
-    if not addresses:
-        from pretag.server.app import BackgroundServer
-        from pretag.server.config import ServerConfig
+    return listing
 
-        model = config.model or default_model()
-        if not model.is_file():
-            raise RunError(f"model file {model} does not exist")
-        embedded = BackgroundServer(ServerConfig(
-            model=model, host="127.0.0.1", port=0, metrics_port=None,
-            max_batch_size=config.max_batch_size, max_queue=max(256, 4 * config.window)))
-        addresses = (f"127.0.0.1:{embedded.start()}",)
-    try:
-        config, state, skipped, seconds = _stream(config, addresses, listing, on_result)
-    finally:
-        if embedded is not None:
-            embedded.stop(grace_s=5)
+
+def run_job(config: RunConfig, on_result: Callable[[str, bool], None] | None = None,
+            listing: Listing | None = None) -> RunSummary:
+    """Run the whole job against ``config.servers``; raises :class:`RunError` for the
+    exit-code-2 cases. ``listing``: the inputs, when the caller already listed them."""
+    if not config.servers:
+        raise RunError("no server address given")
+    if listing is None:
+        listing = load_listing(config)
+    items = listing.items
+    config, state, skipped, seconds = _stream(config, config.servers, listing, on_result)
     write_histogram(config.output_dir / "report", state.hist, config.score_threshold)
     if config.debug_images:
         _debug_images(config, items, state.hist.class_names)
     return RunSummary(len(items) + len(listing.problems), skipped, state.written,
-                      len(state.errors), seconds, addresses)
+                      len(state.errors), seconds, config.servers)

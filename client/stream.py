@@ -17,19 +17,18 @@ from __future__ import annotations
 
 import asyncio
 import errno
-import json
 import logging
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from tqdm import tqdm
 
 from pretag.client.api import AsyncClient, Connection, Prediction, PretagError
-from pretag.client.outputs import ImageItem, make_entry, write_atomic, write_prediction
+from pretag.client.outputs import ImageItem, make_entry, write_prediction
 from pretag.client.report import Histogram
 from pretag.v1 import pretag_pb2 as pb
 
@@ -55,6 +54,8 @@ class StreamSettings:
     read_threads: int = 4
     max_attempts: int = 8  # tries per image: retryable refusals and lost streams
     server_timeout_s: float = 60.0  # a server failing, or silent with work, this long is dropped
+    backoff_first_s: float = 0.25  # a failing server is retried after this, then twice as long
+    backoff_max_s: float = 10.0
 
 
 @dataclass(frozen=True)
@@ -99,12 +100,31 @@ class JobState:
     finished: int = 0
 
 
+class StreamClient(Protocol):
+    """What the job needs of a connection: :class:`AsyncClient`, or a fake in tests."""
+
+    async def __aenter__(self) -> StreamClient: ...
+
+    async def __aexit__(self, *exc: object) -> None: ...
+
+    def detect_stream(self, items: AsyncIterable[tuple[str, bytes]],
+                      score_threshold: float | None = None) -> AsyncIterator[Prediction]: ...
+
+
+Connect = Callable[[Connection], StreamClient]
+
+
 class Job:
-    """Streams ``todo`` to ``targets``; see the module docstring."""
+    """Streams ``todo`` to ``targets``; see the module docstring.
+
+    ``connect`` opens a client for a target's connection (default :class:`AsyncClient`).
+    """
 
     def __init__(self, targets: list[Target], todo: list[ImageItem], output_dir: Path,
                  state: JobState, settings: StreamSettings, progress: tqdm,
-                 on_result: Callable[[str, bool], None] | None = None) -> None:
+                 on_result: Callable[[str, bool], None] | None = None,
+                 connect: Connect = AsyncClient) -> None:
+        self.connect = connect
         self.targets = targets
         self.todo = todo
         self.output_dir = output_dir
@@ -181,9 +201,9 @@ class Job:
 
     async def _worker(self, target: Target) -> None:
         """Keeps one stream to one server busy; reconnects with backoff on failure."""
-        backoff = _Backoff()
+        backoff = _Backoff(self.settings.backoff_first_s, self.settings.backoff_max_s)
         address = target.connection.address
-        async with AsyncClient(target.connection) as client:
+        async with self.connect(target.connection) as client:
             while not self.done.is_set():
                 attempt = _Attempt(asyncio.Semaphore(target.window))
                 try:
@@ -201,7 +221,7 @@ class Job:
                 log.warning("%s; retrying in %.1f s", error, delay)
                 await asyncio.sleep(delay)
 
-    async def _attempt(self, client: AsyncClient, attempt: _Attempt, backoff: _Backoff,
+    async def _attempt(self, client: StreamClient, attempt: _Attempt, backoff: _Backoff,
                        address: str) -> str:
         """One stream, until it ends, fails or stalls; returns why it ended."""
         consume = asyncio.ensure_future(self._consume(client, attempt, backoff, address))
@@ -220,7 +240,7 @@ class Job:
                     f"with {len(attempt.inflight)} images in flight")
         return consume.result()
 
-    async def _consume(self, client: AsyncClient, attempt: _Attempt, backoff: _Backoff,
+    async def _consume(self, client: StreamClient, attempt: _Attempt, backoff: _Backoff,
                        address: str) -> str:
         try:
             async for pred in client.detect_stream(self._feed(attempt, backoff),
@@ -328,7 +348,7 @@ class _Attempt:
 class _Backoff:
     """Exponential backoff state of one worker."""
 
-    def __init__(self, first_s: float = 0.25, max_s: float = 10.0) -> None:
+    def __init__(self, first_s: float, max_s: float) -> None:
         self.first_s, self.max_s = first_s, max_s
         self.delay = first_s
         self.failing_since: float | None = None
@@ -353,33 +373,5 @@ class _Backoff:
         return 0.0 if self.failing_since is None else time.monotonic() - self.failing_since
 
 
-async def check_servers(connections: list[Connection], timeout_s: float
-                        ) -> list[pb.ModelInfoResponse]:
-    """Each server's model info; RunError if one cannot be reached or classes differ."""
-    async def info(connection: Connection) -> pb.ModelInfoResponse:
-        async with AsyncClient(connection) as client:
-            try:
-                return await client.model_info(timeout=timeout_s)
-            except PretagError as exc:
-                raise RunError(f"server {connection.address} is unreachable: "
-                               f"{str(exc).splitlines()[0]}") from None
-
-    infos = await asyncio.gather(*(info(c) for c in connections))
-    names = {tuple(i.class_names) for i in infos}
-    if len(names) > 1:
-        raise RunError(f"servers disagree on class names: {sorted(names)}")
-    models = {(i.name, i.source_sha256, i.precision) for i in infos}
-    if len(models) > 1:
-        log.warning("servers run different models (name, weights sha256, precision): %s",
-                    sorted(models))
-    return list(infos)
-
-
 def _file_size(path: Path) -> int:
     return path.stat().st_size
-
-
-def write_errors(path: Path, errors: list[dict[str, Any]]) -> None:
-    """errors.jsonl, written whole or not at all (a full disk leaves the old one)."""
-    write_atomic(path, "".join(json.dumps(record) + "\n" for record in errors))
-

@@ -88,6 +88,13 @@ class ResizeSpec:
         return cls(**data)
 
 
+def threshold_problem(value: float, name: str = "score_threshold") -> str | None:
+    """Why ``value`` cannot be a score threshold, or None: the one rule every layer applies."""
+    if not 0.0 <= value <= 1.0:
+        return f"{name} {value:g} is outside [0, 1]"
+    return None
+
+
 @dataclass(frozen=True)
 class ModelSpec:
     """Everything a server or client needs to know about a contract model."""

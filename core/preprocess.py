@@ -88,13 +88,14 @@ def check_header(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> ImageHead
     return header
 
 
-def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
-    """Decode an encoded image into an RGB uint8 array [H, W, 3].
+def decode_bgr(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
+    """Decode an encoded image into a BGR uint8 array [H, W, 3] (OpenCV's order).
 
     Raises :class:`ImageError` for empty, unrecognised, truncated or oversized
     inputs. ``max_pixels`` is checked on the header before any pixel is decoded.
     Peak memory is :attr:`ImageHeader.decode_bytes`: 16-bit samples are scaled to
-    8 bits in one pass, with no wider copies.
+    8 bits in one pass, with no wider copies. The server keeps BGR until
+    :func:`pad_batch` (``bgr=True``) flips channels in the copy it makes anyway.
     """
     check_header(data, max_pixels)
     buf = np.frombuffer(data, dtype=np.uint8)
@@ -109,6 +110,12 @@ def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarra
         img = np.clip(img, 0, 255).astype(np.uint8)
     if img.shape[0] * img.shape[1] == 0:
         raise ImageError("image has no pixels")
+    return img
+
+
+def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
+    """Decode an encoded image into an RGB uint8 array [H, W, 3]; see :func:`decode_bgr`."""
+    img = decode_bgr(data, max_pixels)
     return cv2.cvtColor(img, cv2.COLOR_BGR2RGB, dst=img)
 
 
@@ -163,7 +170,7 @@ def target_size(height: int, width: int, spec: ResizeSpec) -> tuple[int, int]:
 
 
 def resize_image(img: np.ndarray, spec: ResizeSpec) -> np.ndarray:
-    """Resize an RGB [H, W, 3] image as the model expects (bilinear)."""
+    """Resize an [H, W, 3] image (RGB or BGR) as the model expects (bilinear)."""
     new_h, new_w = target_size(img.shape[0], img.shape[1], spec)
     if (new_h, new_w) == img.shape[:2]:
         return img
@@ -188,8 +195,12 @@ class Batch:
     image_sizes: np.ndarray  # int64 [N, 2], valid (height, width)
 
 
-def pad_batch(images: list[np.ndarray], spec: ResizeSpec) -> Batch:
-    """Stack resized RGB [h, w, 3] images into one padded NCHW batch."""
+def pad_batch(images: list[np.ndarray], spec: ResizeSpec, bgr: bool = False) -> Batch:
+    """Stack resized [h, w, 3] images into one padded RGB NCHW batch.
+
+    ``bgr``: the images are in OpenCV's BGR order; channels are flipped in the same
+    copy that moves them to CHW, so no separate colour conversion is needed.
+    """
     if not images:
         raise ValueError("pad_batch needs at least one image")
     sizes = [(img.shape[0], img.shape[1]) for img in images]
@@ -199,7 +210,8 @@ def pad_batch(images: list[np.ndarray], spec: ResizeSpec) -> Batch:
         h, w = img.shape[:2]
         if h > height or w > width:
             raise ValueError(f"image {h}x{w} does not fit the {height}x{width} canvas")
-        out[i, :, :h, :w] = img.transpose(2, 0, 1)
+        chw = img.transpose(2, 0, 1)
+        out[i, :, :h, :w] = chw[::-1] if bgr else chw
     return Batch(out, np.asarray(sizes, dtype=np.int64).reshape(-1, 2))
 
 
@@ -217,6 +229,6 @@ def normalize_boxes(boxes: np.ndarray, valid_size: tuple[int, int]) -> np.ndarra
 def preprocess(data_list: list[bytes], spec: ResizeSpec,
                max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[Batch, list[tuple[int, int]]]:
     """Decode, resize and pad encoded images; also returns the original (h, w) of each."""
-    decoded = [decode_image(d, max_pixels) for d in data_list]
+    decoded = [decode_bgr(d, max_pixels) for d in data_list]
     originals = [(img.shape[0], img.shape[1]) for img in decoded]
-    return pad_batch([resize_image(img, spec) for img in decoded], spec), originals
+    return pad_batch([resize_image(img, spec) for img in decoded], spec, bgr=True), originals

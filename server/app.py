@@ -8,11 +8,15 @@ the server within ``grace_s``, exit 0.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
+import os
 import signal
+import subprocess
 import threading
 import time
-from collections.abc import Callable
+from pathlib import Path
+from typing import Any
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -54,10 +58,10 @@ class PretagServer:
     def __init__(self, config: ServerConfig, backend: Backend | None = None) -> None:
         self.config = config
         self.backend = backend or OrtBackend(config.model, providers=config.providers,
-                                             instances=config.instances,
+                                             instances=config.batching.instances,
                                              threads=config.threads)
         self.metrics = Metrics()
-        self.engine = Engine(self.backend, config.engine(), self.metrics)
+        self.engine = Engine(self.backend, config.engine, self.metrics)
         self.metrics.bind_pending(lambda: self.engine.pending)
         self.health = health_aio.HealthServicer()
         self.port = 0
@@ -66,7 +70,7 @@ class PretagServer:
         self._stopped = asyncio.Event()
 
     def _build(self) -> grpc.aio.Server:
-        limit = self.config.max_message_mb * 1024 * 1024
+        limit = self.config.max_message_bytes
         interceptors: list[grpc.aio.ServerInterceptor] = []
         if self.config.token_file is not None:
             interceptors.append(TokenAuth(read_token_file(self.config.token_file),
@@ -129,13 +133,40 @@ class PretagServer:
         await self._stopped.wait()
 
 
+def write_ready_file(path: Path, server: PretagServer) -> None:
+    """{"port", "metrics_port", "pid"} as JSON, renamed into place: whole or absent."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps({"port": server.port, "metrics_port": server.metrics_port,
+                               "pid": os.getpid()}) + "\n")
+    os.replace(tmp, path)
+
+
+def wait_ready(path: Path, proc: subprocess.Popen[Any], timeout_s: float = 120
+               ) -> dict[str, Any]:
+    """What a `pretag serve --ready-file PATH` subprocess wrote once SERVING.
+
+    Raises RuntimeError if the process exits first or the time runs out.
+    """
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if path.is_file():
+            return dict(json.loads(path.read_text()))
+        if proc.poll() is not None:
+            raise RuntimeError(f"pretag serve exited with {proc.returncode} before serving")
+        time.sleep(0.02)
+    raise RuntimeError(f"pretag serve was not serving after {timeout_s:g} s")
+
+
 async def serve(config: ServerConfig, backend: Backend | None = None,
-                on_ready: Callable[[PretagServer], None] | None = None) -> None:
-    """Run until SIGTERM or SIGINT, then drain and return."""
+                ready_file: Path | None = None) -> None:
+    """Run until SIGTERM or SIGINT, then drain and return.
+
+    ``ready_file`` is written once the server is SERVING and removed when it stops.
+    """
     server = PretagServer(config, backend)
     await server.start()
-    if on_ready is not None:
-        on_ready(server)
+    if ready_file is not None:
+        write_ready_file(ready_file, server)
     loop = asyncio.get_running_loop()
     tasks: list[asyncio.Task[None]] = []
 
@@ -146,7 +177,11 @@ async def serve(config: ServerConfig, backend: Backend | None = None,
 
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, on_signal, sig)
-    await server.wait()
+    try:
+        await server.wait()
+    finally:
+        if ready_file is not None:
+            ready_file.unlink(missing_ok=True)
 
 
 class BackgroundServer:

@@ -9,7 +9,8 @@ the delay has already passed, so batches form from whatever is waiting.
 
 Items whose caller cancelled are dropped before compute; items whose deadline
 passed get :class:`DeadlineExceeded`. A failing batch fans its exception out to
-every caller in it. The queue is bounded: a full queue raises :class:`QueueFull`.
+every caller in it. With ``max_queue`` the queue is bounded: a full queue raises
+:class:`QueueFull` (the server's engine admits work itself and sets no bound here).
 """
 
 from __future__ import annotations
@@ -62,10 +63,11 @@ class DynamicBatcher(Generic[T, R]):
     per item, in order. Up to ``instances`` batches run at the same time.
     """
 
-    def __init__(self, run_batch: RunBatch[T, R], *, max_batch_size: int = 8,
-                 max_delay_s: float = 0.002, max_queue: int = 256, instances: int = 1,
+    def __init__(self, run_batch: RunBatch[T, R], *, max_batch_size: int, max_delay_s: float,
+                 max_queue: int | None = None, instances: int = 1,
                  on_batch: Callable[[BatchInfo], None] | None = None) -> None:
-        if max_batch_size < 1 or max_queue < 1 or instances < 1 or max_delay_s < 0:
+        if (max_batch_size < 1 or instances < 1 or max_delay_s < 0
+                or (max_queue is not None and max_queue < 1)):
             raise ValueError("max_batch_size, max_queue and instances must be >= 1, "
                              "max_delay_s >= 0")
         self._run_batch = run_batch
@@ -104,7 +106,7 @@ class DynamicBatcher(Generic[T, R]):
         """
         if self._closed:
             raise Unavailable("server is shutting down")
-        if self._queued >= self.max_queue:
+        if self.max_queue is not None and self._queued >= self.max_queue:
             raise QueueFull(f"queue is full ({self.max_queue} waiting); retry later")
         self.start()
         future: asyncio.Future[tuple[R, BatchInfo]] = asyncio.get_running_loop().create_future()

@@ -1,36 +1,78 @@
-"""Server settings: one frozen dataclass, filled from defaults < config file < flags."""
+"""Server settings: one tree of frozen dataclasses, each default and check written once.
+
+    ServerConfig         network, security, lifecycle
+      engine: EngineConfig      decoding, thresholds, warm-up
+        batching: BatchingConfig   batch size, delay, queue bound, instances
+
+Settings arrive flat, named as the flags (``max_batch_size``): defaults < a TOML
+``--config`` file < flags. :func:`server_config` routes flat names into the tree.
+"""
 
 from __future__ import annotations
 
 import tomllib
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from pretag.contract import threshold_problem
 from pretag.preprocess import DEFAULT_MAX_PIXELS
-from pretag.server.engine import EngineConfig
 
 
 class ConfigError(ValueError):
     """Settings that cannot work together, or an unreadable config file."""
 
 
+def _refuse(problems: list[str]) -> None:
+    if problems:
+        raise ConfigError("; ".join(problems))
+
+
+@dataclass(frozen=True)
+class BatchingConfig:
+    max_batch_size: int = 8
+    max_queue_delay_ms: float = 2.0
+    max_queue: int = 256  # images accepted and not yet computing; more get RESOURCE_EXHAUSTED
+    instances: int = 1  # model sessions running batches at once
+
+    def __post_init__(self) -> None:
+        problems = []
+        if self.max_batch_size < 1 or self.max_queue < 1 or self.instances < 1:
+            problems.append("max_batch_size, max_queue and instances must be at least 1")
+        if self.max_queue_delay_ms < 0:
+            problems.append("max_queue_delay_ms cannot be negative")
+        _refuse(problems)
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    batching: BatchingConfig = field(default_factory=BatchingConfig)
+    max_pixels: int = DEFAULT_MAX_PIXELS
+    decode_threads: int = 0  # 0: one per core
+    decode_memory_mb: int = 1024  # decodes running at once stay under this (one may exceed)
+    score_threshold: float | None = None  # None: the model's own
+    warmup: bool = True
+
+    def __post_init__(self) -> None:
+        problems = []
+        if self.max_pixels < 1 or self.decode_memory_mb < 1 or self.decode_threads < 0:
+            problems.append("max_pixels and decode_memory_mb must be at least 1, "
+                            "decode_threads at least 0")
+        if self.score_threshold is not None:
+            problem = threshold_problem(self.score_threshold)
+            if problem:
+                problems.append(problem)
+        _refuse(problems)
+
+
 @dataclass(frozen=True)
 class ServerConfig:
     model: Path
+    engine: EngineConfig = field(default_factory=EngineConfig)
     host: str = "[::]"
     port: int = 50051
     providers: tuple[str, ...] | None = None  # None: TensorRT, CUDA, CPU as available
-    instances: int = 1
     threads: int | None = None  # ONNX Runtime intra-op threads per instance
-    max_batch_size: int = 8
-    max_queue_delay_ms: float = 2.0
-    max_queue: int = 256
-    max_pixels: int = DEFAULT_MAX_PIXELS
-    decode_threads: int = 0
-    decode_memory_mb: int = 1024
-    score_threshold: float | None = None
-    warmup: bool = True
     metrics_port: int | None = 8000  # None: no metrics endpoint; 0: a free port
     metrics_host: str | None = None  # None: the same address as host
     grace_s: float = 30.0
@@ -42,40 +84,74 @@ class ServerConfig:
 
     def __post_init__(self) -> None:
         problems = []
-        if self.max_batch_size < 1 or self.max_queue < 1 or self.instances < 1:
-            problems.append("max_batch_size, max_queue and instances must be at least 1")
-        if self.max_queue_delay_ms < 0 or self.grace_s < 0:
-            problems.append("max_queue_delay_ms and grace_s cannot be negative")
-        if self.max_message_mb < 1 or self.decode_memory_mb < 1:
-            problems.append("max_message_mb and decode_memory_mb must be at least 1")
+        if self.grace_s < 0:
+            problems.append("grace_s cannot be negative")
+        if self.max_message_mb < 1:
+            problems.append("max_message_mb must be at least 1")
         if (self.tls_cert is None) != (self.tls_key is None):
             problems.append("tls_cert and tls_key go together")
         if self.tls_client_ca is not None and self.tls_cert is None:
             problems.append("tls_client_ca (mutual TLS) needs tls_cert and tls_key")
-        if self.score_threshold is not None and not 0 <= self.score_threshold <= 1:
-            problems.append("score_threshold must be in [0, 1]")
-        for name in ("model", "tls_cert", "tls_key", "tls_client_ca", "token_file"):
+        for name in _PATHS:
             path = getattr(self, name)
             if path is not None and not Path(path).is_file():
                 problems.append(f"{name}: {path} is not a file")
-        if problems:
-            raise ConfigError("; ".join(problems))
+        _refuse(problems)
+
+    @property
+    def batching(self) -> BatchingConfig:
+        return self.engine.batching
+
+    @property
+    def max_message_bytes(self) -> int:
+        return self.max_message_mb * 1024 * 1024
 
     def metrics_address(self) -> str:
         """Where the metrics endpoint binds: metrics_host, else the gRPC host."""
         host = self.metrics_host if self.metrics_host is not None else self.host
         return host[1:-1] if host.startswith("[") and host.endswith("]") else host
 
-    def engine(self) -> EngineConfig:
-        return EngineConfig(
-            max_batch_size=self.max_batch_size, max_queue_delay_ms=self.max_queue_delay_ms,
-            max_queue=self.max_queue, instances=self.instances, max_pixels=self.max_pixels,
-            decode_threads=self.decode_threads, decode_memory_mb=self.decode_memory_mb,
-            score_threshold=self.score_threshold,
-            warmup=self.warmup)
+
+_PATHS = ("model", "tls_cert", "tls_key", "tls_client_ca", "token_file")
+_BATCHING = {f.name for f in fields(BatchingConfig)}
+_ENGINE = {f.name for f in fields(EngineConfig)} - {"batching"}
+_SERVER = {f.name for f in fields(ServerConfig)} - {"engine"}
+KNOWN = _BATCHING | _ENGINE | _SERVER  # the flat names: flags and config-file keys
 
 
-_PATHS = {"model", "tls_cert", "tls_key", "tls_client_ca", "token_file"}
+def server_config(**values: Any) -> ServerConfig:
+    """A :class:`ServerConfig` from flat settings named as the flags."""
+    unknown = sorted(values.keys() - KNOWN)
+    if unknown:
+        raise ConfigError(f"unknown settings: {', '.join(unknown)}")
+    for key in set(_PATHS) & values.keys():
+        if values[key] is not None:
+            values[key] = Path(values[key])
+    if values.get("providers") is not None:
+        values["providers"] = tuple(values["providers"])
+    try:
+        batching = BatchingConfig(**{k: v for k, v in values.items() if k in _BATCHING})
+        engine = EngineConfig(batching=batching,
+                              **{k: v for k, v in values.items() if k in _ENGINE})
+        return ServerConfig(engine=engine, **{k: v for k, v in values.items() if k in _SERVER})
+    except TypeError as exc:
+        raise ConfigError(str(exc)) from exc
+
+
+def _metrics_switch(values: dict[str, Any], source: str) -> dict[str, Any]:
+    """``metrics: false`` (the --no-metrics flag, or ``metrics = false`` in a file) means
+    no metrics endpoint: metrics_port None. Contradicting it in the same source is an error."""
+    values = dict(values)
+    metrics = values.pop("metrics", None)
+    if metrics is None:
+        return values
+    if not isinstance(metrics, bool):
+        raise ConfigError(f"{source}: metrics must be true or false, not {metrics!r}")
+    if not metrics:
+        if values.get("metrics_port") is not None:
+            raise ConfigError(f"{source}: metrics = false and metrics_port contradict each other")
+        values["metrics_port"] = None
+    return values
 
 
 def read_config_file(path: Path) -> dict[str, Any]:
@@ -88,34 +164,20 @@ def read_config_file(path: Path) -> dict[str, Any]:
     except (OSError, tomllib.TOMLDecodeError) as exc:
         raise ConfigError(f"cannot read config file {path}: {exc}") from exc
     values = {k.replace("-", "_"): v for k, v in data.get("serve", data).items()}
-    metrics = values.pop("metrics", True)
-    if not isinstance(metrics, bool):
-        raise ConfigError(f"{path}: metrics must be true or false, not {metrics!r}")
-    if not metrics:
-        if "metrics_port" in values:
-            raise ConfigError(f"{path}: metrics = false and metrics_port contradict each other")
-        values["metrics_port"] = None
-    known = {f.name for f in fields(ServerConfig)}
-    unknown = sorted(values.keys() - known)
+    values = _metrics_switch(values, str(path))
+    unknown = sorted(values.keys() - KNOWN)
     if unknown:
         raise ConfigError(f"unknown settings in {path}: {', '.join(unknown)}")
     base = Path(path).parent
-    for key in _PATHS & values.keys():  # relative paths are relative to the file
+    for key in set(_PATHS) & values.keys():  # relative paths are relative to the file
         values[key] = base / values[key]
     return values
 
 
 def build_config(file_values: dict[str, Any], flag_values: dict[str, Any]) -> ServerConfig:
-    """Merge settings, flags winning over the file; check types loosely, values strictly."""
-    values = {**file_values, **{k: v for k, v in flag_values.items() if v is not None}}
+    """Merge settings, flags winning over the file (None: a flag not given)."""
+    flags = _metrics_switch({k: v for k, v in flag_values.items() if v is not None}, "flags")
+    values = {**file_values, **flags}
     if "model" not in values:
         raise ConfigError("no model given: pass --model FILE.onnx or set model in --config")
-    for key in _PATHS & values.keys():
-        values[key] = Path(values[key])
-    if values.get("providers") is not None:
-        values["providers"] = tuple(values["providers"])
-    try:
-        return ServerConfig(**values)
-    except TypeError as exc:
-        raise ConfigError(str(exc)) from exc
-
+    return server_config(**values)

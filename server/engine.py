@@ -17,36 +17,24 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from pretag.contract import threshold_problem
 from pretag.preprocess import (
-    DEFAULT_MAX_PIXELS,
     DecodeBudget,
     ImageError,
     canvas_size,
     check_header,
-    decode_image,
+    decode_bgr,
     normalize_boxes,
     pad_batch,
     resize_image,
 )
 from pretag.server.backend import Backend, Outputs
 from pretag.server.batcher import BatchInfo, DynamicBatcher
+from pretag.server.config import EngineConfig
 from pretag.server.errors import InvalidInput, QueueFull, Unavailable
 from pretag.server.metrics import Metrics
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class EngineConfig:
-    max_batch_size: int = 8
-    max_queue_delay_ms: float = 2.0
-    max_queue: int = 256
-    instances: int = 1
-    max_pixels: int = DEFAULT_MAX_PIXELS
-    decode_threads: int = 0  # 0: one per core
-    decode_memory_mb: int = 1024  # decodes running at once stay under this (one may exceed)
-    score_threshold: float | None = None  # None: the model's own
-    warmup: bool = True
 
 
 @dataclass
@@ -58,7 +46,7 @@ class Reservation:
 
 @dataclass(frozen=True)
 class Prepared:
-    image: np.ndarray  # resized RGB [h, w, 3]
+    image: np.ndarray  # resized BGR [h, w, 3]; pad_batch flips it to RGB
     original: tuple[int, int]  # (height, width) before resizing
 
 
@@ -101,11 +89,14 @@ class Engine:
                                 else cfg.score_threshold)
         self._decode_pool = ThreadPoolExecutor(cfg.decode_threads or os.cpu_count() or 1,
                                                thread_name_prefix="pretag-decode")
-        self._compute_pool = ThreadPoolExecutor(cfg.instances, thread_name_prefix="pretag-model")
+        batching = cfg.batching
+        self._compute_pool = ThreadPoolExecutor(batching.instances,
+                                                thread_name_prefix="pretag-model")
+        # the engine alone admits work (see _admit), so the batcher's queue has no bound
         self._batcher: DynamicBatcher[Prepared, Raw] = DynamicBatcher(
-            self._run_batch, max_batch_size=cfg.max_batch_size,
-            max_delay_s=cfg.max_queue_delay_ms / 1000, max_queue=cfg.max_queue,
-            instances=cfg.instances, on_batch=metrics.observe_batch if metrics else None)
+            self._run_batch, max_batch_size=batching.max_batch_size,
+            max_delay_s=batching.max_queue_delay_ms / 1000, instances=batching.instances,
+            on_batch=metrics.observe_batch if metrics else None)
         self.decode_budget = DecodeBudget(cfg.decode_memory_mb * 1024 * 1024)
         self._decoding = 0
         self._reserved = 0
@@ -128,9 +119,10 @@ class Engine:
         if self.config.warmup:
             start = time.monotonic()
             loop = asyncio.get_running_loop()
-            for size in range(1, self.config.max_batch_size + 1):
+            for size in range(1, self.config.batching.max_batch_size + 1):
                 await loop.run_in_executor(self._compute_pool, self._warm, size)
-            log.info("warm-up of batch sizes 1..%d took %.1f s", self.config.max_batch_size,
+            log.info("warm-up of batch sizes 1..%d took %.1f s",
+                     self.config.batching.max_batch_size,
                      time.monotonic() - start)
         self._batcher.start()
         self.ready = True
@@ -153,12 +145,13 @@ class Engine:
         """Raise unless ``count`` more images can be taken now."""
         if not self.accepting:
             raise Unavailable("server is draining" if self.draining else "server is warming up")
-        if count > self.config.max_queue:
+        max_queue = self.config.batching.max_queue
+        if count > max_queue:
             raise InvalidInput(f"{count} images in one request; this server queues at most "
-                               f"{self.config.max_queue} (--max-queue): send fewer at a time")
-        if self.pending + count > self.config.max_queue:
-            raise QueueFull(f"queue is full ({self.pending} of {self.config.max_queue} "
-                            f"waiting); retry later")
+                               f"{max_queue} (--max-queue): send fewer at a time")
+        if self.pending + count > max_queue:
+            raise QueueFull(f"queue is full ({self.pending} of {max_queue} waiting); "
+                            f"retry later")
 
     def reserve(self, count: int) -> Reservation:
         """Admit a request of ``count`` images as a whole, or refuse it as a whole.
@@ -188,8 +181,9 @@ class Engine:
         self._decoding += 1
         try:
             threshold = self.score_threshold if score_threshold is None else score_threshold
-            if not 0.0 <= threshold <= 1.0:
-                raise InvalidInput(f"score_threshold {threshold} is outside [0, 1]")
+            problem = threshold_problem(threshold)
+            if problem:
+                raise InvalidInput(problem)
             prepared = await asyncio.get_running_loop().run_in_executor(
                 self._decode_pool, self._prepare, data)
         finally:
@@ -202,7 +196,7 @@ class Engine:
         try:
             header = check_header(data, self.config.max_pixels)
             with self.decode_budget.reserve(header.decode_bytes):
-                image = decode_image(data, self.config.max_pixels)
+                image = decode_bgr(data, self.config.max_pixels)
                 return Prepared(resize_image(image, self.spec.resize),
                                 (image.shape[0], image.shape[1]))
         except ImageError as exc:
@@ -213,7 +207,7 @@ class Engine:
         return await loop.run_in_executor(self._compute_pool, self._compute, items)
 
     def _compute(self, items: Sequence[Prepared]) -> list[Raw]:
-        batch = pad_batch([p.image for p in items], self.spec.resize)
+        batch = pad_batch([p.image for p in items], self.spec.resize, bgr=True)
         out: Outputs = self.backend.run(batch)
         raws = []
         for i, prepared in enumerate(items):

@@ -7,7 +7,8 @@ from collections.abc import AsyncIterator
 
 import grpc
 
-from pretag.server.engine import Engine, EngineConfig, Result
+from pretag.server.config import BatchingConfig
+from pretag.server.engine import Engine, Result
 from pretag.server.errors import ServeError, describe, grpc_code
 from pretag.server.rpc import answer_concurrently, deadline_of, guarded_detect
 from pretag.v1 import pretag_pb2 as pb
@@ -80,7 +81,7 @@ class PretaggerService(pb_grpc.PretaggerServicer):
     async def ModelInfo(self, request: pb.ModelInfoRequest,
                         context: grpc.aio.ServicerContext) -> pb.ModelInfoResponse:
         spec = self.engine.spec
-        cfg: EngineConfig = self.engine.config
+        cfg: BatchingConfig = self.engine.config.batching
         return pb.ModelInfoResponse(
             name=spec.name, class_names=list(spec.class_names),
             contract_version=spec.contract_version,

@@ -52,29 +52,31 @@ def yolox_model(tmp_path_factory: pytest.TempPathFactory, yolox_original: Path) 
 
 
 class ServeProcess:
-    """`pretag serve` in a subprocess; its log is collected and searched for the port."""
+    """`pretag serve` in a subprocess, ready when its --ready-file appears; log collected."""
 
-    def __init__(self, *args: str) -> None:
-        self.proc = subprocess.Popen([sys.executable, "-m", "pretag.cli", "serve", *args],
+    _count = 0
+
+    def __init__(self, *args: str, folder: Path) -> None:
+        ServeProcess._count += 1
+        self.ready_file = folder / f"ready-{os.getpid()}-{ServeProcess._count}.json"
+        self.proc = subprocess.Popen([sys.executable, "-m", "pretag.cli", "serve", *args,
+                                      "--ready-file", str(self.ready_file)],
                                      stderr=subprocess.PIPE, text=True)
         self.lines: list[str] = []
-        self.port: int | None = None
-        self._ready = threading.Event()
         threading.Thread(target=self._read, daemon=True).start()
 
     def _read(self) -> None:
         assert self.proc.stderr is not None
         for line in self.proc.stderr:
             self.lines.append(line)
-            if " serving " in line and " on port " in line:
-                self.port = int(line.split(" on port ")[1].split()[0])
-                self._ready.set()
-        self._ready.set()
 
     def wait_ready(self, timeout: float = 120) -> int:
-        self._ready.wait(timeout)
-        assert self.port is not None, "".join(self.lines)
-        return self.port
+        from pretag.server.app import wait_ready
+
+        try:
+            return int(wait_ready(self.ready_file, self.proc, timeout)["port"])
+        except RuntimeError as exc:
+            raise AssertionError(f"{exc}\n{''.join(self.lines)}") from None
 
     def kill(self) -> None:
         if self.proc.poll() is None:
@@ -84,12 +86,14 @@ class ServeProcess:
 
 
 @pytest.fixture()
-def serve_process() -> Iterator[Callable[..., ServeProcess]]:
+def serve_process(tmp_path_factory: pytest.TempPathFactory
+                  ) -> Iterator[Callable[..., ServeProcess]]:
     """Starts `pretag serve` subprocesses; kills whatever is left of them afterwards."""
     started: list[ServeProcess] = []
+    folder = tmp_path_factory.mktemp("serve")
 
     def start(*args: str) -> ServeProcess:
-        started.append(ServeProcess(*args))
+        started.append(ServeProcess(*args, folder=folder))
         return started[-1]
 
     yield start

@@ -18,7 +18,7 @@ from pretag.export.common import ExportError
 from pretag.export.yolox import COCO80, YoloxExport, export_yolox
 from pretag.preprocess import normalize_boxes, preprocess
 from pretag.server.app import BackgroundServer
-from pretag.server.config import ServerConfig
+from pretag.server.config import server_config
 
 SCORE, NMS, TOP_K = 0.05, 0.45, 100
 
@@ -174,7 +174,7 @@ def test_fp16_export_keeps_accuracy_and_serves(tmp_path, yolox_original, yolox_m
     ap16, ap32 = _ap(out, coco_images, coco128), contract_ap
     print(f"AP@[.5:.95] seven classes: fp16 {ap16:.4f}, fp32 {ap32:.4f}")
     assert abs(ap16 - ap32) <= 0.005
-    config = ServerConfig(model=out, host="127.0.0.1", port=0, metrics_port=None)
+    config = server_config(model=out, host="127.0.0.1", port=0, metrics_port=None)
     with BackgroundServer(config) as server, Client(f"127.0.0.1:{server.port}") as client:
         assert client.model_info().precision == "fp16"
         pred = client.detect(coco_images[61].read_bytes())

@@ -128,3 +128,19 @@ def test_normalized_boxes_map_to_original(shared: Path):
     norm = normalize_boxes(box_input, (vh, vw))
     np.testing.assert_allclose(norm[0] * [w, h, w, h], box_original, rtol=1e-5)
     assert (normalize_boxes(np.array([[-5, -5, 2000, 2000]]), (vh, vw)) == [0, 0, 1, 1]).all()
+
+
+def test_the_bgr_path_gives_the_same_batch_as_the_rgb_one(shared: Path):
+    """The server keeps OpenCV's BGR order and flips channels while padding: one copy
+    fewer per image, the same tensor."""
+    from pretag.preprocess import decode_bgr
+
+    spec = ResizeSpec("shortest_edge", min_size=320, max_size=512)
+    files = sorted((shared / "data" / "driving").iterdir())[:4]
+    data = [f.read_bytes() for f in files]
+    rgb = pad_batch([resize_image(decode_image(d), spec) for d in data], spec)
+    bgr = pad_batch([resize_image(decode_bgr(d), spec) for d in data], spec, bgr=True)
+    np.testing.assert_array_equal(rgb.images, bgr.images)
+    np.testing.assert_array_equal(rgb.image_sizes, bgr.image_sizes)
+    batch, _ = preprocess(data, spec)
+    np.testing.assert_array_equal(batch.images, rgb.images)

@@ -19,12 +19,13 @@ import numpy as np
 import pytest
 
 from pretag.cli import main
+from pretag.cli.local import run_locally
 from pretag.client.outputs import TASK
 from pretag.client.run import RunConfig, run_job
 from pretag.contract import DRIVING_CLASSES
 from pretag.evaluate import ImagePrediction, coco_ap
 from pretag.server.app import BackgroundServer
-from pretag.server.config import ServerConfig
+from pretag.server.config import server_config
 
 # Measured: AP@[.5:.95] over the seven classes of the files written at --score-threshold 0.05
 # was 0.3510 (the exporter test's figure); at the default 0.5 it was 0.3156.
@@ -112,7 +113,7 @@ def _ap(out: Path, coco128: Path) -> float:
 def test_ap_against_coco128_ground_truth(clean_run: Path, coco128: Path, yolox_model: Path,
                                          tmp_path: Path):
     ap_default = _ap(clean_run, coco128)
-    run_job(RunConfig(coco128, tmp_path, model=yolox_model, score_threshold=0.05, quiet=True))
+    run_locally(RunConfig(coco128, tmp_path, score_threshold=0.05, quiet=True), yolox_model)
     ap_low = _ap(tmp_path, coco128)
     print(f"AP@[.5:.95], 7 classes: {ap_low:.4f} at threshold 0.05, {ap_default:.4f} at 0.5")
     assert ap_low >= AP_FLOOR_005
@@ -122,18 +123,13 @@ def test_ap_against_coco128_ground_truth(clean_run: Path, coco128: Path, yolox_m
 def test_run_against_a_separate_pretag_serve_gives_the_same_files(clean_run: Path,
                                                                    coco128: Path,
                                                                    yolox_model: Path,
-                                                                   tmp_path: Path):
-    proc = subprocess.Popen([sys.executable, "-m", "pretag.cli", "serve", "--model",
-                             str(yolox_model), "--host", "127.0.0.1", "--port", "0",
-                             "--no-metrics"], stderr=subprocess.PIPE, text=True)
+                                                                   tmp_path: Path,
+                                                                   serve_process: Any):
+    server = serve_process("--model", str(yolox_model), "--host", "127.0.0.1", "--port", "0",
+                           "--no-metrics")
+    proc = server.proc
     try:
-        port = None
-        assert proc.stderr is not None
-        for line in proc.stderr:
-            if " on port " in line:
-                port = int(line.split(" on port ")[1].split()[0])
-                break
-        assert port is not None
+        port = server.wait_ready()
         code = main(["run", str(coco128), "--output-dir", str(tmp_path), "--server",
                      f"127.0.0.1:{port}", "--quiet"])
         assert code == 0
@@ -238,7 +234,7 @@ def test_missing_input_and_unreachable_server_exit_2(tmp_path: Path, coco128: Pa
 
 @pytest.fixture()
 def two_servers(yolox_model: Path) -> Iterator[list[BackgroundServer]]:
-    servers = [BackgroundServer(ServerConfig(model=yolox_model, host="127.0.0.1", port=0,
+    servers = [BackgroundServer(server_config(model=yolox_model, host="127.0.0.1", port=0,
                                              metrics_port=None, max_batch_size=4))
                for _ in range(2)]
     for s in servers:

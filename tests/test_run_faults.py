@@ -26,7 +26,7 @@ from pretag.client.outputs import TASK
 from pretag.client.run import RunConfig, run_job
 from pretag.client.stream import RunError
 from pretag.server.app import BackgroundServer
-from pretag.server.config import ServerConfig
+from pretag.server.config import server_config
 
 StartServe = Callable[..., Any]
 
@@ -89,7 +89,7 @@ def test_a_file_over_the_message_limit_is_reported_and_the_rest_predicted(
     good = _images(coco128, folder, 8)
     big = np.random.default_rng(0).integers(0, 255, (1100, 1100, 3), np.uint8)
     cv2.imwrite(str(folder / "huge.bmp"), big)  # 3.6 MB, the server takes 1 MB messages
-    with BackgroundServer(ServerConfig(model=yolox_model, host="127.0.0.1", port=0,
+    with BackgroundServer(server_config(model=yolox_model, host="127.0.0.1", port=0,
                                        metrics_port=None, max_message_mb=1)) as srv:
         out = tmp_path / "out"
         code = main(["run", str(folder), "--output-dir", str(out), "--server",
@@ -132,7 +132,7 @@ def test_window_beyond_the_server_queue_is_held_within_it(yolox_model: Path, coc
                                                           tmp_path: Path):
     folder = tmp_path / "in"
     _images(coco128, folder, 32)
-    with BackgroundServer(ServerConfig(model=yolox_model, host="127.0.0.1", port=0,
+    with BackgroundServer(server_config(model=yolox_model, host="127.0.0.1", port=0,
                                        metrics_port=None, max_queue=4,
                                        max_batch_size=2)) as srv:
         summary = run_job(RunConfig(folder, tmp_path / "out", servers=(f"127.0.0.1:{srv.port}",),

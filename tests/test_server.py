@@ -23,7 +23,7 @@ from pretag.client import Client, InvalidImage, Prediction
 from pretag.preprocess import normalize_boxes, preprocess
 from pretag.server.app import BackgroundServer
 from pretag.server.backend import OrtBackend
-from pretag.server.config import ServerConfig
+from pretag.server.config import server_config
 
 MAX_PIXELS = 2_000_000
 
@@ -31,7 +31,7 @@ MAX_PIXELS = 2_000_000
 @pytest.fixture(scope="module")
 def server(yolox_model: Path) -> Iterator[BackgroundServer]:
     # CPU named explicitly: the answers do not depend on which onnxruntime is installed
-    config = ServerConfig(model=yolox_model, host="127.0.0.1", port=0, metrics_port=0,
+    config = server_config(model=yolox_model, host="127.0.0.1", port=0, metrics_port=0,
                           max_pixels=MAX_PIXELS, providers=("cpu",))
     with BackgroundServer(config) as srv:
         yield srv

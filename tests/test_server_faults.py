@@ -22,7 +22,7 @@ from pretag.cli import main
 from pretag.kserve_v2 import grpc_service_pb2 as kpb
 from pretag.preprocess import DecodeBudget, decode_image, read_header
 from pretag.server.app import BackgroundServer
-from pretag.server.config import ServerConfig
+from pretag.server.config import server_config
 from pretag.v1 import pretag_pb2 as pb
 
 GARBAGE = b"\xff" * 20
@@ -35,7 +35,7 @@ def server(yolox_model: Path, tmp_path_factory: pytest.TempPathFactory
     token = tmp_path_factory.mktemp("token") / "token"
     token.write_text("s3cret\n")
     token.chmod(0o600)
-    with BackgroundServer(ServerConfig(model=yolox_model, host="127.0.0.1", port=0,
+    with BackgroundServer(server_config(model=yolox_model, host="127.0.0.1", port=0,
                                        metrics_port=None, max_queue=8, max_batch_size=4,
                                        token_file=token)) as srv:
         yield srv
@@ -185,11 +185,13 @@ PEAK_SCRIPT = textwrap.dedent("""
         line = [l for l in open("/proc/self/status") if l.startswith(key + ":")][0]
         return int(line.split()[1]) / 1024
     from pretag.server.backend import OrtBackend
-    from pretag.server.engine import Engine, EngineConfig
+    from pretag.server.config import BatchingConfig, EngineConfig
+    from pretag.server.engine import Engine
     model, image, budget_mb, count = sys.argv[1], Path(sys.argv[2]), *map(int, sys.argv[3:])
     data = image.read_bytes()
     engine = Engine(OrtBackend(model, providers=["cpu"]),  # warm-up fills ORT's arena first
-                    EngineConfig(decode_memory_mb=budget_mb, max_batch_size=1, decode_threads=4))
+                    EngineConfig(BatchingConfig(max_batch_size=1), decode_memory_mb=budget_mb,
+                                 decode_threads=4))
     async def main():
         await engine.start()
         before = status_mb("VmRSS")

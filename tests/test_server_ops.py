@@ -22,7 +22,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from pretag.client import AsyncClient, Client, Connection, Overloaded, Unauthenticated
 from pretag.client.api import PretagError
 from pretag.server.app import BackgroundServer
-from pretag.server.config import ServerConfig
+from pretag.server.config import server_config
 
 StartServe = Callable[..., Any]
 
@@ -53,7 +53,7 @@ TRITON_SCRIPT = textwrap.dedent("""
 
 @pytest.fixture(scope="module")
 def server(yolox_model: Path) -> Iterator[BackgroundServer]:
-    with BackgroundServer(ServerConfig(model=yolox_model, host="127.0.0.1", port=0,
+    with BackgroundServer(server_config(model=yolox_model, host="127.0.0.1", port=0,
                                        metrics_port=None)) as srv:
         yield srv
 
@@ -109,7 +109,7 @@ def _make_certs(folder: Path) -> None:
 def test_mutual_tls_and_token(yolox_model: Path, tmp_path: Path, shared: Path):
     _make_certs(tmp_path)
     (tmp_path / "token").write_text("s3cret-token\n")
-    config = ServerConfig(model=yolox_model, host="127.0.0.1", port=0, metrics_port=None,
+    config = server_config(model=yolox_model, host="127.0.0.1", port=0, metrics_port=None,
                           warmup=False, tls_cert=tmp_path / "server.pem",
                           tls_key=tmp_path / "server.key", tls_client_ca=tmp_path / "ca.pem",
                           token_file=tmp_path / "token")
@@ -148,7 +148,7 @@ def test_mutual_tls_and_token(yolox_model: Path, tmp_path: Path, shared: Path):
 
 
 def test_full_queue_answers_resource_exhausted_and_recovers(yolox_model: Path, coco128: Path):
-    config = ServerConfig(model=yolox_model, host="127.0.0.1", port=0, metrics_port=None,
+    config = server_config(model=yolox_model, host="127.0.0.1", port=0, metrics_port=None,
                           warmup=False, max_queue=2, max_batch_size=1)
     data = next(coco128.glob("images/**/*.jpg")).read_bytes()
 
@@ -241,7 +241,7 @@ def test_expired_deadline_is_dropped_before_compute(yolox_model: Path, coco128: 
     from pretag.contract import validate_model
 
     backend = SlowBackend(validate_model(yolox_model), seconds=1.0)
-    config = ServerConfig(model=yolox_model, host="127.0.0.1", port=0, metrics_port=None,
+    config = server_config(model=yolox_model, host="127.0.0.1", port=0, metrics_port=None,
                           warmup=False, max_batch_size=1)
     data = next(coco128.glob("images/**/*.jpg")).read_bytes()
 
@@ -273,7 +273,7 @@ def test_example_config_file_is_valid(yolox_model: Path):
     values = read_config_file(root / "examples" / "serve.toml")
     assert values["model"] == root / "examples" / ".." / "models" / "yolox_nano_driving.onnx"
     config = build_config(values, {"model": yolox_model, "port": 0})  # flags win
-    assert (config.model, config.port, config.max_batch_size) == (yolox_model, 0, 8)
+    assert (config.model, config.port, config.batching.max_batch_size) == (yolox_model, 0, 8)
     assert config.metrics_port == 8000 and config.grace_s == 30
 
 
@@ -284,6 +284,9 @@ def test_config_file_can_switch_metrics_off(tmp_path: Path, yolox_model: Path):
     path.write_text(f'model = "{yolox_model}"\nmetrics = false\n')
     assert build_config(read_config_file(path), {}).metrics_port is None
     assert build_config(read_config_file(path), {"metrics_port": 0}).metrics_port == 0
+    # the --no-metrics flag takes the same path, and wins over a port set in the file
+    path.write_text(f'model = "{yolox_model}"\nmetrics-port = 9000\n')
+    assert build_config(read_config_file(path), {"metrics": False}).metrics_port is None
     path.write_text('metrics = "no"\n')
     with pytest.raises(ConfigError, match="true or false"):
         read_config_file(path)

@@ -1,24 +1,18 @@
-"""The ``pretag`` command: a thin argparse layer over functions tests can call."""
+"""``pretag export {fasterrcnn,yolox}``: flags over the exporters (torch imported to run only)."""
 
 from __future__ import annotations
 
 import argparse
 import logging
-import sys
-from collections.abc import Sequence
 from pathlib import Path
 
 log = logging.getLogger("pretag")
 
-EXIT_USAGE = 2
-
-
 FP16_HELP = "float16 network body; float32 I/O and post-processing (for GPUs)"
 
 
-def _add_export(sub: argparse._SubParsersAction) -> None:
-    export = sub.add_parser("export", help="write a contract ONNX model")
-    models = export.add_subparsers(dest="model", required=True)
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    models = parser.add_subparsers(dest="model", required=True)
     frcnn = models.add_parser("fasterrcnn", help="torchvision Faster R-CNN ResNet-50 FPN")
     frcnn.add_argument("--weights", default="default",
                        help="default (torchvision COCO weights), random, or a .pth file")
@@ -43,29 +37,12 @@ def _add_export(sub: argparse._SubParsersAction) -> None:
     yolox.add_argument("--fp16", action="store_true", help=FP16_HELP)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="pretag", description=__doc__)
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
-    sub = parser.add_subparsers(dest="command", required=True)
-    _add_export(sub)
-    from pretag.server import cli as serve_cli
-
-    serve_cli.add_arguments(sub.add_parser("serve", help="run the gRPC inference server"))
-    from pretag.client import cli as run_cli
-
-    run_cli.add_arguments(sub.add_parser("run", help="pretag a folder of images"))
-    from pretag.bench import cli as bench_cli
-
-    bench_cli.add_arguments(sub.add_parser("bench", help="benchmarks (model, server, job)"))
-    return parser
-
-
-def run_export(args: argparse.Namespace) -> int:
+def run(args: argparse.Namespace) -> int:
     try:
         from pretag.export.common import ExportError
     except ImportError as exc:
         log.error("export needs the export extra (%s): pip install 'pretag[export]'", exc.name)
-        return EXIT_USAGE
+        return 2
     try:
         if args.model == "fasterrcnn":
             from pretag.export.fasterrcnn import FasterRCNNExport, export_fasterrcnn
@@ -89,30 +66,3 @@ def run_export(args: argparse.Namespace) -> int:
         return 1
     log.info("%s: classes %s", spec.name, ", ".join(spec.class_names))
     return 0
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-                        stream=sys.stderr)
-    if args.command == "export":
-        return run_export(args)
-    if args.command == "serve":
-        from pretag.server import cli as serve_cli
-
-        return serve_cli.run(args)
-    if args.command == "run":
-        from pretag.client import cli as run_cli
-
-        return run_cli.run(args)
-    if args.command == "bench":
-        from pretag.bench import cli as bench_cli
-
-        args.argv = list(argv if argv is not None else sys.argv[1:])[1:]
-        return bench_cli.run(args)
-    return EXIT_USAGE  # pragma: no cover - argparse rejects unknown commands
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -14,8 +14,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from pretag.cli.local import run_locally
 from pretag.client.outputs import list_images
-from pretag.client.run import RunConfig, run_job
+from pretag.client.run import RunConfig
 from pretag.preprocess import preprocess
 from pretag.server.backend import OrtBackend
 
@@ -57,8 +58,8 @@ def bench_job(cfg: JobBench) -> dict[str, Any]:
         out = Path(tempfile.mkdtemp(prefix="pretag-bench-"))
         try:
             start = time.perf_counter()
-            summary = run_job(RunConfig(cfg.images, out, model=cfg.model, quiet=True,
-                                        window=cfg.window, max_batch_size=cfg.batch_size))
+            summary = run_locally(RunConfig(cfg.images, out, quiet=True, window=cfg.window),
+                                  cfg.model, max_batch_size=cfg.batch_size)
             run_walls.append(time.perf_counter() - start)
         finally:
             shutil.rmtree(out, ignore_errors=True)

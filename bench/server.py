@@ -12,6 +12,7 @@ import asyncio
 import logging
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import urllib.request
@@ -26,6 +27,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from pretag.bench.stats import Stability, best_rows, measure_until_stable, percentiles
 from pretag.client.api import AsyncClient
 from pretag.client.outputs import list_images
+from pretag.server.app import wait_ready
 
 log = logging.getLogger(__name__)
 
@@ -47,19 +49,15 @@ class ServerProcess:
     """``pretag serve`` on free ports, with a psutil sampler for CPU time and peak RSS."""
 
     def __init__(self, model: Path, *args: str) -> None:
+        self._folder = tempfile.TemporaryDirectory(prefix="pretag-bench-")
+        ready = Path(self._folder.name) / "ready.json"
         cmd = [sys.executable, "-m", "pretag.cli", "serve", "--model", str(model), "--host",
-               "127.0.0.1", "--port", "0", "--metrics-port", "0", *args]
+               "127.0.0.1", "--port", "0", "--metrics-port", "0", "--ready-file", str(ready),
+               *args]
         self.proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True)
-        self.port = self.metrics_port = 0
-        assert self.proc.stderr is not None
-        for line in self.proc.stderr:
-            if " on port " in line and "metrics on port" in line:
-                self.port = int(line.split(" on port ")[1].split()[0])
-                self.metrics_port = int(line.split("metrics on port ")[1].split()[0])
-                break
-        if not self.port:
-            raise RuntimeError(f"pretag serve did not start (exit {self.proc.poll()})")
         threading.Thread(target=self._drain_log, daemon=True).start()
+        info = wait_ready(ready, self.proc, timeout_s=600)
+        self.port, self.metrics_port = int(info["port"]), int(info["metrics_port"])
         self.ps = psutil.Process(self.proc.pid)
         self.peak_rss = 0
         self._stop = threading.Event()

@@ -1,0 +1,52 @@
+"""The ``pretag`` command: one parser per subcommand, each built beside its layer.
+
+    export -> pretag.export.cli     serve -> pretag.server.cli
+    run    -> pretag.client.cli     bench -> pretag.bench.cli
+
+Each subcommand's handler is set on its parser; ``run`` is given the local server
+of :mod:`pretag.cli.local` for when no ``--server`` is named.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+from functools import partial
+
+from pretag.bench import cli as bench_cli
+from pretag.cli import local
+from pretag.client import cli as run_cli
+from pretag.export import cli as export_cli
+from pretag.server import cli as serve_cli
+
+log = logging.getLogger("pretag")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="pretag", description=__doc__.splitlines()[0])
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+    commands = (
+        ("export", "write a contract ONNX model", export_cli.add_arguments, export_cli.run),
+        ("serve", "run the gRPC inference server", serve_cli.add_arguments, serve_cli.run),
+        ("run", "pretag a folder of images", run_cli.add_arguments,
+         partial(run_cli.run, local_server=local.local_server)),
+        ("bench", "benchmarks (model, server, job)", bench_cli.add_arguments, bench_cli.run),
+    )
+    for name, help_text, add_arguments, handler in commands:
+        command = sub.add_parser(name, help=help_text)
+        add_arguments(command)
+        command.set_defaults(handler=handler)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(argv if argv is not None else sys.argv[1:])
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        stream=sys.stderr)
+    args.argv = argv[1:]  # recorded by the benchmarks beside their figures
+    return int(args.handler(args))
