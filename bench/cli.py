@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from pretag.bench.stats import Stability, git_commit, machine, markdown_table
+from pretag.server.config import BatchingConfig
 
 log = logging.getLogger("pretag")
 
@@ -48,12 +49,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     s.add_argument("--window-s", type=float, default=5.0, help="measurement window")
     s.add_argument("--max-windows", type=int, default=10)
     s.add_argument("--warmup-s", type=float, default=2.0)
-    s.add_argument("--max-batch-size", type=int, default=8)
+    s.add_argument("--max-batch-size", type=int, default=BatchingConfig.max_batch_size)
     s.add_argument("--image-limit", type=int, default=64)
     s.add_argument("--memory-requests", type=int, nargs="*", default=[],
                    help="also report server RSS after these cumulative request counts")
     j = sub.add_parser("job", parents=[common], help="pretag run vs in-process ONNX Runtime")
-    j.add_argument("--batch-size", type=int, default=8)
+    j.add_argument("--batch-size", type=int, default=BatchingConfig.max_batch_size)
     j.add_argument("--repeats", type=int, default=2)
 
 

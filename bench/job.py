@@ -19,6 +19,7 @@ from pretag.client.outputs import list_images
 from pretag.client.run import RunConfig
 from pretag.preprocess import preprocess
 from pretag.server.backend import OrtBackend
+from pretag.server.config import BatchingConfig
 
 log = logging.getLogger(__name__)
 
@@ -27,7 +28,7 @@ log = logging.getLogger(__name__)
 class JobBench:
     model: Path
     images: Path
-    batch_size: int = 8
+    batch_size: int = BatchingConfig.max_batch_size
     repeats: int = 2
     window: int = 32
 

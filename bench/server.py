@@ -28,6 +28,7 @@ from pretag.bench.stats import Stability, best_rows, measure_until_stable, perce
 from pretag.client.api import AsyncClient
 from pretag.client.outputs import list_images
 from pretag.server.app import wait_ready
+from pretag.server.config import BatchingConfig
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +41,7 @@ class ServerBench:
     modes: tuple[str, ...] = ("stream", "unary")
     stability: Stability = field(default_factory=Stability)
     warmup_s: float = 2.0
-    max_batch_size: int = 8
+    max_batch_size: int = BatchingConfig.max_batch_size
     image_limit: int = 64
     memory_requests: tuple[int, ...] = ()  # e.g. (500, 5000): RSS after that many requests
 

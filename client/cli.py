@@ -19,6 +19,8 @@ from pretag.token_file import TokenFileError, read_token_file
 
 log = logging.getLogger("pretag")
 
+_D = RunConfig  # defaults are set on the dataclass, once
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add = parser.add_argument
@@ -29,9 +31,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="pretag server to stream to (repeatable; default: start one in-process)")
     add("--model", type=Path, help="contract model for the in-process server (default: "
                                    "Faster R-CNN exported once into ~/.cache/pretag)")
-    add("--score-threshold", type=float, default=0.5, help="default 0.5")
-    add("--window", type=int, default=32, help="images in flight per server (default 32)")
-    add("--read-threads", type=int, default=4, help="file reading threads (default 4)")
+    add("--score-threshold", type=float, default=_D.score_threshold,
+        help=f"default {_D.score_threshold:g}")
+    add("--window", type=int, default=_D.window,
+        help=f"images in flight per server (default {_D.window}; held within each server's "
+             f"--max-queue)")
+    add("--read-threads", type=int, default=_D.read_threads,
+        help=f"file reading threads (default {_D.read_threads})")
     add("--debug-images", type=int, default=0, metavar="N",
         help="draw boxes on N images spread over the run, under DIR/report/debug")
     add("--overwrite", action="store_true",
@@ -42,9 +48,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add("--tls-ca", type=Path, help="CA bundle of the servers' certificates; enables TLS")
     add("--tls-cert", type=Path, help="client certificate for mutual TLS")
     add("--tls-key", type=Path, help="client key for mutual TLS")
-    add("--server-timeout-s", type=float, default=60.0,
-        help="give up on a server after this long failing, or answering nothing while "
-             "images are in flight; its images go to the other servers (default 60)")
+    add("--server-timeout-s", type=float, default=_D.server_timeout_s,
+        help=f"give up on a server after this long failing, or answering nothing while "
+             f"images are in flight; its images go to the other servers (default "
+             f"{_D.server_timeout_s:g})")
 
 
 def config_from_args(args: argparse.Namespace) -> RunConfig:

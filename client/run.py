@@ -35,9 +35,13 @@ from pretag.client.outputs import (
 )
 from pretag.client.report import Histogram, draw_debug_image, spread, write_histogram
 from pretag.client.stream import Job, JobState, RunError, StreamSettings, Target
+from pretag.contract import threshold_problem
 from pretag.v1 import pretag_pb2 as pb
 
 log = logging.getLogger(__name__)
+
+_S = StreamSettings  # the streaming defaults are set there, once
+
 
 @dataclass(frozen=True)
 class RunConfig:
@@ -45,16 +49,16 @@ class RunConfig:
     output_dir: Path
     servers: tuple[str, ...] = ()  # addresses; run_job needs at least one
     score_threshold: float = 0.5
-    window: int = 32
-    read_threads: int = 4
+    window: int = _S.window
+    read_threads: int = _S.read_threads
     debug_images: int = 0
     quiet: bool = False
     token: str | None = None
     root_cert: Path | None = None
     client_cert: Path | None = None
     client_key: Path | None = None
-    max_attempts: int = 8
-    server_timeout_s: float = 60.0
+    max_attempts: int = _S.max_attempts
+    server_timeout_s: float = _S.server_timeout_s
     connect_timeout_s: float = 30.0
     overwrite: bool = False  # predict every image again, whatever is in output_dir
 
@@ -226,8 +230,9 @@ def _debug_images(config: RunConfig, items: list[ImageItem], class_names: Any) -
 
 def load_listing(config: RunConfig) -> Listing:
     """The inputs of the job; RunError when there is nothing to do or a setting is wrong."""
-    if not 0 <= config.score_threshold <= 1:
-        raise RunError("--score-threshold must be in [0, 1]")
+    problem = threshold_problem(config.score_threshold, "--score-threshold")
+    if problem:
+        raise RunError(problem)
     try:
         listing = list_images(config.input)
     except InputError as exc:

@@ -11,30 +11,31 @@ log = logging.getLogger("pretag")
 FP16_HELP = "float16 network body; float32 I/O and post-processing (for GPUs)"
 
 
+def _shared(parser: argparse.ArgumentParser) -> None:
+    """Flags both exporters take."""
+    parser.add_argument("--output", required=True, type=Path)
+    parser.add_argument("--classes", choices=["driving", "coco"], default="driving")
+    parser.add_argument("--score-threshold", type=float, default=0.05)
+    parser.add_argument("--max-detections", type=int, default=100)
+    parser.add_argument("--fp16", action="store_true", help=FP16_HELP)
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     models = parser.add_subparsers(dest="model", required=True)
     frcnn = models.add_parser("fasterrcnn", help="torchvision Faster R-CNN ResNet-50 FPN")
     frcnn.add_argument("--weights", default="default",
                        help="default (torchvision COCO weights), random, or a .pth file")
-    frcnn.add_argument("--output", required=True, type=Path)
-    frcnn.add_argument("--classes", choices=["driving", "coco"], default="driving")
+    _shared(frcnn)
     frcnn.add_argument("--min-size", type=int, default=800)
     frcnn.add_argument("--max-size", type=int, default=1333)
-    frcnn.add_argument("--score-threshold", type=float, default=0.05)
-    frcnn.add_argument("--max-detections", type=int, default=100)
     frcnn.add_argument("--rpn-pre-nms-top-n", type=int, default=1000)
     frcnn.add_argument("--rpn-post-nms-top-n", type=int, default=1000)
-    frcnn.add_argument("--fp16", action="store_true", help=FP16_HELP)
     frcnn.add_argument("--seed", type=int, default=0, help="seed for --weights random")
     yolox = models.add_parser("yolox", help="adapt a YOLOX ONNX export (e.g. yolox_nano.onnx)")
     yolox.add_argument("--onnx", required=True, type=Path)
-    yolox.add_argument("--output", required=True, type=Path)
-    yolox.add_argument("--classes", choices=["driving", "coco"], default="driving")
+    _shared(yolox)
     yolox.add_argument("--input-size", type=int, default=416)
-    yolox.add_argument("--score-threshold", type=float, default=0.05)
     yolox.add_argument("--nms-threshold", type=float, default=0.45)
-    yolox.add_argument("--max-detections", type=int, default=100)
-    yolox.add_argument("--fp16", action="store_true", help=FP16_HELP)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -187,8 +187,8 @@ async def serve(config: ServerConfig, backend: Backend | None = None,
 class BackgroundServer:
     """A :class:`PretagServer` on its own event loop in a daemon thread.
 
-    Used by ``pretag run`` to embed a server and by tests; ``with`` starts it
-    (after warm-up) and drains it on exit.
+    Used by :mod:`pretag.cli.local` (``pretag run`` without ``--server``) and by tests;
+    ``with`` starts it (after warm-up) and drains it on exit.
     """
 
     def __init__(self, config: ServerConfig, backend: Backend | None = None) -> None:

@@ -149,7 +149,9 @@ def _metrics_switch(values: dict[str, Any], source: str) -> dict[str, Any]:
         raise ConfigError(f"{source}: metrics must be true or false, not {metrics!r}")
     if not metrics:
         if values.get("metrics_port") is not None:
-            raise ConfigError(f"{source}: metrics = false and metrics_port contradict each other")
+            said = ("--no-metrics and --metrics-port" if source == "flags"
+                    else f"{source}: metrics = false and metrics_port")
+            raise ConfigError(f"{said} contradict each other")
         values["metrics_port"] = None
     return values
 
