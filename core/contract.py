@@ -7,7 +7,8 @@ A contract model is one ONNX graph:
 * outputs ``boxes`` float32 [N, K, 4] (x1, y1, x2, y2 in input pixels),
   ``scores`` float32 [N, K], ``labels`` int64 [N, K] (index into the class
   names, -1 for padding), ``num_detections`` int64 [N], and optionally
-  ``embeddings`` float32 [N, D];
+  ``embeddings`` float32 [N, D] (one vector per image) and ``object_embeddings``
+  float32 [N, K, E] (one per detection slot, zeros in padding slots);
 * metadata under ``pretag.*`` keys describing classes and resizing.
 
 :func:`validate_model` checks a model against all of this and returns its
@@ -38,7 +39,10 @@ OUTPUTS: dict[str, tuple[str, tuple[int | str, ...]]] = {
 }
 OPTIONAL_OUTPUTS: dict[str, tuple[str, tuple[int | str, ...]]] = {
     "embeddings": ("tensor(float)", ("N", "D")),
+    "object_embeddings": ("tensor(float)", ("N", "K", "E")),
 }
+#: output name -> its axis holding the vector size (D or E)
+VECTOR_AXIS = {"embeddings": 1, "object_embeddings": 2}
 
 DRIVING_CLASSES: tuple[str, ...] = (
     "bicycle", "bus", "car", "motorcycle", "person", "train", "truck",
@@ -108,6 +112,10 @@ class ModelSpec:
     source_sha256: str
     contract_version: str = CONTRACT_VERSION
     embedding_dim: int | None = field(default=None, compare=False)
+    object_embedding_dim: int | None = field(default=None, compare=False)
+    #: how each vector is made, recorded in the metadata with its size (empty: no such output)
+    embedding_method: str = ""
+    object_embedding_method: str = ""
     #: arithmetic of the network body; inputs, outputs and post-processing are always as above
     precision: Literal["fp32", "fp16"] = "fp32"
 
@@ -127,6 +135,12 @@ class ModelSpec:
             META_PREFIX + "source_weights": self.source_weights,
             META_PREFIX + "source_sha256": self.source_sha256,
             META_PREFIX + "precision": self.precision,
+            **{META_PREFIX + key: json.dumps({"dim": dim, "method": method})
+               for key, dim, method in (
+                   ("embeddings", self.embedding_dim, self.embedding_method),
+                   ("object_embeddings", self.object_embedding_dim,
+                    self.object_embedding_method))
+               if method},
         }
 
     @classmethod
@@ -164,7 +178,23 @@ class ModelSpec:
             source_sha256=get("source_sha256"),
             contract_version=version,
             precision=meta.get(META_PREFIX + "precision", "fp32"),  # type: ignore[arg-type]
+            **_vector_meta(meta, "embeddings", "embedding"),
+            **_vector_meta(meta, "object_embeddings", "object_embedding"),
         )
+
+
+def _vector_meta(meta: dict[str, str], key: str, field_prefix: str) -> dict[str, Any]:
+    """ModelSpec fields from an optional ``pretag.<key>`` = {"dim": D, "method": "..."}."""
+    raw = meta.get(META_PREFIX + key)
+    if raw is None:
+        return {}
+    try:
+        data = json.loads(raw)
+        dim, method = int(data["dim"]), str(data["method"])
+    except (ValueError, TypeError, KeyError) as exc:
+        raise ContractError(f"metadata {key} must be JSON {{\"dim\": D, \"method\": "
+                            f"\"...\"}}: {exc}") from exc
+    return {f"{field_prefix}_dim": dim, f"{field_prefix}_method": method}
 
 
 IOSpec = dict[str, tuple[str, tuple[int | str, ...]]]
@@ -210,10 +240,30 @@ def validate_session(session: Any) -> ModelSpec:
     if problems or spec is None:
         raise ContractError("model does not follow pretag detector contract v1:\n  - "
                             + "\n  - ".join(problems))
-    if "embeddings" in outputs:
-        dim = outputs["embeddings"].shape[1]
-        spec = replace(spec, embedding_dim=dim if isinstance(dim, int) else None)
-    return spec
+    return _with_vectors(spec, outputs)
+
+
+def _with_vectors(spec: ModelSpec, outputs: dict[str, Any]) -> ModelSpec:
+    """The vector sizes from the graph, checked against what the metadata records."""
+    problems: list[str] = []
+    sizes: dict[str, Any] = {}
+    for name, axis in VECTOR_AXIS.items():
+        field_prefix = "embedding" if name == "embeddings" else "object_embedding"
+        recorded = getattr(spec, f"{field_prefix}_dim")
+        if name not in outputs:
+            if recorded is not None:
+                problems.append(f"metadata describes {name!r} but the graph has no such output")
+            continue
+        dim = outputs[name].shape[axis]
+        if not isinstance(dim, int):
+            problems.append(f"output {name!r} axis {axis} must be a fixed size, not {dim!r}")
+        elif recorded is not None and recorded != dim:
+            problems.append(f"metadata says {name!r} has {recorded} values, the graph {dim}")
+        sizes[f"{field_prefix}_dim"] = dim if isinstance(dim, int) else None
+    if problems:
+        raise ContractError("model does not follow pretag detector contract v1:\n  - "
+                            + "\n  - ".join(problems))
+    return replace(spec, **sizes)
 
 
 def validate_model(path: str | Path) -> ModelSpec:

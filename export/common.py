@@ -24,6 +24,7 @@ DYNAMIC_AXES: dict[str, dict[int, str]] = {
     "labels": {0: "N", 1: "K"},
     "num_detections": {0: "N"},
     "embeddings": {0: "N"},
+    "object_embeddings": {0: "N", 1: "K"},
 }
 
 
@@ -63,6 +64,13 @@ def finalize(model: Any, spec: ModelSpec, output: str | Path) -> ModelSpec:
     """Attach the contract metadata to an onnx.ModelProto, save it and validate it."""
     import onnx
 
+    sizes = {"embeddings": spec.embedding_dim, "object_embeddings": spec.object_embedding_dim}
+    for value_info in model.graph.output:  # the vector axis is fixed, as the contract says
+        size = sizes.get(value_info.name)
+        if size is not None:
+            dim = value_info.type.tensor_type.shape.dim[-1]
+            dim.Clear()
+            dim.dim_value = size
     del model.metadata_props[:]
     for key, value in sorted(spec.metadata().items()):
         entry = model.metadata_props.add()

@@ -23,10 +23,22 @@ from torchvision.ops.poolers import initLevelMapper
 from pretag.contract import DRIVING_CLASSES, ModelSpec, ResizeSpec
 from pretag.export.common import INPUT_NAMES, ExportError, finalize, trace_to_onnx
 from pretag.export.fp16 import HalfPrecision
-from pretag.export.ops import MASKED, clip_boxes, dim_min, nms_topk, pad_outputs, valid_mask
+from pretag.export.ops import (
+    MASKED,
+    clip_boxes,
+    dim_min,
+    gather_vectors,
+    nms_topk,
+    pad_outputs,
+    valid_mask,
+)
 from pretag.export.weights import COCO_CATEGORIES, load_fasterrcnn
 
-OUTPUT_NAMES = ["boxes", "scores", "labels", "num_detections", "embeddings"]
+OUTPUT_NAMES = ["boxes", "scores", "labels", "num_detections", "embeddings", "object_embeddings"]
+EMBEDDING_METHOD = ("mean of each FPN level (strides 4-64, 256 channels each) over the image's "
+                    "valid region, concatenated")
+OBJECT_EMBEDDING_METHOD = ("box head representation (output of the two-layer MLP head, "
+                           "TwoMLPHead.fc7) of the proposal each detection came from")
 
 
 def _level_tensors(objectness: Tensor, deltas: Tensor) -> tuple[Tensor, Tensor]:
@@ -85,10 +97,13 @@ class BatchedFasterRCNN(nn.Module):
         feats = list(features.values())
         proposals, proposal_valid = self._proposals(x, feats, image_sizes)
         pooled = self._roi_pool(features, proposals)
-        class_logits, box_regression = self.box_predictor(self.box_head(pooled))
-        detections = self._detections(class_logits, box_regression, proposals,
-                                      proposal_valid, image_sizes)
-        return (*detections, self._embeddings(feats, image_sizes))
+        represent = self.box_head(pooled)  # [N * P, representation size]
+        class_logits, box_regression = self.box_predictor(represent)
+        *detections, valid, candidate = self._detections(class_logits, box_regression,
+                                                         proposals, proposal_valid, image_sizes)
+        n, p = proposals.shape[:2]
+        objects = gather_vectors(represent.reshape(n, p, -1).to(torch.float32), candidate, valid)
+        return (*detections, self._embeddings(feats, image_sizes), objects)
 
     def _anchors(self, x: Tensor, feats: list[Tensor]) -> list[Tensor]:
         """Anchors per level, the same for every image of the padded batch."""
@@ -124,7 +139,7 @@ class BatchedFasterRCNN(nn.Module):
         by_level = torch.arange(len(objectness)).reshape(1, -1, 1) == level_of.unsqueeze(1)
         masked = torch.where(by_level & ok.unsqueeze(1), score.unsqueeze(1),
                              torch.full_like(score.unsqueeze(1), MASKED))
-        proposals, _, _, valid = nms_topk(box, masked, self.post_nms_top_n, self.rpn_nms)
+        proposals, _, _, valid, _ = nms_topk(box, masked, self.post_nms_top_n, self.rpn_nms)
         return proposals, valid
 
     def _roi_pool(self, features: dict[str, Tensor], proposals: Tensor) -> Tensor:
@@ -160,8 +175,9 @@ class BatchedFasterRCNN(nn.Module):
         ok = ((scores > self.score_threshold) & (wh >= 1e-2).all(dim=-1)
               & proposal_valid.unsqueeze(1))
         scores = torch.where(ok, scores, torch.full_like(scores, MASKED))
-        top = nms_topk(boxes, scores, self.max_detections, self.box_nms)
-        return pad_outputs(*top)
+        top_boxes, top_scores, labels, valid, candidate = nms_topk(
+            boxes, scores, self.max_detections, self.box_nms)
+        return (*pad_outputs(top_boxes, top_scores, labels, valid), valid, candidate)
 
     def _embeddings(self, feats: list[Tensor], image_sizes: Tensor) -> Tensor:
         """Mean of each FPN level (strides 4..64) over each image's valid region, concatenated."""
@@ -277,6 +293,9 @@ def export_fasterrcnn_model(model: FasterRCNN, cfg: FasterRCNNExport, source: st
         source_weights=source,
         source_sha256=sha256,
         precision="fp16" if cfg.fp16 else "fp32",
+        embedding_dim=256 * 5, embedding_method=EMBEDDING_METHOD,
+        object_embedding_dim=int(model.roi_heads.box_head.fc7.out_features),
+        object_embedding_method=OBJECT_EMBEDDING_METHOD,
     )
     proto = trace_to_onnx(graph, (images, sizes), INPUT_NAMES, OUTPUT_NAMES)
     return finalize(proto, spec, cfg.output)

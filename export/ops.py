@@ -72,15 +72,16 @@ def dim_min(x: Tensor, dim: int, k: int) -> int:
 
 
 def nms_topk(boxes: Tensor, scores: Tensor, k: int, iou_threshold: float
-             ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+             ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Per-class NMS per image, then the best ``k`` detections of each image.
 
     ``boxes`` is either shared by the classes, [B, M, 4], or class-specific,
     [B, C, M, 4]; ``scores`` is [B, C, M] with :data:`MASKED` marking
     candidates that must not be selected. Returns boxes [B, k', 4], scores
-    [B, k'], class indices [B, k'] and a validity mask [B, k'], sorted by
-    score, with k' = min(k, C * M). Invalid (padding) slots have score
-    :data:`MASKED` and arbitrary boxes.
+    [B, k'], class indices [B, k'], a validity mask [B, k'], sorted by
+    score, with k' = min(k, C * M), and each slot's candidate index [B, k'] into
+    M (the proposal or anchor it came from, to gather per-candidate vectors).
+    Invalid (padding) slots have score :data:`MASKED` and arbitrary boxes.
     """
     batch, classes, num = scores.shape
     if boxes.dim() == 4:
@@ -97,14 +98,21 @@ def nms_topk(boxes: Tensor, scores: Tensor, k: int, iou_threshold: float
                               torch.full_like(scores, MASKED)).reshape(batch, -1)
     top_scores, top_index = kept_scores.topk(dim_min(kept_scores, 1, k), dim=1)
     labels = torch.div(top_index, num, rounding_mode="floor")
+    candidate = top_index - labels * num
     if boxes.dim() == 4:
         flat_boxes = boxes.reshape(batch, -1, 4)
         gather_index = top_index
     else:
         flat_boxes = boxes
-        gather_index = top_index - labels * num
+        gather_index = candidate
     top_boxes = flat_boxes.gather(1, gather_index.unsqueeze(-1).expand(-1, -1, 4))
-    return top_boxes, top_scores, labels, top_scores > MASKED / 2
+    return top_boxes, top_scores, labels, top_scores > MASKED / 2, candidate
+
+
+def gather_vectors(vectors: Tensor, candidate: Tensor, valid: Tensor) -> Tensor:
+    """Per-candidate vectors [B, M, E] -> per-slot [B, k', E]; zeros in padding slots."""
+    picked = vectors.gather(1, candidate.unsqueeze(-1).expand(-1, -1, vectors.shape[-1]))
+    return torch.where(valid.unsqueeze(-1), picked, torch.zeros_like(picked))
 
 
 def clip_boxes(boxes: Tensor, image_sizes: Tensor) -> Tensor:

@@ -24,6 +24,7 @@ from torchvision.ops import box_iou
 from pretag.contract import DRIVING_CLASSES, ResizeSpec, validate_model
 from pretag.export.common import ExportError
 from pretag.export.fasterrcnn import (
+    BatchedFasterRCNN,
     FasterRCNNExport,
     class_selection,
     eager_reference,
@@ -145,7 +146,34 @@ def test_contract_and_metadata(coco_onnx):
     spec = validate_model(coco_onnx)
     assert spec.resize.policy == "shortest_edge" and spec.resize.min_size == 224
     assert spec.source_weights == "random:seed=0" and len(spec.class_names) == 80
-    assert spec.embedding_dim == 1280
+    assert spec.embedding_dim == 1280 and spec.object_embedding_dim == 1024
+    assert "FPN level" in spec.embedding_method and "fc7" in spec.object_embedding_method
+
+
+def test_object_embeddings_are_the_box_head_rows_of_the_kept_detections(model, coco_onnx,
+                                                                         images):
+    """ONNX Runtime against the same module run eagerly in PyTorch on the same tensors; and
+    each vector, put through the model's own classifier, gives back its detection's score,
+    which shows the gather picked the row of the proposal that detection came from."""
+    batch, _ = preprocess(images[:3], SMALL)
+    out = _run(coco_onnx, batch)
+    ids, _ = class_selection("coco")
+    graph = BatchedFasterRCNN(model, ids, 0.05, 100).eval()
+    with torch.inference_mode():
+        eager = graph(torch.from_numpy(batch.images), torch.from_numpy(batch.image_sizes))
+        objects = torch.from_numpy(out[5])
+        logits = model.roi_heads.box_predictor.cls_score(objects)
+        rescored = torch.softmax(logits, -1)
+    scale = float(np.abs(out[5]).max())  # about 20; float sums of a 12544 -> 1024 MLP
+    np.testing.assert_allclose(out[5], eager[5].numpy(), rtol=0, atol=1e-4 * scale)
+    assert out[5].shape[2] == 1024
+    for i in range(3):
+        n = int(out[3][i])
+        assert n >= 20
+        class_ids = torch.tensor(ids)[torch.from_numpy(out[2][i, :n])]
+        recomputed = rescored[i, torch.arange(n), class_ids].numpy()
+        np.testing.assert_allclose(recomputed, out[1][i, :n], rtol=0, atol=1e-4)
+        assert (out[5][i, n:] == 0).all() and np.abs(out[5][i, :n]).sum(axis=1).min() > 0
 
 
 def test_fp16_graph_agrees_with_fp32(model, coco_onnx, images, tmp_path):
