@@ -5,6 +5,12 @@ it go two small graphs traced from torch: ``pre`` (uint8 RGB -> float BGR,
 pixels outside each image set to the letterbox value) and ``post`` (grid
 decoding, score = objectness x class score, class filter, per-class NMS and
 padding to K, all batched).
+
+Embeddings come from the same pass: the head's input at each level (the PAFPN
+outputs) and the head's stem (the 1x1 conv every level starts with, one width
+for all levels) are exposed from the original graph. The image vector is the
+valid-region mean of each head input, concatenated; the object vector is the
+stem output at the grid cell and level of the anchor that made the detection.
 """
 
 from __future__ import annotations
@@ -28,7 +34,14 @@ from pretag.export.common import (
     trace_to_onnx,
 )
 from pretag.export.fp16 import onnx_to_fp16
-from pretag.export.ops import MASKED, clip_boxes, nms_topk, pad_outputs, valid_mask
+from pretag.export.ops import (
+    MASKED,
+    clip_boxes,
+    gather_vectors,
+    nms_topk,
+    pad_outputs,
+    valid_mask,
+)
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +59,13 @@ COCO80: tuple[str, ...] = (
     "toothbrush",
 )
 STRIDES = (8, 16, 32)
-AXES = {**DYNAMIC_AXES, "canvas": {0: "N", 2: "H", 3: "W"}, "raw": {0: "N", 1: "A"}}
+FEATURES = [f"head_in{i}" for i in range(3)] + [f"stem{i}" for i in range(3)]
+AXES = {**DYNAMIC_AXES, "canvas": {0: "N", 2: "H", 3: "W"}, "raw": {0: "N", 1: "A"},
+        **{name: {0: "N", 2: f"h{name}", 3: f"w{name}"} for name in FEATURES}}
+EMBEDDING_METHOD = ("mean of the head's input at each level (PAFPN outputs, strides 8, 16, "
+                    "32) over the image's valid region, concatenated")
+OBJECT_EMBEDDING_METHOD = ("head stem output (the 1x1 conv each level starts with) at the grid "
+                           "cell and level of the anchor that produced the detection")
 LETTERBOX_VALUE = 114
 
 
@@ -86,7 +105,10 @@ class YoloxPost(nn.Module):
         self.nms_threshold = float(nms_threshold)
         self.max_detections = int(max_detections)
 
-    def forward(self, raw: Tensor, image_sizes: Tensor, canvas: Tensor) -> tuple[Tensor, ...]:
+    def forward(self, raw: Tensor, image_sizes: Tensor, canvas: Tensor, *features: Tensor
+                ) -> tuple[Tensor, ...]:
+        """``features``: the head input of each level, then the stem output of each level."""
+        head_inputs, stems = features[:3], features[3:]
         grids, strides = [], []
         for stride in STRIDES:
             ys = torch.arange(canvas.shape[2] // stride)
@@ -103,7 +125,74 @@ class YoloxPost(nn.Module):
         scores = (raw[..., 4:5] * raw[..., 5:]).index_select(2, self.class_ids).permute(0, 2, 1)
         scores = torch.where(scores > self.score_threshold, scores,
                              torch.full_like(scores, MASKED))
-        return pad_outputs(*nms_topk(boxes, scores, self.max_detections, self.nms_threshold))
+        top_boxes, top_scores, labels, valid, anchor = nms_topk(
+            boxes, scores, self.max_detections, self.nms_threshold)
+        per_anchor = torch.cat([s.flatten(2).transpose(1, 2) for s in stems], dim=1)
+        return (*pad_outputs(top_boxes, top_scores, labels, valid),
+                image_vectors(head_inputs, image_sizes),
+                gather_vectors(per_anchor, anchor, valid))
+
+
+def image_vectors(levels: tuple[Tensor, ...], image_sizes: Tensor) -> Tensor:
+    """The mean of each level over each image's valid region, concatenated: [N, sum C]."""
+    pooled = []
+    for stride, f in zip(STRIDES, levels, strict=True):
+        mask = valid_mask(image_sizes, f.shape[-2], f.shape[-1], stride).to(f.dtype)
+        pooled.append((f * mask).sum(dim=(2, 3)) / mask.sum(dim=(2, 3)).clamp(min=1.0))
+    return torch.cat(pooled, dim=1)
+
+
+def head_tensors(graph: Any) -> tuple[list[str], list[str], list[int], int]:
+    """Names of the head input and the stem output of each level in a YOLOX graph, the
+    head inputs' channel counts and the stem width, found by structure.
+
+    Each level ends in Concat(box, objectness, classes); the stem output is the nearest
+    tensor both the box and the class branch grow from, and the head input is what the
+    stem's convolution reads.
+    """
+    from onnx import numpy_helper
+
+    producer = {out: node for node in graph.node for out in node.output}
+    weights = {t.name: numpy_helper.to_array(t).shape for t in graph.initializer}
+
+    def chain(name: str) -> list[str]:
+        names = []
+        while name in producer:
+            names.append(name)
+            name = producer[name].input[0]
+        return names
+
+    levels = producer[producer[graph.output[0].name].input[0]]  # Transpose <- Concat
+    head_inputs, stems, channels, widths = [], [], [], set()
+    for reshaped in levels.input:
+        box, _, classes = producer[producer[reshaped].input[0]].input
+        class_chain = set(chain(classes))
+        stem = next(t for t in chain(box) if t in class_chain)
+        conv = producer[producer[stem].input[0]]
+        if conv.op_type != "Conv":
+            raise ExportError(f"unexpected YOLOX head: {conv.op_type} makes the stem")
+        out_c, in_c = weights[conv.input[1]][:2]
+        head_inputs.append(conv.input[0])
+        stems.append(stem)
+        channels.append(int(in_c))
+        widths.add(int(out_c))
+    if len(head_inputs) != 3 or len(widths) != 1:
+        raise ExportError("expected three head levels with one stem width")
+    return head_inputs, stems, channels, widths.pop()
+
+
+def expose_head(model: Any) -> tuple[list[int], int]:
+    """Make the head inputs and stem outputs outputs of the graph (named as FEATURES)."""
+    from onnx import TensorProto, helper
+
+    graph = model.graph
+    head_inputs, stems, channels, width = head_tensors(graph)
+    for name, source, size in zip(FEATURES, head_inputs + stems, channels + [width] * 3,
+                                  strict=True):
+        graph.node.append(helper.make_node("Identity", [source], [name], name=f"expose_{name}"))
+        graph.output.append(helper.make_tensor_value_info(
+            name, TensorProto.FLOAT, ["N", size, f"h{name}", f"w{name}"]))
+    return channels, width
 
 
 def load_original(path: Path) -> Any:
@@ -165,6 +254,7 @@ def build_graph(original: Any, pre: Any, post: Any) -> Any:
     out_name = "yolox/" + original.graph.output[0].name
     _rename(post.graph, "post/", {"raw": out_name, "image_sizes": "image_sizes",
                                   "canvas": "yolox/images",
+                                  **{name: "yolox/" + name for name in FEATURES},
                                   **{o.name: o.name for o in post.graph.output}})
     nodes = [*pre.graph.node, *original.graph.node, *post.graph.node]
     inits = [*pre.graph.initializer, *original.graph.initializer, *post.graph.initializer]
@@ -185,6 +275,7 @@ def export_yolox(cfg: YoloxExport) -> ModelSpec:
         raise ExportError(f"unknown class set {cfg.classes!r}; use driving or coco")
     class_ids = [COCO80.index(n) for n in class_names]
     original = load_original(cfg.onnx)
+    channels, width = expose_head(original)  # before fp16: they come out as float32
     if cfg.fp16:
         original = onnx_to_fp16(original)
     size = cfg.input_size
@@ -193,11 +284,14 @@ def export_yolox(cfg: YoloxExport) -> ModelSpec:
     pre = trace_to_onnx(YoloxPre(), (images, sizes), INPUT_NAMES, ["canvas"], AXES)
     anchors = sum((size // s) ** 2 for s in STRIDES)
     raw = torch.rand(2, anchors, 85)
+    features = [torch.rand(2, c, size // s, size // s)
+                for c, s in zip(channels + [width] * 3, STRIDES * 2, strict=True)]
     post_module = YoloxPost(class_ids, cfg.score_threshold, cfg.nms_threshold,
                             cfg.max_detections)
-    post = trace_to_onnx(post_module, (raw, sizes, images.float()),
-                         ["raw", "image_sizes", "canvas"],
-                         ["boxes", "scores", "labels", "num_detections"], AXES)
+    post = trace_to_onnx(post_module, (raw, sizes, images.float(), *features),
+                         ["raw", "image_sizes", "canvas", *FEATURES],
+                         ["boxes", "scores", "labels", "num_detections", "embeddings",
+                          "object_embeddings"], AXES)
     model = build_graph(original, pre, post)
     spec = ModelSpec(
         name="yolox_nano-" + cfg.classes,
@@ -209,5 +303,7 @@ def export_yolox(cfg: YoloxExport) -> ModelSpec:
         source_weights=f"file:{cfg.onnx.name}",
         source_sha256=sha256_file(cfg.onnx),
         precision="fp16" if cfg.fp16 else "fp32",
+        embedding_dim=sum(channels), embedding_method=EMBEDDING_METHOD,
+        object_embedding_dim=width, object_embedding_method=OBJECT_EMBEDDING_METHOD,
     )
     return finalize(model, spec, cfg.output)

@@ -66,7 +66,8 @@ def contract_predict(session: ort.InferenceSession, paths: list[Path], spec, bat
         chunk = paths[start:start + batch_size]
         batch, originals = preprocess([p.read_bytes() for p in chunk], spec.resize)
         boxes, scores, labels, counts = session.run(
-            None, {"images": batch.images, "image_sizes": batch.image_sizes})
+            ["boxes", "scores", "labels", "num_detections"],
+            {"images": batch.images, "image_sizes": batch.image_sizes})
         for i, path in enumerate(chunk):
             n = int(counts[i])
             norm = normalize_boxes(boxes[i, :n], tuple(batch.image_sizes[i]))
@@ -118,6 +119,63 @@ def test_batch_of_four_equals_single(yolox_model, coco_images):
         np.testing.assert_array_equal(a.boxes, b.boxes)
         np.testing.assert_array_equal(a.scores, b.scores)
         assert a.labels == b.labels
+
+
+def _outputs(session: ort.InferenceSession, paths: list[Path], spec) -> dict[str, np.ndarray]:
+    batch, _ = preprocess([p.read_bytes() for p in paths], spec.resize)
+    names = [o.name for o in session.get_outputs()]
+    out = session.run(names, {"images": batch.images, "image_sizes": batch.image_sizes})
+    return {"image_sizes": batch.image_sizes, "canvas": batch.images, **dict(zip(names, out,
+                                                                                strict=True))}
+
+
+def test_embeddings_match_numpy_from_the_original_graph(yolox_model, yolox_original,
+                                                        coco_images):
+    """Image vectors: valid-region means of the head inputs; object vectors: the stem output
+    at the anchor of each detection, found again from the raw scores and boxes."""
+    from pretag.export.yolox import expose_head, load_original
+
+    spec = validate_model(yolox_model)
+    assert (spec.embedding_dim, spec.object_embedding_dim) == (64 + 128 + 256, 64)
+    original = load_original(yolox_original)
+    expose_head(original)
+    plain = ort.InferenceSession(original.SerializeToString(), providers=["CPUExecutionProvider"])
+    session = ort.InferenceSession(str(yolox_model), providers=["CPUExecutionProvider"])
+    ids = [COCO80.index(n) for n in DRIVING_CLASSES]
+    checked = 0
+    for path in coco_images[60:66]:
+        ours = _outputs(session, [path], spec)
+        bgr = ours["canvas"][:, ::-1].astype(np.float32)  # the letterbox value is already 114
+        raw, *feats = plain.run(None, {"images": bgr})
+        h, w = ours["image_sizes"][0]
+        means = [f[0, :, :-(-h // s), :-(-w // s)].mean(axis=(1, 2))
+                 for f, s in zip(feats[:3], (8, 16, 32), strict=True)]
+        np.testing.assert_allclose(ours["embeddings"][0], np.concatenate(means), rtol=1e-4,
+                                   atol=1e-4)
+        per_anchor = np.concatenate([f[0].reshape(f.shape[1], -1).T for f in feats[3:]])
+        scores = raw[0, :, 4:5] * raw[0, :, 5:][:, ids]
+        for k in range(int(ours["num_detections"][0])):
+            label, score = ours["labels"][0, k], ours["scores"][0, k]
+            anchor = int(np.argmin(np.abs(scores[:, label] - score)))
+            assert abs(scores[anchor, label] - score) < 1e-5
+            np.testing.assert_allclose(ours["object_embeddings"][0, k], per_anchor[anchor],
+                                       rtol=1e-5, atol=1e-5)
+            checked += 1
+        assert (ours["object_embeddings"][0, int(ours["num_detections"][0]):] == 0).all()
+    assert checked >= 20
+
+
+def test_vectors_of_a_batch_of_eight_equal_single_runs(yolox_model, coco_images):
+    spec = validate_model(yolox_model)
+    session = ort.InferenceSession(str(yolox_model), providers=["CPUExecutionProvider"])
+    paths = coco_images[60:68]
+    eight = _outputs(session, paths, spec)
+    for i, path in enumerate(paths):
+        one = _outputs(session, [path], spec)
+        np.testing.assert_array_equal(one["embeddings"][0], eight["embeddings"][i])
+        n = int(one["num_detections"][0])
+        np.testing.assert_array_equal(one["object_embeddings"][0, :n],
+                                      eight["object_embeddings"][i, :n])
 
 
 def test_original_file_is_not_a_contract_model(yolox_original):
