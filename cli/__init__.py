@@ -1,7 +1,7 @@
 """The ``pretag`` command: one parser per subcommand, each built beside its layer.
 
     export -> pretag.export.cli     serve -> pretag.server.cli
-    run    -> pretag.client.cli     bench -> pretag.bench.cli
+    run, embeddings -> pretag.client.cli     bench -> pretag.bench.cli
 
 Each subcommand's handler is set on its parser; ``run`` is given the local server
 of :mod:`pretag.cli.local` for when no ``--server`` is named.
@@ -33,6 +33,8 @@ def build_parser() -> argparse.ArgumentParser:
         ("serve", "run the gRPC inference server", serve_cli.add_arguments, serve_cli.run),
         ("run", "pretag a folder of images", run_cli.add_arguments,
          partial(run_cli.run, local_server=local.local_server)),
+        ("embeddings", "a run's stored vectors (export)", run_cli.add_embeddings_arguments,
+         run_cli.run_embeddings),
         ("bench", "benchmarks (model, server, job)", bench_cli.add_arguments, bench_cli.run),
     )
     for name, help_text, add_arguments, handler in commands:

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+import numpy as np
 
 from pretag.v1 import pretag_pb2 as pb
 from pretag.v1 import pretag_pb2_grpc as pb_grpc
@@ -96,9 +97,18 @@ def _from_rpc(exc: grpc.RpcError, connection: Connection | None = None) -> Preta
     return error_from(code, details)
 
 
+#: what to ask for beside the detections (DetectRequest.embeddings)
+EMBEDDINGS = {"none": pb.EMBEDDINGS_NONE, "image": pb.EMBEDDINGS_IMAGE,
+              "objects": pb.EMBEDDINGS_OBJECTS, "all": pb.EMBEDDINGS_ALL}
+
+
 @dataclass(frozen=True)
 class Prediction:
-    """One image's answer. Boxes are (x1, y1, x2, y2) normalised to [0, 1]."""
+    """One image's answer. Boxes are (x1, y1, x2, y2) normalised to [0, 1].
+
+    ``embedding`` [D] and ``object_embeddings`` [n, E] (a row per detection) are set
+    when they were asked for.
+    """
 
     id: str
     boxes: list[tuple[float, float, float, float]] = field(default_factory=list)
@@ -110,15 +120,22 @@ class Prediction:
     compute_ms: float = 0.0
     batch_size: int = 0
     error: PretagError | None = None
+    embedding: np.ndarray | None = None
+    object_embeddings: np.ndarray | None = None
 
     @classmethod
     def from_proto(cls, r: pb.DetectResponse) -> Prediction:
         if r.status.code != 0:
             return cls(r.id, error=error_from(r.status.code, r.status.message))
-        return cls(r.id, [(d.x1, d.y1, d.x2, d.y2) for d in r.detections],
-                   [d.label for d in r.detections], [d.score for d in r.detections],
-                   r.width, r.height, r.timing.queue_ms, r.timing.compute_ms,
-                   r.timing.batch_size)
+        dets = r.detections
+        objects = None
+        if dets and len(dets[0].embedding):
+            objects = np.array([d.embedding for d in dets], dtype=np.float32)
+        return cls(r.id, [(d.x1, d.y1, d.x2, d.y2) for d in dets], [d.label for d in dets],
+                   [d.score for d in dets], r.width, r.height, r.timing.queue_ms,
+                   r.timing.compute_ms, r.timing.batch_size,
+                   embedding=np.array(r.embedding, dtype=np.float32) if len(r.embedding)
+                   else None, object_embeddings=objects)
 
 
 @dataclass(frozen=True)
@@ -149,8 +166,9 @@ class Connection:
         return (("authorization", f"Bearer {self.token}"),) if self.token else None
 
 
-def _request(item_id: str, image: bytes, threshold: float | None) -> pb.DetectRequest:
-    request = pb.DetectRequest(id=item_id, image=image)
+def _request(item_id: str, image: bytes, threshold: float | None,
+             embeddings: str = "none") -> pb.DetectRequest:
+    request = pb.DetectRequest(id=item_id, image=image, embeddings=EMBEDDINGS[embeddings])
     if threshold is not None:
         request.score_threshold = threshold
     return request
@@ -169,17 +187,19 @@ class Client:
         self._stub = pb_grpc.PretaggerStub(self._channel)
 
     def detect(self, image: bytes, id: str = "", score_threshold: float | None = None,
-               timeout: float | None = None) -> Prediction:
+               timeout: float | None = None, embeddings: str = "none") -> Prediction:
+        """``embeddings``: none, image, objects or all (vectors from the same pass)."""
         try:
-            response = self._stub.Detect(_request(id, image, score_threshold), timeout=timeout,
-                                         metadata=self.connection.metadata())
+            response = self._stub.Detect(_request(id, image, score_threshold, embeddings),
+                                         timeout=timeout, metadata=self.connection.metadata())
         except grpc.RpcError as exc:
             raise _from_rpc(exc, self.connection) from None
         return Prediction.from_proto(response)
 
     def detect_stream(self, items: Iterable[tuple[str, bytes]],
                       score_threshold: float | None = None, timeout: float | None = None,
-                      window: int | None = None) -> Iterator[Prediction]:
+                      window: int | None = None, embeddings: str = "none"
+                      ) -> Iterator[Prediction]:
         """(id, image) pairs in, predictions out as they finish (any order).
 
         ``window`` bounds the requests in flight; items are read lazily.
@@ -190,7 +210,7 @@ class Client:
             for item_id, data in items:
                 if slots is not None:
                     slots.acquire()
-                yield _request(item_id, data, score_threshold)
+                yield _request(item_id, data, score_threshold, embeddings)
 
         try:
             for response in self._stub.DetectStream(requests(), timeout=timeout,
@@ -231,9 +251,9 @@ class AsyncClient:
         self._stub = pb_grpc.PretaggerStub(self._channel)
 
     async def detect(self, image: bytes, id: str = "", score_threshold: float | None = None,
-                     timeout: float | None = None) -> Prediction:
+                     timeout: float | None = None, embeddings: str = "none") -> Prediction:
         try:
-            response = await self._stub.Detect(_request(id, image, score_threshold),
+            response = await self._stub.Detect(_request(id, image, score_threshold, embeddings),
                                                timeout=timeout,
                                                metadata=self.connection.metadata())
         except grpc.RpcError as exc:
@@ -243,7 +263,8 @@ class AsyncClient:
     async def detect_stream(self, items: AsyncIterable[tuple[str, bytes]],
                             score_threshold: float | None = None,
                             timeout: float | None = None,
-                            window: int | None = None) -> AsyncIterator[Prediction]:
+                            window: int | None = None,
+                            embeddings: str = "none") -> AsyncIterator[Prediction]:
         """(id, image) pairs in, predictions out as they finish; ``window`` bounds in-flight."""
         slots = asyncio.Semaphore(window) if window else None
 
@@ -251,7 +272,7 @@ class AsyncClient:
             async for item_id, data in items:
                 if slots is not None:
                     await slots.acquire()
-                yield _request(item_id, data, score_threshold)
+                yield _request(item_id, data, score_threshold, embeddings)
 
         call = self._stub.DetectStream(requests(), timeout=timeout,
                                        metadata=self.connection.metadata())

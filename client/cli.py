@@ -15,6 +15,7 @@ from pathlib import Path
 
 from pretag.client.report import summary_table
 from pretag.client.run import RunConfig, RunError, RunSummary, load_listing, run_job
+from pretag.client.vectors import MODES, embeddings_dir, write_csv
 from pretag.token_file import TokenFileError, read_token_file
 
 log = logging.getLogger("pretag")
@@ -40,6 +41,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help=f"file reading threads (default {_D.read_threads})")
     add("--debug-images", type=int, default=0, metavar="N",
         help="draw boxes on N images spread over the run, under DIR/report/debug")
+    add("--embeddings", choices=MODES,
+        help="vectors to store beside the predictions, from the same pass, as Parquet under "
+             "DIR/.lightly/embeddings (default: image vectors when the model has them)")
     add("--overwrite", action="store_true",
         help="predict every image again (default: resume, keeping existing predictions "
              "if they were made with the same model and threshold)")
@@ -62,7 +66,7 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
                      debug_images=args.debug_images, quiet=args.quiet, token=token,
                      root_cert=args.tls_ca, client_cert=args.tls_cert,
                      client_key=args.tls_key, server_timeout_s=args.server_timeout_s,
-                     overwrite=args.overwrite)
+                     overwrite=args.overwrite, embeddings=args.embeddings)
 
 
 def format_summary(summary: RunSummary, output_dir: Path) -> str:
@@ -105,3 +109,31 @@ def run(args: argparse.Namespace, local_server: LocalServer | None = None) -> in
         return 130
     sys.stdout.write(format_summary(summary, args.output_dir))
     return summary.exit_code
+
+
+def add_embeddings_arguments(parser: argparse.ArgumentParser) -> None:
+    sub = parser.add_subparsers(dest="action", required=True)
+    export = sub.add_parser("export", help="write a run's image vectors in another format")
+    export.add_argument("dir", type=Path, help="the --output-dir of a pretag run")
+    export.add_argument("--format", choices=["csv"], default="csv",
+                        help="csv: Lightly's embeddings.csv (filenames, embedding_0.., labels)")
+    export.add_argument("--output", type=Path,
+                        help="default DIR/.lightly/embeddings/lightly_pretagging/embeddings.csv")
+
+
+def run_embeddings(args: argparse.Namespace) -> int:
+    output = args.output or embeddings_dir(args.dir) / "embeddings.csv"
+    if not embeddings_dir(args.dir).is_dir():
+        log.error("%s holds no vectors (run pretag run --embeddings image first)", args.dir)
+        return 2
+    tmp = output.with_name(f".{output.name}.tmp")
+    try:
+        with tmp.open("w", newline="") as out:
+            rows = write_csv(args.dir, out)
+        tmp.replace(output)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        log.error("cannot write %s: %s", output, exc)
+        return 2
+    log.info("wrote %d rows to %s", rows, output)
+    return 0 if rows else 3

@@ -12,6 +12,7 @@ import asyncio
 import dataclasses
 import json
 import logging
+import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -35,6 +36,7 @@ from pretag.client.outputs import (
 )
 from pretag.client.report import Histogram, draw_debug_image, spread, write_histogram
 from pretag.client.stream import Job, JobState, RunError, StreamSettings, Target
+from pretag.client.vectors import VectorStore, embeddings_dir
 from pretag.contract import threshold_problem
 from pretag.v1 import pretag_pb2 as pb
 
@@ -61,6 +63,7 @@ class RunConfig:
     server_timeout_s: float = _S.server_timeout_s
     connect_timeout_s: float = 30.0
     overwrite: bool = False  # predict every image again, whatever is in output_dir
+    embeddings: str | None = None  # none|image|objects|all; None: image if the model has them
 
     def with_servers(self, servers: tuple[str, ...]) -> RunConfig:
         return dataclasses.replace(self, servers=servers)
@@ -84,9 +87,10 @@ class RunSummary:
         return 3 if self.failed else 0
 
 
-def _resume(config: RunConfig, items: list[ImageItem], hist: Histogram
-            ) -> tuple[list[ImageItem], list[dict[str, Any]]]:
-    """Images still to do; those with a readable prediction are counted and skipped."""
+def _resume(config: RunConfig, items: list[ImageItem], hist: Histogram,
+            vectors: VectorStore | None) -> tuple[list[ImageItem], list[dict[str, Any]]]:
+    """Images still to do; those with a readable prediction (and their vectors, when
+    vectors are stored) are counted and skipped."""
     todo: list[ImageItem] = []
     errors: list[dict[str, Any]] = []
     seen: dict[Path, str] = {}
@@ -99,11 +103,25 @@ def _resume(config: RunConfig, items: list[ImageItem], hist: Histogram
             continue
         seen[target] = item.name
         entry = read_prediction(config.output_dir, item.name)
-        if entry is None:
+        if entry is None or (vectors is not None and vectors.needs(item.name)):
             todo.append(item)
         else:
             hist.add(entry)
     return todo, errors
+
+
+def vector_mode(config: RunConfig, info: pb.ModelInfoResponse) -> str:
+    """The vectors to store: as asked, or by default the image vectors when the model
+    gives them. Asking for vectors the model does not give is an error."""
+    if config.embeddings is None:
+        return "image" if info.embedding_dim else "none"
+    if config.embeddings in ("image", "all") and not info.embedding_dim:
+        raise RunError(f"--embeddings {config.embeddings}: model {info.name} gives no image "
+                       f"vectors")
+    if config.embeddings in ("objects", "all") and not info.object_embedding_dim:
+        raise RunError(f"--embeddings {config.embeddings}: model {info.name} gives no object "
+                       f"vectors (re-export it with this version of pretag)")
+    return config.embeddings
 
 
 async def check_servers(connections: list[Connection], timeout_s: float
@@ -155,6 +173,7 @@ def _check_settings(config: RunConfig, settings: dict[str, Any], items: list[Ima
     if config.overwrite:
         for item in items:
             prediction_path(config.output_dir, item.name).unlink(missing_ok=True)
+        shutil.rmtree(embeddings_dir(config.output_dir), ignore_errors=True)
     write_settings(config.output_dir, settings)
 
 
@@ -186,7 +205,9 @@ def _stream(config: RunConfig, addresses: tuple[str, ...], listing: Listing,
     _check_settings(config, run_settings(config, info), items)
     write_task_files(config.output_dir, class_names)
     hist = Histogram(class_names)
-    todo, name_errors = _resume(config, items, hist)
+    mode = vector_mode(config, info)
+    vectors = None if mode == "none" else VectorStore(config.output_dir, mode)
+    todo, name_errors = _resume(config, items, hist, vectors)
     skipped = len(items) - len(todo) - len(name_errors)
     if skipped:
         log.info("resuming: %d of %d images already have predictions", skipped, len(items))
@@ -197,10 +218,12 @@ def _stream(config: RunConfig, addresses: tuple[str, ...], listing: Listing,
               disable=config.quiet, smoothing=0.1, postfix={"failed": len(state.errors)}
               ) as progress:
         settings = StreamSettings(config.score_threshold, config.window, config.read_threads,
-                                  config.max_attempts, config.server_timeout_s)
+                                  config.max_attempts, config.server_timeout_s,
+                                  embeddings=mode)
         targets = [Target.of(c, i, config.window) for c, i in zip(connections, infos,
                                                                     strict=True)]
-        job = Job(targets, todo, config.output_dir, state, settings, progress, on_result)
+        job = Job(targets, todo, config.output_dir, state, settings, progress, on_result,
+                  vectors=vectors)
         try:
             asyncio.run(job.run())
         finally:

@@ -30,6 +30,7 @@ from tqdm import tqdm
 from pretag.client.api import AsyncClient, Connection, Prediction, PretagError
 from pretag.client.outputs import ImageItem, make_entry, write_prediction
 from pretag.client.report import Histogram
+from pretag.client.vectors import VectorStore
 from pretag.v1 import pretag_pb2 as pb
 
 log = logging.getLogger(__name__)
@@ -56,6 +57,7 @@ class StreamSettings:
     server_timeout_s: float = 60.0  # a server failing, or silent with work, this long is dropped
     backoff_first_s: float = 0.25  # a failing server is retried after this, then twice as long
     backoff_max_s: float = 10.0
+    embeddings: str = "none"  # vectors asked for beside the detections: none|image|objects|all
 
 
 @dataclass(frozen=True)
@@ -108,7 +110,8 @@ class StreamClient(Protocol):
     async def __aexit__(self, *exc: object) -> None: ...
 
     def detect_stream(self, items: AsyncIterable[tuple[str, bytes]],
-                      score_threshold: float | None = None) -> AsyncIterator[Prediction]: ...
+                      score_threshold: float | None = None, *,
+                      embeddings: str = "none") -> AsyncIterator[Prediction]: ...
 
 
 Connect = Callable[[Connection], StreamClient]
@@ -123,8 +126,9 @@ class Job:
     def __init__(self, targets: list[Target], todo: list[ImageItem], output_dir: Path,
                  state: JobState, settings: StreamSettings, progress: tqdm,
                  on_result: Callable[[str, bool], None] | None = None,
-                 connect: Connect = AsyncClient) -> None:
+                 connect: Connect = AsyncClient, vectors: VectorStore | None = None) -> None:
         self.connect = connect
+        self.vectors = vectors
         self.targets = targets
         self.todo = todo
         self.output_dir = output_dir
@@ -154,6 +158,7 @@ class Job:
             for task in [*tasks, *workers, done_wait, all_workers]:
                 task.cancel()
             await asyncio.gather(*tasks, *workers, return_exceptions=True)
+            await self._flush_vectors()
             self.pool.shutdown(wait=True)
         if self.fatal is not None:
             raise self.fatal
@@ -244,7 +249,8 @@ class Job:
                        address: str) -> str:
         try:
             async for pred in client.detect_stream(self._feed(attempt, backoff),
-                                                   self.settings.threshold):
+                                                   self.settings.threshold,
+                                                   embeddings=self.settings.embeddings):
                 attempt.answered()
                 work = attempt.inflight.pop(pred.id, None)
                 if work is not None:
@@ -284,6 +290,18 @@ class Job:
             attempt.sent(work)
             yield work.item.name, work.data
 
+    async def _flush_vectors(self) -> None:
+        """Write the vectors of the images finished so far, whatever ended the job."""
+        shard = self.vectors.take() if self.vectors is not None else None
+        if shard is None or self.vectors is None:
+            return
+        try:
+            await asyncio.get_running_loop().run_in_executor(self.pool, self.vectors.write,
+                                                             shard)
+        except OSError as exc:
+            if self.fatal is None:
+                self.fatal = RunError(f"cannot write vectors to {self.vectors.root}: {exc}")
+
     def _stop(self, fatal: RunError) -> None:
         """End the job now: every later image would fail the same way."""
         if self.fatal is None:
@@ -298,6 +316,11 @@ class Job:
             try:
                 await asyncio.get_running_loop().run_in_executor(
                     self.pool, write_prediction, self.output_dir, entry)
+                if self.vectors is not None:
+                    shard = self.vectors.add(work.item.name, pred)
+                    if shard is not None:
+                        await asyncio.get_running_loop().run_in_executor(
+                            self.pool, self.vectors.write, shard)
             except OSError as exc:
                 if exc.errno in _DISK_ERRNOS:
                     self._stop(RunError(f"cannot write predictions to {self.output_dir}: "

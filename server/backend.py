@@ -38,6 +38,7 @@ class Outputs:
     labels: np.ndarray  # int64 [N, K]
     num_detections: np.ndarray  # int64 [N]
     embeddings: np.ndarray | None = None  # float32 [N, D]
+    object_embeddings: np.ndarray | None = None  # float32 [N, K, E]
 
 
 class Backend(Protocol):
@@ -135,4 +136,4 @@ class OrtBackend:
             self._pool.put(session)
         out = dict(zip(self._outputs, values, strict=True))
         return Outputs(out["boxes"], out["scores"], out["labels"], out["num_detections"],
-                       out.get("embeddings"))
+                       out.get("embeddings"), out.get("object_embeddings"))

@@ -59,6 +59,7 @@ class Raw:
     labels: np.ndarray
     valid: tuple[int, int]
     embedding: np.ndarray | None
+    object_embeddings: np.ndarray | None  # [n, E], one row per valid detection
 
 
 @dataclass(frozen=True)
@@ -72,7 +73,8 @@ class Result:
     width: int
     height: int
     info: BatchInfo
-    embedding: np.ndarray | None = None
+    embedding: np.ndarray | None = None  # [D]
+    object_embeddings: np.ndarray | None = None  # [n, E], aligned with boxes
 
 
 class Engine:
@@ -214,7 +216,9 @@ class Engine:
             n = int(out.num_detections[i])
             raws.append(Raw(out.boxes[i, :n], out.scores[i, :n], out.labels[i, :n],
                             prepared.image.shape[:2],
-                            None if out.embeddings is None else out.embeddings[i]))
+                            None if out.embeddings is None else out.embeddings[i],
+                            None if out.object_embeddings is None
+                            else out.object_embeddings[i, :n]))
         return raws
 
     def _finish(self, raw: Raw, prepared: Prepared, info: BatchInfo,
@@ -225,6 +229,8 @@ class Engine:
         height, width = prepared.original
         if self.metrics is not None:
             self.metrics.observe_request(info)
+        objects = None if raw.object_embeddings is None else raw.object_embeddings[keep]
         return Result(normalize_boxes(raw.boxes[keep], raw.valid),
                       raw.scores[keep].astype(np.float32),
-                      tuple(names[i] for i in ids), ids, width, height, info, raw.embedding)
+                      tuple(names[i] for i in ids), ids, width, height, info, raw.embedding,
+                      objects)

@@ -6,7 +6,12 @@ image: ``boxes`` FP32 [N, K, 4] normalised to [0, 1], ``scores`` FP32 [N, K],
 ``labels`` INT64 [N, K] (class index, -1 for padding), ``num_detections``
 INT64 [N]. K is the largest detection count in the request. An optional
 request parameter ``score_threshold`` (double) overrides the server default.
-Class names are in the ``pretag.v1.Pretagger/ModelInfo`` answer. A request is
+These four are returned when the request lists no outputs. Listed by name (Triton's
+convention), the model's vectors come too: ``embeddings`` FP32 [N, D] and
+``object_embeddings`` FP32 [N, K, E] (zeros in padding slots). Class names, as Triton's
+classification extension gives them: ``labels`` requested with the ``classification``
+parameter k (tritonclient's ``InferRequestedOutput("labels", class_count=k)``) comes
+back as BYTES [N, min(k, K)] of ``"score:index:name"`` (empty in padding slots). A request is
 admitted as a whole (RESOURCE_EXHAUSTED when the queue cannot take all of its
 images now, INVALID_ARGUMENT when it holds more than ``--max-queue`` images).
 """
@@ -21,6 +26,7 @@ import grpc
 import numpy as np
 
 import pretag
+from pretag.contract import ModelSpec
 from pretag.kserve_v2 import grpc_service_pb2 as kpb
 from pretag.kserve_v2 import grpc_service_pb2_grpc as kpb_grpc
 from pretag.server.engine import Engine, Reservation, Result
@@ -31,6 +37,21 @@ INPUT = "IMAGE"
 VERSION = "1"
 OUTPUTS = (("boxes", "FP32", (-1, -1, 4)), ("scores", "FP32", (-1, -1)),
            ("labels", "INT64", (-1, -1)), ("num_detections", "INT64", (-1,)))
+
+
+def vector_outputs(spec: ModelSpec) -> tuple[tuple[str, str, tuple[int, ...]], ...]:
+    """The optional outputs this model has: (name, datatype, shape)."""
+    out: list[tuple[str, str, tuple[int, ...]]] = []
+    if spec.embedding_dim is not None:
+        out.append(("embeddings", "FP32", (-1, spec.embedding_dim)))
+    if spec.object_embedding_dim is not None:
+        out.append(("object_embeddings", "FP32", (-1, -1, spec.object_embedding_dim)))
+    return tuple(out)
+
+
+def encode_bytes_tensor(items: list[bytes]) -> bytes:
+    """Triton's raw BYTES encoding: each element a uint32 LE length, then its bytes."""
+    return b"".join(struct.pack("<I", len(item)) + item for item in items)
 
 
 def decode_bytes_tensor(raw: bytes) -> list[bytes]:
@@ -77,25 +98,65 @@ def _threshold(request: kpb.ModelInferRequest) -> float | None:
     return float(getattr(param, choice))
 
 
-def build_response(request: kpb.ModelInferRequest, model: str,
-                   results: list[Result]) -> kpb.ModelInferResponse:
+def _classification(spec: ModelSpec, results: list[Result], k: int) -> tuple[bytes, list[int]]:
+    """Triton's classification output for ``labels``: "score:index:name" per slot."""
+    width = min(k, max((len(r.scores) for r in results), default=0))
+    items = []
+    for r in results:
+        row = [f"{s:.6f}:{i}:{spec.class_names[i]}".encode()
+               for s, i in zip(r.scores[:width], r.label_ids[:width], strict=True)]
+        items.extend(row + [b""] * (width - len(row)))
+    return encode_bytes_tensor(items), [len(results), width]
+
+
+def _arrays(results: list[Result], wanted: list[str]) -> dict[str, np.ndarray]:
     n, k = len(results), max((len(r.scores) for r in results), default=0)
-    boxes = np.zeros((n, k, 4), np.float32)
-    scores = np.zeros((n, k), np.float32)
-    labels = np.full((n, k), -1, np.int64)
-    counts = np.zeros((n,), np.int64)
+    arrays: dict[str, np.ndarray] = {"boxes": np.zeros((n, k, 4), np.float32),
+                                     "scores": np.zeros((n, k), np.float32),
+                                     "labels": np.full((n, k), -1, np.int64),
+                                     "num_detections": np.zeros((n,), np.int64)}
     for i, r in enumerate(results):
         m = len(r.scores)
-        boxes[i, :m], scores[i, :m], labels[i, :m], counts[i] = r.boxes, r.scores, r.label_ids, m
-    arrays: dict[str, np.ndarray] = {"boxes": boxes, "scores": scores, "labels": labels,
-                                     "num_detections": counts}
-    wanted = [o.name for o in request.outputs] or list(arrays)
-    unknown = [w for w in wanted if w not in arrays]
+        arrays["boxes"][i, :m], arrays["scores"][i, :m] = r.boxes, r.scores
+        arrays["labels"][i, :m], arrays["num_detections"][i] = r.label_ids, m
+    if "embeddings" in wanted:
+        arrays["embeddings"] = np.stack([r.embedding for r in results]).astype(np.float32)
+    if "object_embeddings" in wanted:
+        rows = [r.object_embeddings for r in results]
+        dim = next(r.shape[1] for r in rows if r is not None)
+        objects = np.zeros((n, k, dim), np.float32)
+        for i, row in enumerate(rows):
+            objects[i, :len(results[i].scores)] = row
+        arrays["object_embeddings"] = objects
+    return arrays
+
+
+def check_outputs(request: kpb.ModelInferRequest, spec: ModelSpec) -> list[str]:
+    """The outputs to return (the four detection outputs when none are listed)."""
+    known = [name for name, _, _ in OUTPUTS + vector_outputs(spec)]
+    wanted = [o.name for o in request.outputs] or [name for name, _, _ in OUTPUTS]
+    unknown = [w for w in wanted if w not in known]
     if unknown:
-        raise InvalidInput(f"unknown outputs {unknown}; this model has {list(arrays)}")
-    response = kpb.ModelInferResponse(model_name=model, model_version=VERSION, id=request.id)
-    dtypes = {name: dtype for name, dtype, _ in OUTPUTS}
+        raise InvalidInput(f"unknown outputs {unknown}; this model has {known}")
+    return wanted
+
+
+def build_response(request: kpb.ModelInferRequest, spec: ModelSpec,
+                   results: list[Result]) -> kpb.ModelInferResponse:
+    wanted = check_outputs(request, spec)
+    arrays = _arrays(results, wanted)
+    classify = {o.name: o.parameters["classification"].int64_param for o in request.outputs
+                if "classification" in o.parameters}
+    response = kpb.ModelInferResponse(model_name=spec.name, model_version=VERSION, id=request.id)
+    dtypes = {name: dtype for name, dtype, _ in OUTPUTS + vector_outputs(spec)}
     for name in wanted:
+        if name in classify:
+            if name != "labels":
+                raise InvalidInput(f"classification is offered on 'labels' only, not {name!r}")
+            raw, shape = _classification(spec, results, int(classify[name]))
+            response.outputs.add(name=name, datatype="BYTES", shape=shape)
+            response.raw_output_contents.append(raw)
+            continue
         arr = arrays[name]
         response.outputs.add(name=name, datatype=dtypes[name], shape=list(arr.shape))
         response.raw_output_contents.append(arr.tobytes())
@@ -140,7 +201,7 @@ class KServeService(kpb_grpc.GRPCInferenceServiceServicer):
         response = kpb.ModelMetadataResponse(name=self.model, versions=[VERSION],
                                              platform="onnxruntime_onnx")
         response.inputs.add(name=INPUT, datatype="BYTES", shape=[-1])
-        for name, dtype, shape in OUTPUTS:
+        for name, dtype, shape in OUTPUTS + vector_outputs(self.engine.spec):
             response.outputs.add(name=name, datatype=dtype, shape=list(shape))
         return response
 
@@ -151,6 +212,7 @@ class KServeService(kpb_grpc.GRPCInferenceServiceServicer):
         and is reported with its element index."""
         self._check_model(request.model_name, request.model_version)
         images = request_images(request)
+        check_outputs(request, self.engine.spec)  # before any work
         threshold, deadline = _threshold(request), deadline_of(context)
         try:
             reservation = self.engine.reserve(len(images))
@@ -168,7 +230,7 @@ class KServeService(kpb_grpc.GRPCInferenceServiceServicer):
             for task in tasks:
                 task.cancel()
             self.engine.release(reservation)
-        return build_response(request, self.model, list(results))
+        return build_response(request, self.engine.spec, list(results))
 
     async def _one(self, request_id: str, index: int, count: int, data: bytes,
                    threshold: float | None, deadline: float | None,

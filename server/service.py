@@ -9,7 +9,7 @@ import grpc
 
 from pretag.server.config import BatchingConfig
 from pretag.server.engine import Engine, Result
-from pretag.server.errors import ServeError, describe, grpc_code
+from pretag.server.errors import InvalidInput, ServeError, describe, grpc_code
 from pretag.server.rpc import answer_concurrently, deadline_of, guarded_detect
 from pretag.v1 import pretag_pb2 as pb
 from pretag.v1 import pretag_pb2_grpc as pb_grpc
@@ -17,17 +17,36 @@ from pretag.v1 import pretag_pb2_grpc as pb_grpc
 log = logging.getLogger(__name__)
 
 
-def to_response(request_id: str, result: Result) -> pb.DetectResponse:
+_IMAGE = (pb.EMBEDDINGS_IMAGE, pb.EMBEDDINGS_ALL)
+_OBJECTS = (pb.EMBEDDINGS_OBJECTS, pb.EMBEDDINGS_ALL)
+
+
+def check_embeddings(engine: Engine, request: pb.DetectRequest) -> None:
+    """Refuse vectors the model does not give, before any work is done."""
+    spec = engine.spec
+    if request.embeddings in _IMAGE and spec.embedding_dim is None:
+        raise InvalidInput(f"model {spec.name} gives no image embeddings")
+    if request.embeddings in _OBJECTS and spec.object_embedding_dim is None:
+        raise InvalidInput(f"model {spec.name} gives no object embeddings")
+
+
+def to_response(request: pb.DetectRequest, result: Result) -> pb.DetectResponse:
+    objects = result.object_embeddings if request.embeddings in _OBJECTS else None
     detections = [
         pb.Detection(x1=float(b[0]), y1=float(b[1]), x2=float(b[2]), y2=float(b[3]),
-                     label=label, score=float(s))
-        for b, label, s in zip(result.boxes, result.labels, result.scores, strict=True)
+                     label=label, score=float(s),
+                     embedding=None if objects is None else objects[i].tolist())
+        for i, (b, label, s) in enumerate(zip(result.boxes, result.labels, result.scores,
+                                              strict=True))
     ]
     info = result.info
-    return pb.DetectResponse(
-        id=request_id, detections=detections, width=result.width, height=result.height,
+    response = pb.DetectResponse(
+        id=request.id, detections=detections, width=result.width, height=result.height,
         timing=pb.Timing(queue_ms=info.queue_s * 1000, compute_ms=info.compute_s * 1000,
                          batch_size=info.batch_size))
+    if request.embeddings in _IMAGE and result.embedding is not None:
+        response.embedding.extend(result.embedding.tolist())
+    return response
 
 
 def error_response(request_id: str, exc: BaseException) -> pb.DetectResponse:
@@ -48,11 +67,12 @@ class PretaggerService(pb_grpc.PretaggerServicer):
     async def Detect(self, request: pb.DetectRequest,
                      context: grpc.aio.ServicerContext) -> pb.DetectResponse:
         try:
+            check_embeddings(self.engine, request)
             result = await guarded_detect(self.engine, "Detect", request.id, request.image,
                                           _threshold(request), deadline_of(context))
         except ServeError as exc:
             await context.abort(grpc_code(exc), describe(exc, request.id))
-        return to_response(request.id, result)
+        return to_response(request, result)
 
     async def DetectStream(self, request_iterator: AsyncIterator[pb.DetectRequest],
                            context: grpc.aio.ServicerContext
@@ -66,11 +86,12 @@ class PretaggerService(pb_grpc.PretaggerServicer):
 
         async def one(request: pb.DetectRequest) -> pb.DetectResponse:
             try:
+                check_embeddings(self.engine, request)
                 result = await guarded_detect(self.engine, "DetectStream", request.id,
                                               request.image, _threshold(request), deadline)
             except ServeError as exc:
                 return error_response(request.id, exc)
-            return to_response(request.id, result)
+            return to_response(request, result)
 
         async for response in answer_concurrently(request_iterator, one, self.engine.stopping):
             yield response
@@ -93,4 +114,6 @@ class PretaggerService(pb_grpc.PretaggerServicer):
             resize_json=spec.resize.to_json(), source_weights=spec.source_weights,
             source_sha256=spec.source_sha256, precision=spec.precision,
             max_message_bytes=self.max_message_bytes,
-            min_score_threshold=spec.score_threshold)
+            min_score_threshold=spec.score_threshold,
+            embedding_dim=spec.embedding_dim or 0,
+            object_embedding_dim=spec.object_embedding_dim or 0)

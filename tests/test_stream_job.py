@@ -61,7 +61,8 @@ class FakeClient:
         return None
 
     async def detect_stream(self, items: AsyncIterable[tuple[str, bytes]],
-                            score_threshold: float | None = None) -> AsyncIterator[Prediction]:
+                            score_threshold: float | None = None, *,
+                            embeddings: str = "none") -> AsyncIterator[Prediction]:
         server = self.server
         server.streams.append(time.monotonic())
         if server.down:

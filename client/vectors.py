@@ -1,0 +1,210 @@
+"""Image and object vectors of a run, stored as Parquet shards (float16 vectors).
+
+Layout under the output folder::
+
+    .lightly/embeddings/lightly_pretagging/images-000001.parquet    filename[, vector]
+    .lightly/embeddings/lightly_pretagging/objects-000001.parquet   filename, detection,
+                                                                     label, score, box, vector
+
+Images are buffered and written ``shard_images`` at a time; each file is written to a
+temporary name and renamed, objects shard first, images shard last. The images shard
+lists every image the shard pair covers (with a ``vector`` column when image vectors
+are stored), so it is what marks them done: an objects shard without its images shard
+(a kill between the two renames) is deleted on resume and its images are redone. A
+kill loses at most the shard being filled; an image is never stored twice.
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TextIO
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from pretag.client.api import Prediction
+from pretag.client.outputs import TASK
+
+log = logging.getLogger(__name__)
+
+MODES = ("none", "image", "objects", "all")
+_SHARD = re.compile(r"^(images|objects)-(\d{6})\.parquet$")
+
+
+def embeddings_dir(output_dir: Path) -> Path:
+    return output_dir / ".lightly" / "embeddings" / TASK
+
+
+def _vectors(rows: list[np.ndarray], dim: int) -> pa.FixedSizeListArray:
+    flat = (np.concatenate(rows).astype(np.float16) if rows
+            else np.zeros((0,), np.float16)).reshape(-1)
+    return pa.FixedSizeListArray.from_arrays(pa.array(flat, pa.float16()), dim)
+
+
+def _write(table: pa.Table, path: Path) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    pq.write_table(table, tmp)
+    tmp.replace(path)
+
+
+@dataclass
+class Shard:
+    """What one flush writes: the images it covers and their rows."""
+
+    number: int
+    names: list[str] = field(default_factory=list)
+    image_vectors: list[np.ndarray] = field(default_factory=list)
+    objects: list[tuple[str, int, str, float, tuple[float, ...], np.ndarray]] = field(
+        default_factory=list)
+
+
+class VectorStore:
+    """Buffers the vectors of finished images and writes them in shards (see above)."""
+
+    def __init__(self, output_dir: Path, mode: str, shard_images: int = 1024) -> None:
+        if mode not in MODES or mode == "none":
+            raise ValueError(f"vector mode must be one of {MODES[1:]}, not {mode!r}")
+        self.root = embeddings_dir(output_dir)
+        self.images = mode in ("image", "all")
+        self.objects = mode in ("objects", "all")
+        self.shard_images = shard_images
+        self.done = self._resume()
+        numbers = [int(m.group(2)) for p in self._files() if (m := _SHARD.match(p.name))]
+        self.pending = Shard(max(numbers, default=0) + 1)
+
+    def _files(self) -> list[Path]:
+        return sorted(self.root.glob("*.parquet")) if self.root.is_dir() else []
+
+    def _resume(self) -> set[str]:
+        """Names already stored with what this mode needs; orphans and temporaries removed."""
+        if not self.root.is_dir():
+            return set()
+        for tmp in self.root.glob(".*.tmp"):
+            tmp.unlink()
+        images = {p.name[7:13]: p for p in self.root.glob("images-*.parquet")}
+        covered: set[str] = set()
+        for path in self.root.glob("objects-*.parquet"):
+            if path.name[8:14] not in images:
+                log.info("removing %s: its images shard was never written", path.name)
+                path.unlink()
+        for number, path in sorted(images.items()):
+            schema = pq.read_schema(path)
+            if self.images and "vector" not in schema.names:
+                continue  # written by a run that stored object vectors only
+            if self.objects and not (self.root / f"objects-{number}.parquet").exists():
+                continue  # written by a run that stored image vectors only
+            covered.update(pq.read_table(path, columns=["filename"])["filename"].to_pylist())
+        return covered
+
+    def needs(self, name: str) -> bool:
+        return name not in self.done
+
+    def add(self, name: str, pred: Prediction) -> Shard | None:
+        """Buffer ``name``'s vectors; returns a full shard to write, if this filled one."""
+        if name in self.done:
+            return None
+        shard = self.pending
+        shard.names.append(name)
+        if self.images:
+            if pred.embedding is None:
+                raise ValueError(f"the server sent no image vector for {name}")
+            shard.image_vectors.append(pred.embedding.reshape(1, -1))
+        if self.objects and pred.scores:
+            if pred.object_embeddings is None:
+                raise ValueError(f"the server sent no object vectors for {name}")
+            for i, (box, label, score) in enumerate(zip(pred.boxes, pred.labels, pred.scores,
+                                                        strict=True)):
+                shard.objects.append((name, i, label, score, tuple(box),
+                                      pred.object_embeddings[i]))
+        self.done.add(name)
+        if len(shard.names) >= self.shard_images:
+            return self.take()
+        return None
+
+    def take(self) -> Shard | None:
+        """The buffered shard (None if empty); a new one starts."""
+        shard = self.pending
+        if not shard.names:
+            return None
+        self.pending = Shard(shard.number + 1)
+        return shard
+
+    def write(self, shard: Shard) -> None:
+        """Objects shard first, images shard last (it marks the images done)."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        if self.objects:
+            rows = shard.objects
+            dim = rows[0][5].shape[0] if rows else 0
+            table = pa.table({
+                "filename": pa.array([r[0] for r in rows], pa.string()),
+                "detection": pa.array([r[1] for r in rows], pa.int32()),
+                "label": pa.array([r[2] for r in rows], pa.string()),
+                "score": pa.array([r[3] for r in rows], pa.float32()),
+                "box": pa.FixedSizeListArray.from_arrays(
+                    pa.array(np.array([r[4] for r in rows], np.float32).reshape(-1)), 4),
+                "vector": _vectors([r[5].reshape(1, -1) for r in rows], dim),
+            })
+            _write(table, self.root / f"objects-{shard.number:06d}.parquet")
+        columns: dict[str, Any] = {"filename": pa.array(shard.names, pa.string())}
+        if self.images:
+            columns["vector"] = _vectors(shard.image_vectors,
+                                         shard.image_vectors[0].shape[1])
+        _write(pa.table(columns), self.root / f"images-{shard.number:06d}.parquet")
+
+
+def _shards(output_dir: Path, kind: str) -> Iterator[Path]:
+    root = embeddings_dir(output_dir)
+    for path in sorted(root.glob(f"{kind}-*.parquet")):
+        if kind == "objects" and not (root / f"images-{path.name[8:14]}.parquet").exists():
+            continue
+        yield path
+
+
+def load_embeddings(output_dir: Path, kind: str = "images") -> tuple[list[str], np.ndarray]:
+    """(filenames, float32 [rows, D]) of a run's image (or object) vectors.
+
+    The array is allocated once from the shards' row counts and filled shard by shard,
+    so a million rows never sit in memory twice.
+    """
+    paths = [p for p in _shards(output_dir, kind) if "vector" in pq.read_schema(p).names]
+    total = sum(pq.read_metadata(p).num_rows for p in paths)
+    names: list[str] = []
+    out: np.ndarray | None = None
+    row = 0
+    for path in paths:
+        table = pq.read_table(path, columns=["filename", "vector"])
+        vectors = table["vector"].combine_chunks()
+        dim = vectors.type.list_size
+        if out is None:
+            out = np.empty((total, dim), np.float32)
+        out[row:row + len(table)] = vectors.flatten().to_numpy().reshape(-1, dim)
+        names.extend(table["filename"].to_pylist())
+        row += len(table)
+        del table, vectors
+    return names, out if out is not None else np.zeros((0, 0), np.float32)
+
+
+def write_csv(output_dir: Path, out: TextIO) -> int:
+    """Lightly's embeddings.csv layout (filenames, embedding_0.., labels) of the image
+    vectors, shard by shard; returns the number of rows."""
+    writer = csv.writer(out)
+    rows = 0
+    for path in _shards(output_dir, "images"):
+        table = pq.read_table(path)
+        if "vector" not in table.column_names:
+            continue
+        vectors = table["vector"].combine_chunks()
+        dim = vectors.type.list_size
+        if rows == 0:
+            writer.writerow(["filenames", *(f"embedding_{i}" for i in range(dim)), "labels"])
+        values = vectors.flatten().to_numpy().astype(np.float32).reshape(-1, dim)
+        for name, vector in zip(table["filename"].to_pylist(), values, strict=True):
+            writer.writerow([name, *(f"{v:.6g}" for v in vector), 0])
+        rows += len(table)
+    return rows
