@@ -44,6 +44,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add("--embeddings", choices=MODES,
         help="vectors to store beside the predictions, from the same pass, as Parquet under "
              "DIR/.lightly/embeddings (default: image vectors when the model has them)")
+    add("--shard-images", type=int, default=_D.shard_images,
+        help=f"images per Parquet shard of vectors; a kill loses at most one shard's worth "
+             f"(default {_D.shard_images})")
     add("--overwrite", action="store_true",
         help="predict every image again (default: resume, keeping existing predictions "
              "if they were made with the same model and threshold)")
@@ -66,7 +69,8 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
                      debug_images=args.debug_images, quiet=args.quiet, token=token,
                      root_cert=args.tls_ca, client_cert=args.tls_cert,
                      client_key=args.tls_key, server_timeout_s=args.server_timeout_s,
-                     overwrite=args.overwrite, embeddings=args.embeddings)
+                     overwrite=args.overwrite, embeddings=args.embeddings,
+                     shard_images=args.shard_images)
 
 
 def format_summary(summary: RunSummary, output_dir: Path) -> str:
@@ -90,8 +94,8 @@ def run(args: argparse.Namespace, local_server: LocalServer | None = None) -> in
     try:
         if args.window < 1 or args.read_threads < 1:
             raise RunError("--window and --read-threads must be at least 1")
-        if args.server_timeout_s <= 0:
-            raise RunError("--server-timeout-s must be positive")
+        if args.server_timeout_s <= 0 or args.shard_images < 1:
+            raise RunError("--server-timeout-s and --shard-images must be positive")
         config = config_from_args(args)
         listing = load_listing(config)  # before any server is started for it
         if config.servers:

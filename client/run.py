@@ -64,6 +64,7 @@ class RunConfig:
     connect_timeout_s: float = 30.0
     overwrite: bool = False  # predict every image again, whatever is in output_dir
     embeddings: str | None = None  # none|image|objects|all; None: image if the model has them
+    shard_images: int = 1024  # images per Parquet shard of vectors
 
     def with_servers(self, servers: tuple[str, ...]) -> RunConfig:
         return dataclasses.replace(self, servers=servers)
@@ -206,7 +207,8 @@ def _stream(config: RunConfig, addresses: tuple[str, ...], listing: Listing,
     write_task_files(config.output_dir, class_names)
     hist = Histogram(class_names)
     mode = vector_mode(config, info)
-    vectors = None if mode == "none" else VectorStore(config.output_dir, mode)
+    vectors = (None if mode == "none"
+               else VectorStore(config.output_dir, mode, config.shard_images))
     todo, name_errors = _resume(config, items, hist, vectors)
     skipped = len(items) - len(todo) - len(name_errors)
     if skipped:
