@@ -51,6 +51,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     s.add_argument("--warmup-s", type=float, default=2.0)
     s.add_argument("--max-batch-size", type=int, default=BatchingConfig.max_batch_size)
     s.add_argument("--image-limit", type=int, default=64)
+    s.add_argument("--embeddings", choices=["none", "image", "objects", "all"], default="none",
+                   help="vectors asked for with every image (default none)")
     s.add_argument("--memory-requests", type=int, nargs="*", default=[],
                    help="also report server RSS after these cumulative request counts")
     j = sub.add_parser("job", parents=[common], help="pretag run vs in-process ONNX Runtime")
@@ -84,7 +86,7 @@ def _server(args: argparse.Namespace) -> tuple[dict[str, Any], str]:
     cfg = ServerBench(args.model, args.images, tuple(args.concurrency), tuple(args.modes),
                       Stability(window_s=args.window_s, max_windows=args.max_windows),
                       args.warmup_s, args.max_batch_size, args.image_limit,
-                      tuple(args.memory_requests))
+                      tuple(args.memory_requests), args.embeddings)
     data = [i.path.read_bytes() for i in list_images(args.images).items[:args.image_limit]]
     backend = OrtBackend(args.model)  # the same default providers as the server
 

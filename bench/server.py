@@ -44,6 +44,7 @@ class ServerBench:
     max_batch_size: int = BatchingConfig.max_batch_size
     image_limit: int = 64
     memory_requests: tuple[int, ...] = ()  # e.g. (500, 5000): RSS after that many requests
+    embeddings: str = "none"  # vectors asked for with every image: none, image, objects, all
 
 
 class ServerProcess:
@@ -97,8 +98,8 @@ class ServerProcess:
         return self.proc.wait(120)
 
 
-async def _stream_load(address: str, data: list[bytes], window: int, seconds: float
-                       ) -> list[float]:
+async def _stream_load(address: str, data: list[bytes], window: int, seconds: float,
+                       embeddings: str) -> list[float]:
     """``window`` requests in flight on one stream; latency from send to answer.
 
     The window is kept here (not by the client) so that the clock of a request
@@ -120,7 +121,7 @@ async def _stream_load(address: str, data: list[bytes], window: int, seconds: fl
             i += 1
 
     async with AsyncClient(address) as client:
-        async for pred in client.detect_stream(items()):
+        async for pred in client.detect_stream(items(), embeddings=embeddings):
             latencies.append(time.perf_counter() - sent.pop(pred.id))
             slots.release()
             if pred.error is not None:
@@ -128,8 +129,8 @@ async def _stream_load(address: str, data: list[bytes], window: int, seconds: fl
     return latencies
 
 
-async def _unary_load(address: str, data: list[bytes], concurrency: int, seconds: float
-                      ) -> list[float]:
+async def _unary_load(address: str, data: list[bytes], concurrency: int, seconds: float,
+                      embeddings: str) -> list[float]:
     latencies: list[float] = []
     end = time.perf_counter() + seconds
 
@@ -138,7 +139,7 @@ async def _unary_load(address: str, data: list[bytes], concurrency: int, seconds
             i = k
             while time.perf_counter() < end:
                 start = time.perf_counter()
-                await client.detect(data[i % len(data)], id=str(i))
+                await client.detect(data[i % len(data)], id=str(i), embeddings=embeddings)
                 latencies.append(time.perf_counter() - start)
                 i += concurrency
 
@@ -147,11 +148,11 @@ async def _unary_load(address: str, data: list[bytes], concurrency: int, seconds
 
 
 def _window(server: ServerProcess, mode: str, data: list[bytes], concurrency: int,
-            seconds: float) -> dict[str, Any]:
+            seconds: float, embeddings: str = "none") -> dict[str, Any]:
     address = f"127.0.0.1:{server.port}"
     cpu0, (bsum0, bcount0), start = server.cpu_s(), server.batch_counts(), time.perf_counter()
     load = _stream_load if mode == "stream" else _unary_load
-    latencies = asyncio.run(load(address, data, concurrency, seconds))
+    latencies = asyncio.run(load(address, data, concurrency, seconds, embeddings))
     elapsed = time.perf_counter() - start
     bsum, bcount = server.batch_counts()
     return {"images": len(latencies), "seconds": elapsed, "latencies": latencies,
@@ -189,9 +190,9 @@ def bench_server(cfg: ServerBench) -> dict[str, Any]:
     try:
         for mode in cfg.modes:
             for c in cfg.concurrency:
-                _window(server, mode, data, c, cfg.warmup_s)  # warm-up, not counted
+                _window(server, mode, data, c, cfg.warmup_s, cfg.embeddings)  # not counted
                 def window(s: float, m: str = mode, c: int = c) -> dict[str, Any]:
-                    return _window(server, m, data, c, s)
+                    return _window(server, m, data, c, s, cfg.embeddings)
 
                 r = measure_until_stable(window, cfg.stability)
                 row = {"mode": mode, "concurrency": c, "images_per_s": r["images_per_s"],

@@ -18,6 +18,8 @@ from pretag.contract import (
 def test_accepts_exported_model(yolox_model):
     spec = validate_model(yolox_model)
     assert spec.contract_version == "1" and spec.max_detections == 100
+    assert (spec.embedding_dim, spec.object_embedding_dim) == (448, 64)
+    assert "head" in spec.embedding_method and "anchor" in spec.object_embedding_method
     assert spec.resize == ResizeSpec("longest_edge", max_size=416, pad_value=114,
                                      canvas=(416, 416))
 
@@ -42,6 +44,8 @@ def _with_metadata(src: Path, dst: Path, change: dict[str, str | None]) -> Path:
     ({"pretag.class_names": "[]"}, "non-empty JSON list"),
     ({"pretag.resize": '{"policy": "stretch", "max_size": 3}'}, "unknown resize policy"),
     ({"pretag.max_detections": "many"}, "unreadable pretag metadata"),
+    ({"pretag.embeddings": '{"dim": 10, "method": "x"}'}, "has 10 values, the graph 448"),
+    ({"pretag.object_embeddings": "64"}, "must be JSON"),
 ])
 def test_rejects_bad_metadata(yolox_model, tmp_path, change, message):
     path = _with_metadata(yolox_model, tmp_path / "m.onnx", change)

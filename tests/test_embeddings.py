@@ -81,6 +81,20 @@ def test_object_vectors_of_one_class_are_closer_than_of_different_classes(flippe
     assert within < across
 
 
+def test_csv_export_has_lightly_s_layout(flipped_run: Path, tmp_path: Path):
+    out = tmp_path / "embeddings.csv"
+    assert main(["embeddings", "export", str(flipped_run), "--output", str(out)]) == 0
+    lines = out.read_text().splitlines()
+    header = lines[0].split(",")
+    assert header == ["filenames", *(f"embedding_{i}" for i in range(448)), "labels"]
+    names, vectors = load_embeddings(flipped_run)
+    assert len(lines) == 1 + len(names)
+    first = lines[1].split(",")
+    assert first[0] == names[0] and first[-1] == "0"
+    np.testing.assert_allclose(np.array(first[1:-1], float), vectors[0], rtol=1e-5)
+    assert main(["embeddings", "export", str(tmp_path / "nothing")]) == 2
+
+
 def test_old_callers_get_today_s_answers_and_vectors_come_when_asked(server: BackgroundServer,
                                                                      shared: Path):
     image = (shared / "data" / "driving" / "kitti_000008.png").read_bytes()
@@ -144,7 +158,7 @@ def _rows(out: Path, kind: str) -> list[tuple]:
     for path in sorted(embeddings_dir(out).glob(f"{kind}-*.parquet")):
         table = pq.read_table(path).to_pydict()
         keys = ["filename", "detection"] if kind == "objects" else ["filename"]
-        rows += [tuple(table[k][i] for k in keys) + (tuple(table["vector"][i]),)
+        rows += [(*(table[k][i] for k in keys), tuple(table["vector"][i]))
                  for i in range(len(table["filename"]))]
     return rows
 
