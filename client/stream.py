@@ -313,14 +313,16 @@ class Job:
         if error is None:
             backoff.ok()
             entry = make_entry(work.item.name, pred.boxes, pred.labels, pred.scores)
-            try:
+            try:  # vectors first: an answer without them leaves no prediction file behind
+                shard = None if self.vectors is None else self.vectors.add(work.item.name, pred)
                 await asyncio.get_running_loop().run_in_executor(
                     self.pool, write_prediction, self.output_dir, entry)
-                if self.vectors is not None:
-                    shard = self.vectors.add(work.item.name, pred)
-                    if shard is not None:
-                        await asyncio.get_running_loop().run_in_executor(
-                            self.pool, self.vectors.write, shard)
+                if shard is not None and self.vectors is not None:
+                    await asyncio.get_running_loop().run_in_executor(
+                        self.pool, self.vectors.write, shard)
+            except ValueError as exc:  # the server left out the vectors asked for
+                self._finish(work.item, None, str(exc), "VECTORS")
+                return
             except OSError as exc:
                 if exc.errno in _DISK_ERRNOS:
                     self._stop(RunError(f"cannot write predictions to {self.output_dir}: "

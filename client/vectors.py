@@ -109,15 +109,15 @@ class VectorStore:
         """Buffer ``name``'s vectors; returns a full shard to write, if this filled one."""
         if name in self.done:
             return None
+        if self.images and pred.embedding is None:
+            raise ValueError(f"the server sent no image vector for {name}")
+        if self.objects and pred.scores and pred.object_embeddings is None:
+            raise ValueError(f"the server sent no object vectors for {name}")
         shard = self.pending
         shard.names.append(name)
-        if self.images:
-            if pred.embedding is None:
-                raise ValueError(f"the server sent no image vector for {name}")
+        if self.images and pred.embedding is not None:
             shard.image_vectors.append(pred.embedding.reshape(1, -1))
-        if self.objects and pred.scores:
-            if pred.object_embeddings is None:
-                raise ValueError(f"the server sent no object vectors for {name}")
+        if self.objects and pred.scores and pred.object_embeddings is not None:
             for i, (box, label, score) in enumerate(zip(pred.boxes, pred.labels, pred.scores,
                                                         strict=True)):
                 shard.objects.append((name, i, label, score, tuple(box),

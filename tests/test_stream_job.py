@@ -21,6 +21,7 @@ from pretag.client.api import Connection, Overloaded, Prediction, Unavailable
 from pretag.client.outputs import ImageItem, read_prediction
 from pretag.client.report import Histogram
 from pretag.client.stream import Job, JobState, RunError, StreamSettings, Target
+from pretag.client.vectors import VectorStore
 
 
 @dataclass
@@ -81,6 +82,7 @@ class FakeClient:
 
 
 def run_job(tmp_path: Path, servers: list[FakeServer], count: int = 40,
+            vectors: VectorStore | None = None,
             **settings: Any) -> tuple[JobState, Counter[str], list[ImageItem]]:
     folder = tmp_path / "in"
     folder.mkdir(parents=True, exist_ok=True)
@@ -97,7 +99,7 @@ def run_job(tmp_path: Path, servers: list[FakeServer], count: int = 40,
                **settings}
     job = Job(targets, items, tmp_path / "out", state, StreamSettings(0.5, **options),
               tqdm(disable=True), on_result=lambda name, ok: finished.update([name]),
-              connect=lambda c: FakeClient(by_address[c.address]))
+              connect=lambda c: FakeClient(by_address[c.address]), vectors=vectors)
     asyncio.run(asyncio.wait_for(job.run(), 60))
     return state, finished, items
 
@@ -180,3 +182,15 @@ def test_prediction_files_are_what_the_server_answered(tmp_path: Path):
                         / "img001.json").read_text())
     assert entry == [{"filename": "img001.jpg", "boxes": [[0.1, 0.1, 0.5, 0.5]],
                       "labels": ["a"], "scores": [0.9]}]
+
+
+def test_answers_without_the_vectors_asked_for_are_reported(tmp_path: Path):
+    """A server that ignores the request's embeddings field (an older one): each image ends
+    in errors.jsonl instead of stopping the job."""
+    store = VectorStore(tmp_path / "out", "image")
+    state, finished, _ = run_job(tmp_path, [FakeServer("a")], count=5, vectors=store,
+                                 embeddings="image")
+    assert state.written == 0 and set(finished.values()) == {1}
+    assert [e["code"] for e in state.errors] == ["VECTORS"] * 5
+    assert "no image vector" in state.errors[0]["reason"]
+    assert not list((tmp_path / "out").rglob("*.json"))  # no prediction without its vectors
