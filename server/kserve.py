@@ -120,7 +120,8 @@ def _arrays(results: list[Result], wanted: list[str]) -> dict[str, np.ndarray]:
         arrays["boxes"][i, :m], arrays["scores"][i, :m] = r.boxes, r.scores
         arrays["labels"][i, :m], arrays["num_detections"][i] = r.label_ids, m
     if "embeddings" in wanted:
-        arrays["embeddings"] = np.stack([r.embedding for r in results]).astype(np.float32)
+        images = [r.embedding for r in results if r.embedding is not None]
+        arrays["embeddings"] = np.stack(images).astype(np.float32)
     if "object_embeddings" in wanted:
         rows = [r.object_embeddings for r in results]
         dim = next(r.shape[1] for r in rows if r is not None)
