@@ -2,6 +2,7 @@
 
     export -> pretag.export.cli     serve -> pretag.server.cli
     run, embeddings -> pretag.client.cli     bench -> pretag.bench.cli
+    select -> pretag.selection.cli
 
 Each subcommand's handler is set on its parser; ``run`` is given the local server
 of :mod:`pretag.cli.local` for when no ``--server`` is named.
@@ -19,6 +20,7 @@ from pretag.bench import cli as bench_cli
 from pretag.cli import local
 from pretag.client import cli as run_cli
 from pretag.export import cli as export_cli
+from pretag.selection import cli as select_cli
 from pretag.server import cli as serve_cli
 
 log = logging.getLogger("pretag")
@@ -35,6 +37,8 @@ def build_parser() -> argparse.ArgumentParser:
          partial(run_cli.run, local_server=local.local_server)),
         ("embeddings", "a run's stored vectors (export)", run_cli.add_embeddings_arguments,
          run_cli.run_embeddings),
+        ("select", "choose what to label from a finished run (Lightly's selection_config)",
+         select_cli.add_arguments, select_cli.run),
         ("bench", "benchmarks (model, server, job)", bench_cli.add_arguments, bench_cli.run),
     )
     for name, help_text, add_arguments, handler in commands:

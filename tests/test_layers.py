@@ -4,6 +4,7 @@
     export  model -> contract ONNX                      core only
     server  gRPC inference server                       core only
     client  client API and the pretag run job           core only (meets servers over gRPC)
+    selection  Lightly's selection_config over a run      core and client
     cli, bench                                           compose every layer
 """
 
@@ -14,11 +15,13 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 LAYERS = {"core": "pretag", "export": "pretag.export", "server": "pretag.server",
-          "client": "pretag.client", "cli": "pretag.cli", "bench": "pretag.bench"}
+          "client": "pretag.client", "selection": "pretag.selection", "cli": "pretag.cli",
+          "bench": "pretag.bench"}
 ALLOWED = {  # layer -> the other layers it may import
     "core": set(), "export": {"core"}, "server": {"core"}, "client": {"core"},
-    "cli": {"core", "export", "server", "client", "bench"},
-    "bench": {"core", "export", "server", "client", "cli"},
+    "selection": {"core", "client"},  # reads a run's outputs through the client's readers
+    "cli": {"core", "export", "server", "client", "selection", "bench"},
+    "bench": {"core", "export", "server", "client", "selection", "cli"},
 }
 GENERATED = {"v1", "kserve_v2"}  # protobuf modules generated into core/ at build time
 

@@ -1,0 +1,41 @@
+"""``pretag select RUN_DIR --config FILE``: flags over :func:`run_selection`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+from pathlib import Path
+
+from pretag.selection.config import SelectionConfigError, load
+from pretag.selection.run import run_selection
+
+log = logging.getLogger("pretag")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add = parser.add_argument
+    add("run_dir", type=Path, help="the --output-dir of a finished pretag run")
+    add("--config", type=Path, required=True,
+        help="JSON or YAML: a Lightly selection_config, or {\"worker_config\": ..., "
+             "\"selection_config\": ...}")
+    add("--output-dir", type=Path, help="where selection/ goes (default: RUN_DIR)")
+    add("--n-samples", type=int, help="overrides the config's n_samples / proportion_samples")
+    add("--metadata", type=Path,
+        help="JSON {filename: {key: value}} for METADATA inputs")
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        if args.n_samples is not None and args.n_samples < 0:
+            raise SelectionConfigError("--n-samples must be at least 0")
+        config = load(args.config, args.n_samples)
+        metadata = json.loads(args.metadata.read_text()) if args.metadata else {}
+        if not (args.run_dir / ".lightly" / "predictions").is_dir():
+            raise SelectionConfigError(f"{args.run_dir} holds no predictions (pretag run "
+                                       f"writes them)")
+        run_selection(args.run_dir, config, args.output_dir, metadata)
+    except (SelectionConfigError, OSError, ValueError) as exc:
+        log.error("%s", exc)
+        return 2
+    return 0

@@ -1,0 +1,236 @@
+"""Lightly's ``selection_config`` (and the worker config's ``object_level``), parsed and checked.
+
+Everything the Lightly Worker documents for these keys is accepted as its users write it;
+anything else stops with :class:`SelectionConfigError`, whose message names the key path
+and the allowed values. Nothing is silently ignored.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+INPUT_TYPES = ("EMBEDDINGS", "PREDICTIONS", "SCORES", "METADATA", "RANDOM")
+STRATEGY_TYPES = ("DIVERSITY", "WEIGHTS", "THRESHOLD", "BALANCE")
+PREDICTION_NAMES = ("CLASS_DISTRIBUTION", "CATEGORY_COUNT")
+OPERATIONS = ("SMALLER", "SMALLER_EQUAL", "BIGGER", "BIGGER_EQUAL")
+DISTRIBUTIONS = ("TARGET", "UNIFORM", "INPUT")
+#: pretag's scores for SCORES inputs (docs/selection.md)
+SCORES = ("object_frequency", "objectness_least_confidence")
+PAIRINGS = {  # Lightly's allowed input -> strategy combinations
+    ("EMBEDDINGS", None): ("DIVERSITY",),
+    ("PREDICTIONS", "CLASS_DISTRIBUTION"): ("BALANCE",),
+    ("PREDICTIONS", "CATEGORY_COUNT"): ("WEIGHTS", "THRESHOLD"),
+    ("SCORES", None): ("WEIGHTS", "THRESHOLD"),
+    ("RANDOM", None): ("WEIGHTS", "THRESHOLD"),
+    ("METADATA", None): ("WEIGHTS", "THRESHOLD", "BALANCE"),
+}
+_INPUT_KEYS = {"type", "task", "name", "score", "key", "random_seed", "categories"}
+_STRATEGY_KEYS = {"type", "strength", "stopping_condition_minimum_distance", "threshold",
+                  "operation", "target", "distribution"}
+
+
+class SelectionConfigError(ValueError):
+    """The config cannot be run; the message names the key path and what is allowed."""
+
+
+@dataclass(frozen=True)
+class Input:
+    type: str
+    task: str | None = None
+    name: str | None = None
+    score: str | None = None
+    key: str | None = None
+    random_seed: int = 0
+    categories: tuple[str, ...] | None = None
+
+
+@dataclass(frozen=True)
+class Strategy:
+    type: str
+    strength: float = 1.0
+    minimum_distance: float | None = None  # DIVERSITY's stopping_condition_minimum_distance
+    threshold: float | None = None
+    operation: str | None = None
+    target: tuple[tuple[str, float], ...] | None = None
+    distribution: str = "TARGET"
+
+
+@dataclass(frozen=True)
+class Step:
+    input: Input
+    strategy: Strategy
+
+
+@dataclass(frozen=True)
+class SelectionConfig:
+    steps: tuple[Step, ...]
+    n_samples: int | None = None
+    proportion_samples: float | None = None
+    object_level_task: str | None = None  # worker_config.object_level.task_name
+    padding: float = 0.0  # worker_config.object_level.padding
+
+    def count(self, available: int) -> int:
+        """How many samples to pick out of ``available``."""
+        if self.n_samples is not None:
+            return self.n_samples
+        return round((self.proportion_samples or 0.0) * available)
+
+
+def _fail(path: str, message: str) -> SelectionConfigError:
+    return SelectionConfigError(f"{path}: {message}")
+
+
+def _choice(value: Any, path: str, allowed: tuple[str, ...]) -> str:
+    if value not in allowed:
+        raise _fail(path, f"{value!r} is not one of {', '.join(allowed)}")
+    return str(value)
+
+
+def _number(value: Any, path: str, low: float | None = None, high: float | None = None
+            ) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise _fail(path, f"must be a number, not {value!r}")
+    if (low is not None and value < low) or (high is not None and value > high):
+        raise _fail(path, f"{value} is outside [{low}, {high}]")
+    return float(value)
+
+
+def _unknown(data: dict[str, Any], known: set[str], path: str) -> None:
+    extra = sorted(data.keys() - known)
+    if extra:
+        raise _fail(f"{path}.{extra[0]}", f"unknown key; allowed: {', '.join(sorted(known))}")
+
+
+def _input(data: Any, path: str) -> Input:
+    if not isinstance(data, dict):
+        raise _fail(path, "must be an object")
+    _unknown(data, _INPUT_KEYS, path)
+    kind = _choice(data.get("type"), f"{path}.type", INPUT_TYPES)
+    name = data.get("name")
+    if kind == "PREDICTIONS":
+        name = _choice(name, f"{path}.name", PREDICTION_NAMES)
+        if not data.get("task"):
+            raise _fail(f"{path}.task", "PREDICTIONS needs a task (lightly_pretagging)")
+    if kind == "SCORES":
+        _choice(data.get("score"), f"{path}.score", SCORES)
+    if kind == "METADATA" and not isinstance(data.get("key"), str):
+        raise _fail(f"{path}.key", "METADATA needs the key of a per-image metadata value")
+    categories = data.get("categories")
+    if categories is not None and not (isinstance(categories, list)
+                                       and all(isinstance(c, str) for c in categories)):
+        raise _fail(f"{path}.categories", "must be a list of class names")
+    return Input(kind, data.get("task"), name, data.get("score"), data.get("key"),
+                 int(data.get("random_seed", 0)),
+                 tuple(categories) if categories is not None else None)
+
+
+def _target(data: Any, path: str) -> tuple[tuple[str, float], ...]:
+    if not isinstance(data, dict) or not data:
+        raise _fail(path, "must map class names to shares")
+    shares = {k: _number(v, f"{path}.{k}", 0.0, 1.0) for k, v in data.items()}
+    if sum(shares.values()) > 1.0 + 1e-6:
+        raise _fail(path, f"shares sum to {sum(shares.values()):.3f}; a distribution sums "
+                          f"to at most 1 (the rest goes to the classes not listed)")
+    return tuple(sorted(shares.items()))
+
+
+def _strategy(data: Any, path: str) -> Strategy:
+    if not isinstance(data, dict):
+        raise _fail(path, "must be an object")
+    _unknown(data, _STRATEGY_KEYS, path)
+    kind = _choice(data.get("type"), f"{path}.type", STRATEGY_TYPES)
+    strength = _number(data.get("strength", 1.0), f"{path}.strength", -1e9, 1e9)
+    if kind == "THRESHOLD":
+        return Strategy(kind, strength, threshold=_number(data.get("threshold"),
+                                                          f"{path}.threshold"),
+                        operation=_choice(data.get("operation"), f"{path}.operation",
+                                          OPERATIONS))
+    if kind == "BALANCE":
+        distribution = _choice(data.get("distribution", "TARGET"), f"{path}.distribution",
+                               DISTRIBUTIONS)
+        target = data.get("target")
+        if distribution == "TARGET" and target is None:
+            raise _fail(f"{path}.target", "BALANCE with distribution TARGET needs a target")
+        return Strategy(kind, strength, distribution=distribution,
+                        target=None if target is None else _target(target, f"{path}.target"))
+    if kind == "DIVERSITY" and "stopping_condition_minimum_distance" in data:
+        return Strategy(kind, strength, minimum_distance=_number(
+            data["stopping_condition_minimum_distance"],
+            f"{path}.stopping_condition_minimum_distance", 0.0, 2.0))
+    return Strategy(kind, strength)
+
+
+def _step(data: Any, path: str) -> Step:
+    if not isinstance(data, dict) or set(data) != {"input", "strategy"}:
+        raise _fail(path, "each strategy is {\"input\": {...}, \"strategy\": {...}}")
+    source = _input(data["input"], f"{path}.input")
+    raw = data["strategy"] if isinstance(data["strategy"], dict) else {}
+    kind = _choice(raw.get("type"), f"{path}.strategy.type", STRATEGY_TYPES)
+    allowed = PAIRINGS[(source.type, source.name if source.type == "PREDICTIONS" else None)]
+    if kind not in allowed:  # the pairing first: it says more than the strategy's own keys
+        raise _fail(f"{path}.strategy.type", f"{source.type} inputs go with "
+                                             f"{', '.join(allowed)}, not {kind}")
+    return Step(source, _strategy(data["strategy"], f"{path}.strategy"))
+
+
+def parse(data: Any, n_samples: int | None = None) -> SelectionConfig:
+    """A :class:`SelectionConfig` from ``{"selection_config": ..., "worker_config": ...}``
+    or a ``selection_config`` alone. ``n_samples`` overrides the file's count."""
+    if not isinstance(data, dict):
+        raise _fail("config", "must be an object")
+    worker = data.get("worker_config", {})
+    selection = data.get("selection_config", data)
+    if "selection_config" in data:
+        _unknown(data, {"selection_config", "worker_config"}, "config")
+    if not isinstance(selection, dict):
+        raise _fail("selection_config", "must be an object")
+    _unknown(selection, {"n_samples", "proportion_samples", "strategies"}, "selection_config")
+    counts = [k for k in ("n_samples", "proportion_samples") if k in selection]
+    if n_samples is None and len(counts) != 1:
+        raise _fail("selection_config", "set exactly one of n_samples and proportion_samples")
+    count = selection.get("n_samples") if n_samples is None else n_samples
+    if count is not None and (not isinstance(count, int) or isinstance(count, bool)
+                              or count < 0):
+        raise _fail("selection_config.n_samples", f"must be a whole number >= 0, not {count!r}")
+    proportion = None
+    if count is None:
+        proportion = _number(selection["proportion_samples"],
+                             "selection_config.proportion_samples", 0.0, 1.0)
+    strategies = selection.get("strategies")
+    if not isinstance(strategies, list) or not strategies:
+        raise _fail("selection_config.strategies", "must be a non-empty list")
+    steps = tuple(_step(s, f"selection_config.strategies[{i}]")
+                  for i, s in enumerate(strategies))
+    task, padding = _object_level(worker)
+    return SelectionConfig(steps, count, proportion, task, padding)
+
+
+def _object_level(worker: Any) -> tuple[str | None, float]:
+    if not isinstance(worker, dict):
+        raise _fail("worker_config", "must be an object")
+    _unknown(worker, {"object_level"}, "worker_config")
+    level = worker.get("object_level")
+    if level is None:
+        return None, 0.0
+    if not isinstance(level, dict):
+        raise _fail("worker_config.object_level", "must be an object")
+    _unknown(level, {"task_name", "padding", "crop_dataset_name"}, "worker_config.object_level")
+    task = level.get("task_name") or None
+    padding = _number(level.get("padding", 0.0), "worker_config.object_level.padding", 0.0,
+                      10.0)
+    return task, padding
+
+
+def load(path: Path, n_samples: int | None = None) -> SelectionConfig:
+    """Read a JSON or YAML file (by suffix; JSON is YAML too) and :func:`parse` it."""
+    import yaml
+
+    try:
+        text = path.read_text()
+        data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+    except (OSError, ValueError, yaml.YAMLError) as exc:
+        raise SelectionConfigError(f"cannot read {path}: {exc}") from None
+    return parse(data, n_samples)

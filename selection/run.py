@@ -1,0 +1,192 @@
+"""``pretag select RUN_DIR --config FILE``: the selection over a finished ``pretag run``.
+
+Samples are the run's images, or with ``worker_config.object_level`` its detections
+(crops, named ``<image stem>-<index>-<ext>``). Outputs under ``DIR/selection/``:
+``selected.txt`` (one name a line, in pick order) and ``selection.json`` (the config and,
+per pick, its rank, name and each strategy's objective value).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import asdict, dataclass
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+import numpy as np
+import pyarrow.parquet as pq
+
+from pretag.client.outputs import TASK, predictions_dir, write_atomic
+from pretag.client.vectors import embeddings_dir, load_embeddings
+from pretag.selection.config import SelectionConfig, SelectionConfigError, Step
+from pretag.selection.greedy import Objective, Pick, greedy, normalise, passes
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Samples:
+    """What the strategies read, one row per sample."""
+
+    names: list[str]
+    classes: list[str]
+    counts: np.ndarray  # objects per class [N, C]
+    scores: list[np.ndarray]  # detection scores per sample
+    vectors: np.ndarray | None  # [N, D]
+    metadata: dict[str, dict[str, Any]]
+
+
+def _predictions(run_dir: Path) -> tuple[list[str], list[dict[str, Any]]]:
+    root = predictions_dir(run_dir) / TASK
+    schema = json.loads((root / "schema.json").read_text())
+    classes = [c["name"] for c in schema["categories"]]
+    entries = [json.loads(p.read_text())[0] for p in sorted(root.rglob("*.json"))
+               if p.name != "schema.json"]
+    return classes, entries
+
+
+def image_samples(run_dir: Path, metadata: dict[str, dict[str, Any]]) -> Samples:
+    classes, entries = _predictions(run_dir)
+    index = {c: i for i, c in enumerate(classes)}
+    names = [e["filename"] for e in entries]
+    counts = np.zeros((len(entries), len(classes)))
+    for row, entry in enumerate(entries):
+        for label in entry["labels"]:
+            counts[row, index[label]] += 1
+    vectors = None
+    if embeddings_dir(run_dir).is_dir():
+        stored, array = load_embeddings(run_dir)
+        if stored:
+            where = {n: i for i, n in enumerate(stored)}
+            missing = [n for n in names if n not in where]
+            if missing:
+                raise SelectionConfigError(f"{len(missing)} images have no stored vector "
+                                           f"(e.g. {missing[0]}); run pretag run again")
+            vectors = array[[where[n] for n in names]]
+    return Samples(names, classes, counts, [np.array(e["scores"]) for e in entries],
+                   vectors, metadata)
+
+
+def crop_name(filename: str, index: int) -> str:
+    path = PurePosixPath(filename)
+    return str(path.with_name(f"{path.stem}-{index}-{path.suffix.lstrip('.')}"))
+
+
+def object_samples(run_dir: Path, metadata: dict[str, dict[str, Any]]) -> Samples:
+    classes, _ = _predictions(run_dir)
+    names: list[str] = []
+    labels: list[str] = []
+    scores: list[np.ndarray] = []
+    for path in sorted(embeddings_dir(run_dir).glob("objects-*.parquet")):
+        table = pq.read_table(path, columns=["filename", "detection", "label", "score"])
+        for f, d, label, s in zip(*(table[c].to_pylist() for c in table.column_names),
+                                  strict=True):
+            names.append(crop_name(f, d))
+            labels.append(label)
+            scores.append(np.array([s]))
+    if not names:
+        raise SelectionConfigError("object level needs object vectors: pretag run "
+                                   "--embeddings objects (or all)")
+    _, vectors = load_embeddings(run_dir, "objects")
+    counts = np.zeros((len(names), len(classes)))
+    counts[np.arange(len(names)), [classes.index(label) for label in labels]] = 1
+    return Samples(names, classes, counts, scores, vectors, metadata)
+
+
+def _balance_target(step: Step, samples: Samples) -> tuple[np.ndarray, np.ndarray]:
+    """(counts per bucket [N, B], target over the buckets). Classes a TARGET leaves out
+    share one bucket holding what the listed shares leave."""
+    strategy, counts = step.strategy, samples.counts
+    if step.input.type == "METADATA":
+        values = [str(samples.metadata.get(n, {}).get(step.input.key or "")) for n in
+                  samples.names]
+        classes = sorted(set(values))
+        counts = np.array([[v == c for c in classes] for v in values], dtype=float)
+    else:
+        classes = samples.classes
+    if strategy.distribution == "UNIFORM":
+        present = counts.sum(axis=0) > 0
+        return counts, present / max(present.sum(), 1)
+    if strategy.distribution == "INPUT":
+        total = counts.sum()
+        return counts, counts.sum(axis=0) / total if total else np.zeros(counts.shape[1])
+    target = dict(strategy.target or ())
+    unknown = sorted(set(target) - set(classes))
+    if unknown:
+        raise SelectionConfigError(f"balance target names {unknown[0]!r}, which is not one "
+                                   f"of {', '.join(classes)}")
+    listed = [classes.index(c) for c in target]
+    rest = [i for i in range(len(classes)) if i not in listed]
+    grouped = np.concatenate([counts[:, listed], counts[:, rest].sum(axis=1, keepdims=True)],
+                             axis=1)
+    shares = np.array([*target.values(), max(0.0, 1.0 - sum(target.values()))])
+    return grouped, shares
+
+
+def values_of(step: Step, samples: Samples) -> np.ndarray:
+    """A step's input as one number per sample (WEIGHTS and THRESHOLD)."""
+    kind = step.input.type
+    if kind == "RANDOM":
+        return np.random.default_rng(step.input.random_seed).random(len(samples.names))
+    if kind == "PREDICTIONS":
+        wanted = step.input.categories or tuple(samples.classes)
+        return samples.counts[:, [samples.classes.index(c) for c in wanted]].sum(axis=1)
+    if kind == "SCORES":
+        if step.input.score == "object_frequency":
+            objects = samples.counts.sum(axis=1)
+            return objects / max(objects.max(initial=0.0), 1.0)
+        return np.array([1.0 - s.mean() if len(s) else 0.0 for s in samples.scores])
+    key = step.input.key or ""
+    try:
+        return np.array([float(samples.metadata[n][key]) for n in samples.names])
+    except (KeyError, TypeError, ValueError) as exc:
+        raise SelectionConfigError(f"metadata key {key!r} is missing or not a number for "
+                                   f"some sample ({exc})") from None
+
+
+def objective_of(step: Step, samples: Samples) -> Objective:
+    if step.strategy.type == "DIVERSITY":
+        if samples.vectors is None:
+            raise SelectionConfigError("EMBEDDINGS needs stored vectors: pretag run "
+                                       "--embeddings image (the default)")
+        return Objective(step.strategy, "diversity", normalise(samples.vectors))
+    if step.strategy.type == "BALANCE":
+        counts, target = _balance_target(step, samples)
+        return Objective(step.strategy, "balance", counts, target)
+    return Objective(step.strategy, "weights", values_of(step, samples))
+
+
+def select(config: SelectionConfig, samples: Samples) -> list[Pick]:
+    mask = np.ones(len(samples.names), dtype=bool)
+    for step in config.steps:
+        if step.strategy.type == "THRESHOLD":
+            mask &= passes(values_of(step, samples), step.strategy)
+    count = config.count(len(samples.names))
+    if count > int(mask.sum()):
+        log.warning("asked for %d samples, %d are available: selecting all of them", count,
+                    int(mask.sum()))
+    objectives = [objective_of(s, samples) for s in config.steps
+                  if s.strategy.type != "THRESHOLD"]
+    return greedy(objectives, mask, count)
+
+
+def run_selection(run_dir: Path, config: SelectionConfig, output_dir: Path | None = None,
+                  metadata: dict[str, dict[str, Any]] | None = None) -> list[str]:
+    """Select over ``run_dir`` and write the outputs; returns the picked names in order."""
+    metadata = metadata or {}
+    samples = (object_samples(run_dir, metadata) if config.object_level_task
+               else image_samples(run_dir, metadata))
+    picks = select(config, samples)
+    out = (output_dir or run_dir) / "selection"
+    names = [samples.names[p.index] for p in picks]
+    write_atomic(out / "selected.txt", "".join(n + "\n" for n in names))
+    steps = [s for s in config.steps if s.strategy.type != "THRESHOLD"]
+    record = {"config": asdict(config), "samples": len(samples.names), "picks": [
+        {"rank": r, "name": n, "objectives": {f"{i}:{s.strategy.type}": v for i, (s, v)
+                                              in enumerate(zip(steps, p.objectives,
+                                                               strict=True))}}
+        for r, (n, p) in enumerate(zip(names, picks, strict=True))]}
+    write_atomic(out / "selection.json", json.dumps(record, indent=1) + "\n")
+    log.info("selected %d of %d samples into %s", len(names), len(samples.names), out)
+    return names

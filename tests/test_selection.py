@@ -1,0 +1,193 @@
+"""Selection: Lightly's selection_config parsed, known-answer tests of the strategies, and
+both seed examples end to end on coco128 with the real YOLOX model."""
+
+from __future__ import annotations
+
+import itertools
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from pretag.cli import main
+from pretag.selection.config import SelectionConfigError, parse
+from pretag.selection.greedy import normalise
+from pretag.selection.run import Samples, select
+
+BALANCE_EXAMPLE = {"n_samples": 100, "strategies": [{"input": {
+    "type": "PREDICTIONS", "task": "lightly_pretagging", "name": "CLASS_DISTRIBUTION"},
+    "strategy": {"type": "BALANCE", "target": {
+        "bicycle": 0.1, "bus": 0.1, "car": 0.5, "motorcycle": 0.1, "person": 0.1, "train": 0.05,
+        "truck": 0.05}}}]}
+OBJECT_EXAMPLE = {"worker_config": {"object_level": {"task_name": "lightly_pretagging"}},
+                  "selection_config": {"n_samples": 100, "strategies": [
+                      {"input": {"type": "EMBEDDINGS"}, "strategy": {"type": "DIVERSITY"}}]}}
+CLASSES = ["a", "b", "c"]
+
+
+def _samples(counts: np.ndarray, vectors: np.ndarray | None = None) -> Samples:
+    names = [f"img{i:04d}.jpg" for i in range(len(counts))]
+    return Samples(names, CLASSES, counts.astype(float),
+                   [np.full(int(c.sum()), 0.5) for c in counts], vectors, {})
+
+
+def _balance(distribution: str, n: int, target: dict[str, float] | None = None) -> dict:
+    strategy: dict = {"type": "BALANCE", "distribution": distribution}
+    if target is not None:
+        strategy["target"] = target
+    return {"n_samples": n, "strategies": [{"input": {
+        "type": "PREDICTIONS", "task": "lightly_pretagging", "name": "CLASS_DISTRIBUTION"},
+        "strategy": strategy}]}
+
+
+def _shares(samples: Samples, picks: list) -> np.ndarray:
+    total = samples.counts[[p.index for p in picks]].sum(axis=0)
+    return total / total.sum()
+
+
+@pytest.fixture(scope="module")
+def skewed() -> Samples:
+    """600 images, one object each: 80% class a, 15% b, 5% c."""
+    labels = np.array([0] * 480 + [1] * 90 + [2] * 30)
+    np.random.default_rng(0).shuffle(labels)
+    return _samples(np.eye(3)[labels])
+
+
+@pytest.mark.parametrize("distribution, target, expected", [
+    ("TARGET", {"a": 0.2, "b": 0.5}, [0.2, 0.5, 0.3]),  # c gets what a and b leave
+    ("UNIFORM", None, [1 / 3, 1 / 3, 1 / 3]),
+    ("INPUT", None, [0.8, 0.15, 0.05]),
+])
+def test_balance_reaches_a_reachable_target(skewed: Samples, distribution: str,
+                                            target: dict | None, expected: list[float]):
+    picks = select(parse(_balance(distribution, 90, target)), skewed)
+    shares = _shares(skewed, picks)
+    gap = np.abs(shares - expected).sum()
+    print(f"{distribution}: picked shares {np.round(shares, 3)}, L1 gap {gap:.4f}")
+    assert len(picks) == 90 and gap <= 0.02
+
+
+def _covering_radius(points: np.ndarray, chosen: list[int]) -> float:
+    d = np.linalg.norm(points[:, None, :] - points[None, chosen, :], axis=2)
+    return float(d.min(axis=1).max())
+
+
+def test_diversity_covers_within_twice_the_optimum():
+    rng = np.random.default_rng(1)
+    for trial in range(5):
+        vectors = rng.normal(size=(14, 4))
+        points = normalise(vectors)
+        config = parse({"n_samples": 3, "strategies": [
+            {"input": {"type": "EMBEDDINGS"}, "strategy": {"type": "DIVERSITY"}}]})
+        picks = select(config, _samples(np.zeros((14, 3)), vectors))
+        greedy = _covering_radius(points, [p.index for p in picks])
+        best = min(_covering_radius(points, list(c))
+                   for c in itertools.combinations(range(14), 3))
+        assert greedy <= 2 * best + 1e-9, (trial, greedy, best)
+
+
+def test_diversity_stops_at_the_minimum_distance():
+    vectors = np.repeat(np.eye(4), 5, axis=0) + 1e-3 * np.arange(20)[:, None]
+    config = parse({"n_samples": 20, "strategies": [{"input": {"type": "EMBEDDINGS"},
+                    "strategy": {"type": "DIVERSITY",
+                                 "stopping_condition_minimum_distance": 0.5}}]})
+    picks = select(config, _samples(np.zeros((20, 3)), vectors))
+    assert sorted(p.index // 5 for p in picks) == [0, 1, 2, 3]  # one per cluster, then stop
+
+
+def test_threshold_filters_exactly_and_picks_are_deterministic(skewed: Samples):
+    config = parse({"n_samples": 1000, "strategies": [
+        {"input": {"type": "RANDOM", "random_seed": 7},
+         "strategy": {"type": "THRESHOLD", "threshold": 0.5, "operation": "BIGGER_EQUAL"}},
+        {"input": {"type": "RANDOM", "random_seed": 3}, "strategy": {"type": "WEIGHTS"}}]})
+    keep = np.random.default_rng(7).random(600) >= 0.5
+    picks = select(config, skewed)  # more asked than kept: all kept ones, with a warning
+    assert sorted(p.index for p in picks) == list(np.flatnonzero(keep))
+    weights = np.random.default_rng(3).random(600)
+    assert [p.index for p in picks] == sorted(np.flatnonzero(keep), key=lambda i: -weights[i])
+    assert [p.index for p in select(config, skewed)] == [p.index for p in picks]
+
+
+def test_empty_input_and_images_without_detections():
+    empty = _samples(np.zeros((0, 3)), np.zeros((0, 4)))
+    assert select(parse(_balance("UNIFORM", 5)), empty) == []
+    none_found = _samples(np.array([[0, 0, 0], [1, 0, 0], [0, 0, 0], [0, 2, 0]]))
+    picks = select(parse(_balance("UNIFORM", 2)), none_found)
+    assert sorted(p.index for p in picks) == [1, 3]  # the images with objects come first
+
+
+@pytest.mark.parametrize("data, message", [
+    ({"strategies": []}, "exactly one of n_samples and proportion_samples"),
+    ({"n_samples": 5, "proportion_samples": 0.1, "strategies": []}, "exactly one"),
+    ({"n_samples": -1, "strategies": [{"input": {"type": "RANDOM"},
+                                       "strategy": {"type": "WEIGHTS"}}]}, "n_samples: must"),
+    ({"n_samples": 5, "strategies": [{"input": {"type": "EMBEDDINGS"},
+                                      "strategy": {"type": "BALANCE"}}]},
+     r"strategies\[0\].strategy.type: EMBEDDINGS inputs go with DIVERSITY"),
+    ({"n_samples": 5, "strategies": [{"input": {"type": "EMBEDDINGS", "colour": 1},
+                                      "strategy": {"type": "DIVERSITY"}}]},
+     r"strategies\[0\].input.colour: unknown key"),
+    ({"n_samples": 5, "strategies": [{"input": {"type": "PREDICTIONS", "task": "t",
+                                                "name": "CLASS_DISTRIBUTION"},
+                                      "strategy": {"type": "BALANCE",
+                                                   "target": {"car": 0.9, "bus": 0.3}}}]},
+     "sum to 1.200"),
+    ({"n_samples": 5, "strategies": [{"input": {"type": "SCORES", "task": "t",
+                                                "score": "fun"},
+                                      "strategy": {"type": "WEIGHTS"}}]},
+     "'fun' is not one of object_frequency"),
+])
+def test_config_errors_name_the_key_path(data: dict, message: str):
+    with pytest.raises(SelectionConfigError, match=message):
+        parse(data)
+
+
+@pytest.fixture(scope="module")
+def coco_run(coco128: Path, yolox_model: Path, tmp_path_factory: pytest.TempPathFactory
+             ) -> Path:
+    out = tmp_path_factory.mktemp("select_run")
+    assert main(["run", str(coco128), "--output-dir", str(out), "--model", str(yolox_model),
+                 "--embeddings", "all", "--score-threshold", "0.3", "--quiet"]) == 0
+    return out
+
+
+def _gap(counts: np.ndarray, target: np.ndarray) -> float:
+    return float(np.abs(counts / counts.sum() - target).sum())
+
+
+def test_both_seed_examples_run_on_coco128(coco_run: Path, tmp_path: Path):
+    config = tmp_path / "balance.json"
+    config.write_text(json.dumps(BALANCE_EXAMPLE))
+    assert main(["select", str(coco_run), "--config", str(config), "--n-samples", "40"]) == 0
+    picked = (coco_run / "selection" / "selected.txt").read_text().split()
+    assert len(picked) == 40 and len(set(picked)) == 40
+    target = np.array([BALANCE_EXAMPLE["strategies"][0]["strategy"]["target"][c] for c in
+                       ["bicycle", "bus", "car", "motorcycle", "person", "train", "truck"]])
+    root = coco_run / ".lightly" / "predictions" / "lightly_pretagging"
+    classes = ["bicycle", "bus", "car", "motorcycle", "person", "train", "truck"]
+
+    def counts(names: list[str] | None) -> np.ndarray:
+        total = np.zeros(7)
+        for path in root.rglob("*.json"):
+            if path.name == "schema.json":
+                continue
+            entry = json.loads(path.read_text())[0]
+            if names is None or entry["filename"] in names:
+                for label in entry["labels"]:
+                    total[classes.index(label)] += 1
+        return total
+
+    before, after = _gap(counts(None), target), _gap(counts(picked), target)
+    print(f"class distribution L1 gap to the target: input {before:.3f}, selection {after:.3f}")
+    assert after < before
+    record = json.loads((coco_run / "selection" / "selection.json").read_text())
+    assert [p["name"] for p in record["picks"]] == picked
+    objects = tmp_path / "objects.yaml"
+    objects.write_text(json.dumps(OBJECT_EXAMPLE))  # JSON is YAML too
+    out = tmp_path / "object_level"
+    assert main(["select", str(coco_run), "--config", str(objects), "--output-dir", str(out),
+                 "--n-samples", "30"]) == 0
+    crops = (out / "selection" / "selected.txt").read_text().split()
+    assert len(crops) == 30 and all(c.startswith("images/") and c.endswith("-jpg")
+                                    for c in crops)
