@@ -23,6 +23,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add("--n-samples", type=int, help="overrides the config's n_samples / proportion_samples")
     add("--metadata", type=Path,
         help="JSON {filename: {key: value}} for METADATA inputs")
+    add("--images", type=Path, help="the run's input folder: draws the picked images with "
+                                    "their boxes in the report")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -34,7 +36,7 @@ def run(args: argparse.Namespace) -> int:
         if not (args.run_dir / ".lightly" / "predictions").is_dir():
             raise SelectionConfigError(f"{args.run_dir} holds no predictions (pretag run "
                                        f"writes them)")
-        run_selection(args.run_dir, config, args.output_dir, metadata)
+        run_selection(args.run_dir, config, args.output_dir, metadata, args.images)
     except (SelectionConfigError, OSError, ValueError) as exc:
         log.error("%s", exc)
         return 2

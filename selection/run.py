@@ -171,9 +171,23 @@ def select(config: SelectionConfig, samples: Samples) -> list[Pick]:
     return greedy(objectives, mask, count)
 
 
+def target_of(config: SelectionConfig) -> dict[str, float] | None:
+    """The class target of the first BALANCE step over predictions, for the report."""
+    for step in config.steps:
+        if (step.strategy.type == "BALANCE" and step.input.type == "PREDICTIONS"
+                and step.strategy.distribution == "TARGET" and step.strategy.target):
+            return dict(step.strategy.target)
+    return None
+
+
 def run_selection(run_dir: Path, config: SelectionConfig, output_dir: Path | None = None,
-                  metadata: dict[str, dict[str, Any]] | None = None) -> list[str]:
-    """Select over ``run_dir`` and write the outputs; returns the picked names in order."""
+                  metadata: dict[str, dict[str, Any]] | None = None,
+                  images: Path | None = None) -> list[str]:
+    """Select over ``run_dir`` and write the outputs and the report (see
+    :mod:`pretag.selection.report`); returns the picked names in order. ``images``: the
+    run's input folder, for debug images of the picks."""
+    from pretag.selection.report import write_report
+
     metadata = metadata or {}
     samples = (object_samples(run_dir, metadata) if config.object_level_task
                else image_samples(run_dir, metadata))
@@ -188,5 +202,7 @@ def run_selection(run_dir: Path, config: SelectionConfig, output_dir: Path | Non
                                                                strict=True))}}
         for r, (n, p) in enumerate(zip(names, picks, strict=True))]}
     write_atomic(out / "selection.json", json.dumps(record, indent=1) + "\n")
+    write_report(run_dir, output_dir or run_dir, samples, [p.index for p in picks],
+                 target_of(config), images)
     log.info("selected %d of %d samples into %s", len(names), len(samples.names), out)
     return names

@@ -5,8 +5,11 @@ from __future__ import annotations
 
 import itertools
 import json
+import shutil
+import subprocess
 from pathlib import Path
 
+import cv2
 import numpy as np
 import pytest
 
@@ -191,3 +194,46 @@ def test_both_seed_examples_run_on_coco128(coco_run: Path, tmp_path: Path):
     crops = (out / "selection" / "selected.txt").read_text().split()
     assert len(crops) == 30 and all(c.startswith("images/") and c.endswith("-jpg")
                                     for c in crops)
+
+
+def _chromium() -> str:
+    path = shutil.which("chromium") or shutil.which("chromium-browser")
+    if path is None:
+        pytest.fail("chromium is not installed: the README's test command installs it "
+                    "(Debian's chromium package)", pytrace=False)
+    return path
+
+
+def test_report_renders_in_a_real_browser(coco_run: Path, coco128: Path, tmp_path: Path):
+    """Headless Chromium loads report.html with no console message, every image renders,
+    and the page is not blank; report.json holds the before/after figures."""
+    config = tmp_path / "both.json"
+    config.write_text(json.dumps({"n_samples": 30, "strategies": [
+        *BALANCE_EXAMPLE["strategies"],
+        {"input": {"type": "EMBEDDINGS"}, "strategy": {"type": "DIVERSITY"}}]}))
+    out = tmp_path / "out"
+    assert main(["select", str(coco_run), "--config", str(config), "--output-dir", str(out),
+                 "--images", str(coco128)]) == 0
+    report = out / "report"
+    record = json.loads((report / "report.json").read_text())
+    assert record["before"]["samples"] == 128 and record["after"]["samples"] == 30
+    assert {"gap_to_target_before", "gap_to_target_after"} <= record.keys()
+    assert record["median_nearest_neighbour_distance"]["after"] > 0
+    for name in ("pretagging_histogram_before.png", "pretagging_histogram_after.png"):
+        assert (report / name).read_bytes().startswith(b"\x89PNG")
+    page = (report / "report.html").read_text()
+    assert "http://" not in page and "https://" not in page  # nothing fetched from outside
+    assert page.count("<img") >= 6  # two histograms, map, distances, selected images
+    browser = [_chromium(), "--headless", "--no-sandbox", "--disable-gpu",
+               f"--user-data-dir={tmp_path / 'profile'}"]
+    dom = subprocess.run([*browser, "--enable-logging=stderr", "--v=0",
+                          "--virtual-time-budget=5000", "--dump-dom",
+                          (report / "report.html").as_uri()],
+                         capture_output=True, text=True, timeout=120)
+    assert 'data-images="ok"' in dom.stdout, dom.stdout[-500:] + dom.stderr[-2000:]
+    assert "CONSOLE" not in dom.stderr, dom.stderr
+    shot = tmp_path / "shot.png"
+    subprocess.run([*browser, "--window-size=1280,2400", f"--screenshot={shot}",
+                    (report / "report.html").as_uri()], capture_output=True, timeout=120)
+    pixels = cv2.imread(str(shot))
+    assert pixels is not None and pixels.std() > 20  # a blank page has none

@@ -1,0 +1,199 @@
+"""The selection report: class histograms before and after, report.json, and report.html.
+
+report.html is one self-contained page (images inlined as data URIs, no external
+request): run settings, the histograms side by side, objects per image, debug images of
+picked images, a PCA map of the embeddings with the picks highlighted, and the
+nearest-neighbour distance distribution before and after. An inline script marks
+``<body data-images="ok">`` once every image has rendered (the browser test reads it).
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from pretag.client.outputs import read_prediction, write_atomic
+from pretag.client.report import draw_debug_image
+from pretag.selection.greedy import normalise
+from pretag.selection.run import Samples
+
+log = logging.getLogger(__name__)
+
+_MAX_POINTS = 4000  # nearest-neighbour distances and the map use at most this many
+
+
+def class_stats(samples: Samples, rows: np.ndarray) -> dict[str, Any]:
+    counts = samples.counts[rows]
+    objects = counts.sum(axis=0)
+    total = float(objects.sum())
+    return {"samples": len(rows), "objects": int(total),
+            "objects_per_class": dict(zip(samples.classes, map(int, objects), strict=True)),
+            "samples_per_class": dict(zip(samples.classes, map(int, (counts > 0).sum(axis=0)),
+                                          strict=True)),
+            "average_objects_per_sample": total / len(rows) if len(rows) else 0.0,
+            "class_distribution": dict(zip(samples.classes,
+                                           (objects / total if total else objects).tolist(),
+                                           strict=True))}
+
+
+def _plot(draw: Any, size: tuple[float, float] = (6.4, 3.6)) -> bytes:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=size, layout="constrained")
+    draw(ax)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100)
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def _histogram(stats: dict[str, Any], title: str) -> bytes:
+    def draw(ax: Any) -> None:
+        names, values = list(stats["objects_per_class"]), list(stats["objects_per_class"]
+                                                                .values())
+        bars = ax.bar(names, values, color="#3b7dd8")
+        ax.bar_label(bars, labels=[str(v) for v in values], fontsize=8)
+        ax.set_ylabel("objects")
+        ax.set_title(f"{title}: {stats['samples']} samples, "
+                     f"{stats['average_objects_per_sample']:.2f} objects each")
+        ax.tick_params(axis="x", rotation=30)
+    return _plot(draw)
+
+
+def _subset(n: int) -> np.ndarray:
+    return np.linspace(0, n - 1, min(n, _MAX_POINTS)).astype(int) if n else np.zeros(0, int)
+
+
+def _nn_distances(vectors: np.ndarray) -> np.ndarray:
+    if len(vectors) < 2:
+        return np.zeros(0)
+    unit = normalise(vectors)
+    d2 = np.maximum(2 - 2 * unit @ unit.T, 0)
+    np.fill_diagonal(d2, np.inf)
+    return np.sqrt(d2.min(axis=1))
+
+
+def _maps(vectors: np.ndarray, picked: np.ndarray) -> tuple[bytes, bytes, dict[str, float]]:
+    """The PCA map and the nearest-neighbour histogram, and the median distances."""
+    unit = normalise(vectors)
+    shown = _subset(len(unit))
+    centred = unit - unit.mean(axis=0)
+    _, _, axes = np.linalg.svd(centred[shown], full_matrices=False)
+    xy = centred @ axes[:2].T
+    before = _nn_distances(unit[shown])
+    after = _nn_distances(unit[picked[_subset(len(picked))]])
+
+    def scatter(ax: Any) -> None:
+        ax.scatter(xy[shown, 0], xy[shown, 1], s=6, c="#b0b0b0", label="all")
+        ax.scatter(xy[picked, 0], xy[picked, 1], s=14, c="#d62728", label="selected")
+        ax.set_title("embeddings, first two principal components")
+        ax.legend()
+
+    def spread(ax: Any) -> None:
+        bins = np.linspace(0, max(before.max(initial=0), after.max(initial=0), 1e-6), 30)
+        ax.hist(before, bins=bins, alpha=0.6, label="before", color="#7f7f7f")
+        ax.hist(after, bins=bins, alpha=0.6, label="after", color="#d62728")
+        ax.set_xlabel("distance to the nearest neighbour (normalised embeddings)")
+        ax.legend()
+
+    medians = {"before": float(np.median(before)) if len(before) else 0.0,
+               "after": float(np.median(after)) if len(after) else 0.0}
+    return _plot(scatter, (6.4, 5.0)), _plot(spread), medians
+
+
+def _img(data: bytes, kind: str, alt: str) -> str:
+    encoded = base64.b64encode(data).decode()
+    return f'<img alt="{html.escape(alt)}" src="data:image/{kind};base64,{encoded}">'
+
+
+def _debug_images(run_dir: Path, images: Path | None, names: list[str], out: Path) -> list[str]:
+    tags = []
+    for name in names[:6]:
+        entry = read_prediction(run_dir, name)
+        if images is None or entry is None or not (images / name).is_file():
+            continue
+        target = out / "selected" / name.replace("/", "__")
+        draw_debug_image(images / name, entry, target.with_suffix(".jpg"), [])
+        tags.append(_img(target.with_suffix(".jpg").read_bytes(), "jpeg", name))
+    return tags
+
+
+def write_report(run_dir: Path, out_dir: Path, samples: Samples, picked: list[int],
+                 target: dict[str, float] | None, images: Path | None = None
+                 ) -> dict[str, Any]:
+    """report/report.json, the two histograms and report/report.html under ``out_dir``."""
+    report_dir = out_dir / "report"
+    report_dir.mkdir(parents=True, exist_ok=True)
+    rows = np.array(picked, dtype=int)
+    before = class_stats(samples, np.arange(len(samples.names)))
+    after = class_stats(samples, rows)
+    record: dict[str, Any] = {"before": before, "after": after}
+    if target:  # over the same buckets as BALANCE: listed classes, then all the others
+        wanted = np.array([*target.values(), max(0.0, 1.0 - sum(target.values()))])
+        for key, stats in (("before", before), ("after", after)):
+            shares = stats["class_distribution"]
+            listed = [shares.get(c, 0.0) for c in target]
+            got = np.array([*listed, max(0.0, sum(shares.values()) - sum(listed))])
+            record[f"gap_to_target_{key}"] = float(np.abs(got - wanted).sum())
+        record["target"] = target
+    pngs = {"before": _histogram(before, "before"), "after": _histogram(after, "after")}
+    for key, data in pngs.items():
+        (report_dir / f"pretagging_histogram_{key}.png").write_bytes(data)
+    maps = ""
+    if samples.vectors is not None and len(samples.names):
+        scatter, spread, medians = _maps(samples.vectors, rows)
+        record["median_nearest_neighbour_distance"] = medians
+        maps = (f"<h2>Embeddings</h2><div class=row>{_img(scatter, 'png', 'PCA map')}"
+                f"{_img(spread, 'png', 'nearest-neighbour distances')}</div>")
+    write_atomic(report_dir / "report.json", json.dumps(record, indent=1) + "\n")
+    debug = _debug_images(run_dir, images, [samples.names[i] for i in picked], report_dir)
+    write_atomic(report_dir / "report.html",
+                 _page(run_dir, record, pngs, maps, debug))
+    return record
+
+
+_SCRIPT = """window.addEventListener("load", () => {
+  const bad = [...document.images].filter(i => !i.complete || i.naturalWidth === 0);
+  document.body.dataset.images = bad.length === 0 ? "ok" : "broken:" + bad.length;
+});"""
+
+
+def _page(run_dir: Path, record: dict[str, Any], pngs: dict[str, bytes], maps: str,
+          debug: list[str]) -> str:
+    settings_path = run_dir / "report" / "run_settings.json"
+    settings = settings_path.read_text() if settings_path.is_file() else "{}"
+    before, after = record["before"], record["after"]
+    rows = "".join(
+        f"<tr><td>{html.escape(k)}</td><td>{before['objects_per_class'][k]}</td>"
+        f"<td>{after['objects_per_class'][k]}</td></tr>" for k in before["objects_per_class"])
+    gap = ""
+    if "target" in record:
+        gap = (f"<p>L1 gap to the target distribution: {record['gap_to_target_before']:.3f} "
+               f"before, {record['gap_to_target_after']:.3f} after.</p>")
+    return f"""<!doctype html>
+<html><head><meta charset="utf-8"><title>pretag selection report</title>
+<style>body{{font-family:sans-serif;margin:2em}} img{{max-width:48%;margin:4px}}
+.row{{display:flex;flex-wrap:wrap}} td,th{{padding:2px 10px;text-align:right}}</style>
+<script>{_SCRIPT}</script></head>
+<body data-images="pending"><h1>Selection report</h1>
+<p>{before['samples']} samples before, {after['samples']} selected. Objects per sample:
+{before['average_objects_per_sample']:.2f} before, {after['average_objects_per_sample']:.2f}
+after.</p>{gap}
+<h2>Class histograms</h2><div class=row>{_img(pngs['before'], 'png', 'before')}
+{_img(pngs['after'], 'png', 'after')}</div>
+<table><tr><th>class</th><th>before</th><th>after</th></tr>{rows}</table>
+{maps}
+<h2>Selected images</h2><div class=row>{''.join(debug) or '<p>(pass --images to draw)</p>'}</div>
+<h2>Run settings</h2><pre>{html.escape(settings)}</pre>
+</body></html>
+"""
