@@ -14,13 +14,15 @@ import argparse
 import logging
 import sys
 from collections.abc import Sequence
-from functools import partial
+from pathlib import Path
 
 from pretag.bench import cli as bench_cli
 from pretag.cli import local
 from pretag.client import cli as run_cli
 from pretag.export import cli as export_cli
 from pretag.selection import cli as select_cli
+from pretag.selection.config import SelectionConfigError, load
+from pretag.selection.run import run_selection
 from pretag.server import cli as serve_cli
 
 log = logging.getLogger("pretag")
@@ -33,8 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
     commands = (
         ("export", "write a contract ONNX model", export_cli.add_arguments, export_cli.run),
         ("serve", "run the gRPC inference server", serve_cli.add_arguments, serve_cli.run),
-        ("run", "pretag a folder of images", run_cli.add_arguments,
-         partial(run_cli.run, local_server=local.local_server)),
+        ("run", "pretag a folder of images", _run_arguments, _run_then_select),
         ("embeddings", "a run's stored vectors (export)", run_cli.add_embeddings_arguments,
          run_cli.run_embeddings),
         ("select", "choose what to label from a finished run (Lightly's selection_config)",
@@ -46,6 +47,36 @@ def build_parser() -> argparse.ArgumentParser:
         add_arguments(command)
         command.set_defaults(handler=handler)
     return parser
+
+
+def _run_arguments(parser: argparse.ArgumentParser) -> None:
+    run_cli.add_arguments(parser)
+    parser.add_argument("--selection-config", type=Path,
+                        help="then select over the run (as pretag select --config FILE; "
+                             "checked before any image is predicted)")
+    parser.add_argument("--n-samples", type=int, help="with --selection-config: overrides "
+                                                      "its n_samples / proportion_samples")
+
+
+def _run_then_select(args: argparse.Namespace) -> int:
+    """``pretag run``, then ``pretag select`` over its output when a config is given."""
+    config = None
+    if args.selection_config is not None:
+        try:
+            config = load(args.selection_config, args.n_samples)
+        except SelectionConfigError as exc:
+            log.error("%s", exc)
+            return 2
+    code = run_cli.run(args, local_server=local.local_server)
+    if config is None or code not in (0, 3):
+        return int(code)
+    try:
+        run_selection(args.output_dir, config,
+                      images=args.input if args.input.is_dir() else None)
+    except (SelectionConfigError, OSError, ValueError) as exc:
+        log.error("%s", exc)
+        return 2
+    return int(code)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

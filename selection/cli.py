@@ -8,7 +8,8 @@ import logging
 from pathlib import Path
 
 from pretag.selection.config import SelectionConfigError, load
-from pretag.selection.run import run_selection
+from pretag.selection.export import FORMATS, export_coco, export_lightly
+from pretag.selection.run import run_classes, run_selection
 
 log = logging.getLogger("pretag")
 
@@ -24,7 +25,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add("--metadata", type=Path,
         help="JSON {filename: {key: value}} for METADATA inputs")
     add("--images", type=Path, help="the run's input folder: draws the picked images with "
-                                    "their boxes in the report")
+                                    "their boxes in the report; needed by --export")
+    add("--export", action="append", choices=FORMATS, default=[],
+        help="also write the picks with pretag's boxes for labelling: coco "
+             "(selection/coco.json) or lightly (selection/lightly/.lightly/predictions); "
+             "repeatable")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -36,7 +41,16 @@ def run(args: argparse.Namespace) -> int:
         if not (args.run_dir / ".lightly" / "predictions").is_dir():
             raise SelectionConfigError(f"{args.run_dir} holds no predictions (pretag run "
                                        f"writes them)")
-        run_selection(args.run_dir, config, args.output_dir, metadata, args.images)
+        if args.export and (args.images is None or config.object_level_task):
+            raise SelectionConfigError("--export needs --images (the run's input folder, for "
+                                       "pixel sizes) and image-level selection")
+        names = run_selection(args.run_dir, config, args.output_dir, metadata, args.images)
+        out = (args.output_dir or args.run_dir) / "selection"
+        classes = run_classes(args.run_dir)
+        if "coco" in args.export:
+            export_coco(args.run_dir, args.images, names, classes, out / "coco.json")
+        if "lightly" in args.export:
+            export_lightly(args.run_dir, args.images, names, classes, out / "lightly")
     except (SelectionConfigError, OSError, ValueError) as exc:
         log.error("%s", exc)
         return 2

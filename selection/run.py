@@ -37,10 +37,14 @@ class Samples:
     metadata: dict[str, dict[str, Any]]
 
 
+def run_classes(run_dir: Path) -> list[str]:
+    schema = predictions_dir(run_dir) / TASK / "schema.json"
+    return [c["name"] for c in json.loads(schema.read_text())["categories"]]
+
+
 def _predictions(run_dir: Path) -> tuple[list[str], list[dict[str, Any]]]:
     root = predictions_dir(run_dir) / TASK
-    schema = json.loads((root / "schema.json").read_text())
-    classes = [c["name"] for c in schema["categories"]]
+    classes = run_classes(run_dir)
     entries = [json.loads(p.read_text())[0] for p in sorted(root.rglob("*.json"))
                if p.name != "schema.json"]
     return classes, entries

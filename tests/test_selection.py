@@ -237,3 +237,58 @@ def test_report_renders_in_a_real_browser(coco_run: Path, coco128: Path, tmp_pat
                     (report / "report.html").as_uri()], capture_output=True, timeout=120)
     pixels = cv2.imread(str(shot))
     assert pixels is not None and pixels.std() > 20  # a blank page has none
+
+
+def test_exports_for_labelling(coco_run: Path, coco128: Path, tmp_path: Path):
+    from pycocotools.coco import COCO
+
+    config = tmp_path / "balance.json"
+    config.write_text(json.dumps(BALANCE_EXAMPLE))
+    out = tmp_path / "out"
+    assert main(["select", str(coco_run), "--config", str(config), "--n-samples", "12",
+                 "--output-dir", str(out), "--images", str(coco128), "--export", "coco",
+                 "--export", "lightly"]) == 0
+    picked = (out / "selection" / "selected.txt").read_text().split()
+    coco = COCO(str(out / "selection" / "coco.json"))
+    assert [coco.imgs[i]["file_name"] for i in sorted(coco.imgs)] == picked
+    first = coco.imgs[1]
+    entry = json.loads((coco_run / ".lightly" / "predictions" / "lightly_pretagging"
+                        / Path(first["file_name"]).with_suffix(".json")).read_text())[0]
+    anns = coco.loadAnns(coco.getAnnIds(imgIds=[1]))
+    assert len(anns) == len(entry["labels"])
+    x1, y1, x2, y2 = entry["boxes"][0]
+    w, h = first["width"], first["height"]
+    np.testing.assert_allclose(anns[0]["bbox"], [x1 * w, y1 * h, (x2 - x1) * w, (y2 - y1) * h],
+                               atol=0.01)
+    assert coco.cats[anns[0]["category_id"]]["name"] == entry["labels"][0]
+    root = out / "selection" / "lightly" / ".lightly" / "predictions"
+    assert json.loads((root / "tasks.json").read_text()) == ["lightly_pretagging"]
+    schema = json.loads((root / "lightly_pretagging" / "schema.json").read_text())
+    lightly = json.loads((root / "lightly_pretagging" / Path(first["file_name"])
+                          .with_suffix(".json")).read_text())
+    assert lightly["file_name"] == first["file_name"]
+    assert [schema["categories"][p["category_id"]]["name"] for p in lightly["predictions"]] \
+        == entry["labels"]
+    assert main(["select", str(coco_run), "--config", str(config), "--export", "coco"]) == 2
+
+
+def test_run_with_a_selection_config_predicts_then_selects(coco128: Path, yolox_model: Path,
+                                                           tmp_path: Path,
+                                                           caplog: pytest.LogCaptureFixture):
+    folder = tmp_path / "in"
+    folder.mkdir()
+    for path in sorted(coco128.glob("images/**/*.jpg"))[60:72]:
+        shutil.copy(path, folder / path.name)
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"n_samples": 3, "strategies": [
+        {"input": {"type": "EMBEDDINGS"}, "strategy": {"type": "WEIGHTS"}}]}))
+    out = tmp_path / "out"
+    args = ["run", str(folder), "--output-dir", str(out), "--model", str(yolox_model), "--quiet"]
+    assert main([*args, "--selection-config", str(bad)]) == 2
+    assert "EMBEDDINGS inputs go with DIVERSITY" in caplog.text
+    assert not out.exists()  # refused before predicting anything
+    good = tmp_path / "good.json"
+    good.write_text(json.dumps(OBJECT_EXAMPLE["selection_config"]))
+    assert main([*args, "--selection-config", str(good), "--n-samples", "5"]) == 0
+    assert len((out / "selection" / "selected.txt").read_text().split()) == 5
+    assert (out / "report" / "report.html").is_file()

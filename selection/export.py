@@ -1,0 +1,76 @@
+"""Hand-off to labelling: the picked images with pretag's boxes as pre-annotations.
+
+* ``coco``: one COCO instances file (CVAT and Label Studio import it), boxes in pixels,
+  each annotation with its ``score``.
+* ``lightly``: Lightly's prediction format: ``tasks.json``, ``<task>/schema.json`` and one
+  ``{"file_name", "predictions": [{"category_id", "bbox": [x, y, w, h], "score"}]}`` per image.
+
+Boxes are stored normalised, so both need the images' pixel sizes: read from the headers of
+the files under the run's input folder.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+from pretag.client.outputs import TASK, read_prediction, write_atomic
+from pretag.preprocess import ImageError, image_size
+from pretag.selection.config import SelectionConfigError
+
+FORMATS = ("coco", "lightly")
+
+
+def _sized(run_dir: Path, images: Path, names: list[str]
+           ) -> list[tuple[str, dict[str, Any], int, int]]:
+    rows = []
+    for name in names:
+        entry = read_prediction(run_dir, name)
+        if entry is None:
+            raise SelectionConfigError(f"no prediction for {name} in {run_dir}")
+        try:
+            width, height = image_size((images / name).read_bytes())
+        except (OSError, ImageError) as exc:
+            raise SelectionConfigError(f"cannot read the size of {images / name}: {exc}"
+                                       ) from None
+        rows.append((name, entry, width, height))
+    return rows
+
+
+def _pixels(box: list[float], width: int, height: int) -> list[float]:
+    x1, y1, x2, y2 = box
+    return [round(x1 * width, 2), round(y1 * height, 2), round((x2 - x1) * width, 2),
+            round((y2 - y1) * height, 2)]
+
+
+def export_coco(run_dir: Path, images: Path, names: list[str], classes: list[str],
+                path: Path) -> None:
+    coco: dict[str, Any] = {"images": [], "annotations": [], "categories": [
+        {"id": i + 1, "name": c} for i, c in enumerate(classes)]}
+    for image_id, (name, entry, w, h) in enumerate(_sized(run_dir, images, names), start=1):
+        coco["images"].append({"id": image_id, "file_name": name, "width": w, "height": h})
+        for box, label, score in zip(entry["boxes"], entry["labels"], entry["scores"],
+                                     strict=True):
+            bbox = _pixels(box, w, h)
+            coco["annotations"].append({
+                "id": len(coco["annotations"]) + 1, "image_id": image_id,
+                "category_id": classes.index(label) + 1, "bbox": bbox,
+                "area": round(bbox[2] * bbox[3], 2), "iscrowd": 0, "score": score})
+    write_atomic(path, json.dumps(coco) + "\n")
+
+
+def export_lightly(run_dir: Path, images: Path, names: list[str], classes: list[str],
+                   root: Path) -> None:
+    predictions = root / ".lightly" / "predictions"
+    write_atomic(predictions / "tasks.json", json.dumps([TASK]) + "\n")
+    schema = {"task_type": "object-detection",
+              "categories": [{"id": i, "name": c} for i, c in enumerate(classes)]}
+    write_atomic(predictions / TASK / "schema.json", json.dumps(schema, indent=1) + "\n")
+    for name, entry, w, h in _sized(run_dir, images, names):
+        record = {"file_name": name, "predictions": [
+            {"category_id": classes.index(label), "bbox": _pixels(box, w, h), "score": score}
+            for box, label, score in zip(entry["boxes"], entry["labels"], entry["scores"],
+                                         strict=True)]}
+        target = predictions / TASK / PurePosixPath(name).with_suffix(".json")
+        write_atomic(target, json.dumps(record) + "\n")
