@@ -39,9 +39,11 @@ class Objective:
     target: np.ndarray | None = None  # balance: [C], sums to 1
     values: np.ndarray = field(default_factory=lambda: np.zeros(0))
     state: np.ndarray = field(default_factory=lambda: np.zeros(0))
+    _first: bool = True
 
     def start(self) -> None:
-        if self.kind == "diversity":
+        self._first = True
+        if self.kind == "diversity":  # chooses the first pick only; not a centre after it
             self.state = np.linalg.norm(self.data - self.data.mean(axis=0), axis=1)
         elif self.kind == "balance":
             self.state = np.zeros(self.data.shape[1])
@@ -54,7 +56,11 @@ class Objective:
     def picked(self, index: int) -> None:
         if self.kind == "diversity":
             distance = np.linalg.norm(self.data - self.data[index], axis=1)
-            np.minimum(self.state, distance, out=self.state)
+            if self._first:
+                self.state = distance
+            else:
+                np.minimum(self.state, distance, out=self.state)
+            self._first = False
         elif self.kind == "balance":
             self.state = self.state + self.data[index]
         else:

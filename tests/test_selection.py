@@ -292,3 +292,37 @@ def test_run_with_a_selection_config_predicts_then_selects(coco128: Path, yolox_
     assert main([*args, "--selection-config", str(good), "--n-samples", "5"]) == 0
     assert len((out / "selection" / "selected.txt").read_text().split()) == 5
     assert (out / "report" / "report.html").is_file()
+
+
+def test_diversity_covers_coco128_better_than_random_picks(coco_run: Path):
+    from pretag.selection.run import image_samples
+
+    samples = image_samples(coco_run, {})
+    assert samples.vectors is not None
+    points = normalise(samples.vectors)
+    config = parse({"n_samples": 32, "strategies": [
+        {"input": {"type": "EMBEDDINGS"}, "strategy": {"type": "DIVERSITY"}}]})
+    diverse = _covering_radius(points, [p.index for p in select(config, samples)])
+    rng = np.random.default_rng(0)
+    random = [_covering_radius(points, list(rng.choice(len(points), 32, replace=False)))
+              for _ in range(20)]
+    print(f"covering radius of 32 picks: diversity {diverse:.3f}, random "
+          f"{np.median(random):.3f} (median of 20, best {min(random):.3f})")
+    # measured 0.513 vs a median of 0.611 (threshold 0.3 run); the distances of these
+    # 448-d means concentrate, so the margin is modest
+    assert diverse < min(random) and diverse < 0.9 * float(np.median(random))
+
+
+def test_metadata_drives_weights_and_balance(skewed: Samples):
+    weather = {n: {"rain": i % 3 == 0, "sharpness": float(i % 10)}
+               for i, n in enumerate(skewed.names)}
+    samples = Samples(skewed.names, skewed.classes, skewed.counts, skewed.scores, None, weather)
+    by_weight = select(parse({"n_samples": 5, "strategies": [
+        {"input": {"type": "METADATA", "key": "sharpness"},
+         "strategy": {"type": "WEIGHTS"}}]}), samples)
+    assert all(weather[samples.names[p.index]]["sharpness"] == 9 for p in by_weight)
+    balanced = select(parse({"n_samples": 60, "strategies": [
+        {"input": {"type": "METADATA", "key": "rain"},
+         "strategy": {"type": "BALANCE", "distribution": "UNIFORM"}}]}), samples)
+    rainy = sum(weather[samples.names[p.index]]["rain"] for p in balanced)
+    assert rainy == 30  # a third of the input is rainy; UNIFORM picks half and half
