@@ -8,7 +8,7 @@ import logging
 from pathlib import Path
 
 from pretag.selection.config import SelectionConfigError, load
-from pretag.selection.export import FORMATS, export_coco, export_lightly
+from pretag.selection.export import FORMATS, export_coco, export_lightly, write_crops
 from pretag.selection.run import run_classes, run_selection
 
 log = logging.getLogger("pretag")
@@ -30,6 +30,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="also write the picks with pretag's boxes for labelling: coco "
              "(selection/coco.json) or lightly (selection/lightly/.lightly/predictions); "
              "repeatable")
+    add("--write-crops", action="store_true",
+        help="object level: write each picked crop (with the config's padding) as a PNG "
+             "under selection/crops/; needs --images")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -44,6 +47,9 @@ def run(args: argparse.Namespace) -> int:
         if args.export and (args.images is None or config.object_level_task):
             raise SelectionConfigError("--export needs --images (the run's input folder, for "
                                        "pixel sizes) and image-level selection")
+        if args.write_crops and (args.images is None or not config.object_level_task):
+            raise SelectionConfigError("--write-crops needs --images and object-level "
+                                       "selection (worker_config.object_level)")
         names = run_selection(args.run_dir, config, args.output_dir, metadata, args.images)
         out = (args.output_dir or args.run_dir) / "selection"
         classes = run_classes(args.run_dir)
@@ -51,6 +57,9 @@ def run(args: argparse.Namespace) -> int:
             export_coco(args.run_dir, args.images, names, classes, out / "coco.json")
         if "lightly" in args.export:
             export_lightly(args.run_dir, args.images, names, classes, out / "lightly")
+        if args.write_crops:
+            count = write_crops(args.run_dir, args.images, names, config.padding, out / "crops")
+            log.info("wrote %d crops to %s", count, out / "crops")
     except (SelectionConfigError, OSError, ValueError) as exc:
         log.error("%s", exc)
         return 2

@@ -74,3 +74,46 @@ def export_lightly(run_dir: Path, images: Path, names: list[str], classes: list[
                                          strict=True)]}
         target = predictions / TASK / PurePosixPath(name).with_suffix(".json")
         write_atomic(target, json.dumps(record) + "\n")
+
+
+def crop_source(crop: str) -> tuple[str, int]:
+    """The image and detection index of a crop named ``<stem>-<index>-<ext>``."""
+    path = PurePosixPath(crop)
+    stem, index, ext = path.name.rsplit("-", 2)
+    return str(path.with_name(f"{stem}.{ext}")), int(index)
+
+
+def padded_box(box: list[float], width: int, height: int, padding: float
+               ) -> tuple[int, int, int, int]:
+    """Pixel box widened by ``padding`` of its width and height (Lightly's object-level
+    padding: 0.1 adds 10%), centred, clipped to the image."""
+    x1, y1, x2, y2 = box[0] * width, box[1] * height, box[2] * width, box[3] * height
+    grow_x, grow_y = (x2 - x1) * padding / 2, (y2 - y1) * padding / 2
+    return (max(0, int(x1 - grow_x)), max(0, int(y1 - grow_y)),
+            min(width, round(x2 + grow_x)), min(height, round(y2 + grow_y)))
+
+
+def write_crops(run_dir: Path, images: Path, crops: list[str], padding: float,
+                out: Path) -> int:
+    """Each picked crop as a PNG under ``out`` (``<crop name>.png``); returns how many."""
+    import cv2
+
+    from pretag.preprocess import decode_image
+
+    written = 0
+    for crop in crops:
+        name, index = crop_source(crop)
+        entry = read_prediction(run_dir, name)
+        if entry is None or index >= len(entry["boxes"]):
+            raise SelectionConfigError(f"no detection {index} of {name} in {run_dir}")
+        rgb = decode_image((images / name).read_bytes())
+        x1, y1, x2, y2 = padded_box(entry["boxes"][index], rgb.shape[1], rgb.shape[0],
+                                    padding)
+        target = out / f"{crop}.png"
+        target.parent.mkdir(parents=True, exist_ok=True)
+        ok, data = cv2.imencode(".png", rgb[y1:max(y2, y1 + 1), x1:max(x2, x1 + 1), ::-1])
+        if not ok:
+            raise OSError(f"cannot encode the crop {crop}")
+        target.write_bytes(data.tobytes())
+        written += 1
+    return written

@@ -326,3 +326,27 @@ def test_metadata_drives_weights_and_balance(skewed: Samples):
          "strategy": {"type": "BALANCE", "distribution": "UNIFORM"}}]}), samples)
     rainy = sum(weather[samples.names[p.index]]["rain"] for p in balanced)
     assert rainy == 30  # a third of the input is rainy; UNIFORM picks half and half
+
+
+def test_object_level_picks_are_written_as_padded_crops(coco_run: Path, coco128: Path,
+                                                        tmp_path: Path):
+    from pretag.selection.export import crop_source, padded_box
+
+    assert crop_source("images/a-b-12-jpg") == ("images/a-b.jpg", 12)
+    assert padded_box([0.2, 0.2, 0.4, 0.6], 100, 50, 0.1) == (19, 9, 41, 31)
+    config = tmp_path / "objects.json"
+    config.write_text(json.dumps({**OBJECT_EXAMPLE, "worker_config": {"object_level": {
+        "task_name": "lightly_pretagging", "padding": 0.1}}}))
+    out = tmp_path / "out"
+    assert main(["select", str(coco_run), "--config", str(config), "--n-samples", "6",
+                 "--output-dir", str(out), "--images", str(coco128), "--write-crops"]) == 0
+    crops = (out / "selection" / "selected.txt").read_text().split()
+    for crop in crops:
+        image = cv2.imread(str(out / "selection" / "crops" / f"{crop}.png"))
+        name, index = crop_source(crop)
+        entry = json.loads((coco_run / ".lightly" / "predictions" / "lightly_pretagging"
+                            / Path(name).with_suffix(".json")).read_text())[0]
+        full = cv2.imread(str(coco128 / name))
+        x1, y1, x2, y2 = padded_box(entry["boxes"][index], full.shape[1], full.shape[0], 0.1)
+        assert image is not None and image.shape[:2] == (max(y2 - y1, 1), max(x2 - x1, 1))
+    assert main(["select", str(coco_run), "--config", str(config), "--write-crops"]) == 2
