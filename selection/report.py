@@ -22,7 +22,7 @@ import numpy as np
 from pretag.client.outputs import read_prediction, write_atomic
 from pretag.client.report import draw_debug_image
 from pretag.selection.greedy import normalise
-from pretag.selection.run import Samples
+from pretag.selection.samples import Samples
 
 log = logging.getLogger(__name__)
 

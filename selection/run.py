@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path, PurePosixPath
 from typing import Any
 
@@ -21,20 +21,10 @@ from pretag.client.outputs import TASK, predictions_dir, write_atomic
 from pretag.client.vectors import embeddings_dir, load_embeddings
 from pretag.selection.config import SelectionConfig, SelectionConfigError, Step
 from pretag.selection.greedy import Objective, Pick, greedy, normalise, passes
+from pretag.selection.report import write_report
+from pretag.selection.samples import Samples
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class Samples:
-    """What the strategies read, one row per sample."""
-
-    names: list[str]
-    classes: list[str]
-    counts: np.ndarray  # objects per class [N, C]
-    scores: list[np.ndarray]  # detection scores per sample
-    vectors: np.ndarray | None  # [N, D]
-    metadata: dict[str, dict[str, Any]]
 
 
 def run_classes(run_dir: Path) -> list[str]:
@@ -190,8 +180,6 @@ def run_selection(run_dir: Path, config: SelectionConfig, output_dir: Path | Non
     """Select over ``run_dir`` and write the outputs and the report (see
     :mod:`pretag.selection.report`); returns the picked names in order. ``images``: the
     run's input folder, for debug images of the picks."""
-    from pretag.selection.report import write_report
-
     metadata = metadata or {}
     samples = (object_samples(run_dir, metadata) if config.object_level_task
                else image_samples(run_dir, metadata))

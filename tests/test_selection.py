@@ -16,7 +16,8 @@ import pytest
 from pretag.cli import main
 from pretag.selection.config import SelectionConfigError, parse
 from pretag.selection.greedy import normalise
-from pretag.selection.run import Samples, select
+from pretag.selection.run import select
+from pretag.selection.samples import Samples
 
 BALANCE_EXAMPLE = {"n_samples": 100, "strategies": [{"input": {
     "type": "PREDICTIONS", "task": "lightly_pretagging", "name": "CLASS_DISTRIBUTION"},

@@ -1,0 +1,20 @@
+"""The samples a selection runs over (images, or detections at object level)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+
+@dataclass
+class Samples:
+    """What the strategies read, one row per sample."""
+
+    names: list[str]
+    classes: list[str]
+    counts: np.ndarray  # objects per class [N, C]
+    scores: list[np.ndarray]  # detection scores per sample
+    vectors: np.ndarray | None  # [N, D]
+    metadata: dict[str, dict[str, Any]]
