@@ -178,10 +178,10 @@ def _check_settings(config: RunConfig, settings: dict[str, Any], items: list[Ima
     write_settings(config.output_dir, settings)
 
 
-def _connections(config: RunConfig, addresses: tuple[str, ...]) -> list[Connection]:
+def _connections(config: RunConfig) -> list[Connection]:
     return [Connection(a, token=config.token, root_cert=config.root_cert,
                        client_cert=config.client_cert, client_key=config.client_key)
-            for a in addresses]
+            for a in config.servers]
 
 
 def _effective_threshold(config: RunConfig, info: pb.ModelInfoResponse) -> RunConfig:
@@ -194,10 +194,10 @@ def _effective_threshold(config: RunConfig, info: pb.ModelInfoResponse) -> RunCo
     return config
 
 
-def _stream(config: RunConfig, addresses: tuple[str, ...], listing: Listing,
+def _stream(config: RunConfig, listing: Listing,
             on_result: Callable[[str, bool], None] | None
             ) -> tuple[RunConfig, JobState, int, float]:
-    connections = _connections(config, addresses)
+    connections = _connections(config)
     infos = asyncio.run(check_servers(connections, config.connect_timeout_s))
     info = infos[0]
     config = _effective_threshold(config, info)
@@ -276,7 +276,7 @@ def run_job(config: RunConfig, on_result: Callable[[str, bool], None] | None = N
     if listing is None:
         listing = load_listing(config)
     items = listing.items
-    config, state, skipped, seconds = _stream(config, config.servers, listing, on_result)
+    config, state, skipped, seconds = _stream(config, listing, on_result)
     write_histogram(config.output_dir / "report", state.hist, config.score_threshold)
     if config.debug_images:
         _debug_images(config, items, state.hist.class_names)

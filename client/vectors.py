@@ -37,6 +37,14 @@ MODES = ("none", "image", "objects", "all")
 _SHARD = re.compile(r"^(images|objects)-(\d{6})\.parquet$")
 
 
+def _number(path: Path) -> str:
+    """The six-digit number of a shard file (images-NNNNNN.parquet, objects-NNNNNN...)."""
+    match = _SHARD.match(path.name)
+    if match is None:
+        raise ValueError(f"{path.name} is not a shard file")
+    return match.group(2)
+
+
 def embeddings_dir(output_dir: Path) -> Path:
     return output_dir / ".lightly" / "embeddings" / TASK
 
@@ -67,7 +75,7 @@ class Shard:
 class VectorStore:
     """Buffers the vectors of finished images and writes them in shards (see above)."""
 
-    def __init__(self, output_dir: Path, mode: str, shard_images: int = 1024) -> None:
+    def __init__(self, output_dir: Path, mode: str, shard_images: int) -> None:
         if mode not in MODES or mode == "none":
             raise ValueError(f"vector mode must be one of {MODES[1:]}, not {mode!r}")
         self.root = embeddings_dir(output_dir)
@@ -75,7 +83,7 @@ class VectorStore:
         self.objects = mode in ("objects", "all")
         self.shard_images = shard_images
         self.done = self._resume()
-        numbers = [int(m.group(2)) for p in self._files() if (m := _SHARD.match(p.name))]
+        numbers = [int(_number(p)) for p in self._files() if _SHARD.match(p.name)]
         self.pending = Shard(max(numbers, default=0) + 1)
 
     def _files(self) -> list[Path]:
@@ -87,10 +95,10 @@ class VectorStore:
             return set()
         for tmp in self.root.glob(".*.tmp"):
             tmp.unlink()
-        images = {p.name[7:13]: p for p in self.root.glob("images-*.parquet")}
+        images = {_number(p): p for p in self.root.glob("images-*.parquet")}
         covered: set[str] = set()
         for path in self.root.glob("objects-*.parquet"):
-            if path.name[8:14] not in images:
+            if _number(path) not in images:
                 log.info("removing %s: its images shard was never written", path.name)
                 path.unlink()
         for number, path in sorted(images.items()):
@@ -161,7 +169,7 @@ class VectorStore:
 def _shards(output_dir: Path, kind: str) -> Iterator[Path]:
     root = embeddings_dir(output_dir)
     for path in sorted(root.glob(f"{kind}-*.parquet")):
-        if kind == "objects" and not (root / f"images-{path.name[8:14]}.parquet").exists():
+        if kind == "objects" and not (root / f"images-{_number(path)}.parquet").exists():
             continue
         yield path
 

@@ -88,7 +88,8 @@ def check_header(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> ImageHead
     return header
 
 
-def decode_bgr(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
+def decode_bgr(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS,
+               header: ImageHeader | None = None) -> np.ndarray:
     """Decode an encoded image into a BGR uint8 array [H, W, 3] (OpenCV's order).
 
     Raises :class:`ImageError` for empty, unrecognised, truncated or oversized
@@ -96,8 +97,10 @@ def decode_bgr(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
     Peak memory is :attr:`ImageHeader.decode_bytes`: 16-bit samples are scaled to
     8 bits in one pass, with no wider copies. The server keeps BGR until
     :func:`pad_batch` (``bgr=True``) flips channels in the copy it makes anyway.
+    ``header``: what :func:`check_header` already returned for ``data`` (not read again).
     """
-    check_header(data, max_pixels)
+    if header is None:
+        check_header(data, max_pixels)
     buf = np.frombuffer(data, dtype=np.uint8)
     # IMREAD_COLOR applies EXIF orientation and converts gray/RGBA/CMYK to 3 channels;
     # ANYDEPTH keeps 16-bit samples so they can be scaled rather than truncated.

@@ -198,7 +198,7 @@ class Engine:
         try:
             header = check_header(data, self.config.max_pixels)
             with self.decode_budget.reserve(header.decode_bytes):
-                image = decode_bgr(data, self.config.max_pixels)
+                image = decode_bgr(data, self.config.max_pixels, header)
                 return Prepared(resize_image(image, self.spec.resize),
                                 (image.shape[0], image.shape[1]))
         except ImageError as exc:

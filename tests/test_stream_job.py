@@ -187,7 +187,7 @@ def test_prediction_files_are_what_the_server_answered(tmp_path: Path):
 def test_answers_without_the_vectors_asked_for_are_reported(tmp_path: Path):
     """A server that ignores the request's embeddings field (an older one): each image ends
     in errors.jsonl instead of stopping the job."""
-    store = VectorStore(tmp_path / "out", "image")
+    store = VectorStore(tmp_path / "out", "image", shard_images=1024)
     state, finished, _ = run_job(tmp_path, [FakeServer("a")], count=5, vectors=store,
                                  embeddings="image")
     assert state.written == 0 and set(finished.values()) == {1}
