@@ -55,6 +55,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    help="vectors asked for with every image (default none)")
     s.add_argument("--memory-requests", type=int, nargs="*", default=[],
                    help="also report server RSS after these cumulative request counts")
+    out = argparse.ArgumentParser(add_help=False)
+    out.add_argument("--output", type=Path, help="write the results as JSON here")
+    out.add_argument("--markdown", type=Path, help="write a markdown table here")
+    sel = sub.add_parser("select", parents=[out], help="selection (DIVERSITY + BALANCE) on "
+                                                       "synthetic vectors at scale")
+    sel.add_argument("--sizes", type=int, nargs="+", default=[100_000, 1_000_000])
+    sel.add_argument("--picks", type=int, default=10_000)
+    sel.add_argument("--dim", type=int, default=1280)
+    sel.add_argument("--baseline-size", type=int, default=20_000,
+                     help="also run the plain loop at this size (0: not at all)")
+    sel.add_argument("--spread", action="store_true",
+                     help="vectors spread evenly over the sphere (the worst case) instead of "
+                          "the structured synthetic set")
     j = sub.add_parser("job", parents=[common], help="pretag run vs in-process ONNX Runtime")
     j.add_argument("--batch-size", type=int, default=BatchingConfig.max_batch_size)
     j.add_argument("--repeats", type=int, default=2)
@@ -126,13 +139,27 @@ def _job(args: argparse.Namespace) -> tuple[dict[str, Any], str]:
     return r, table
 
 
+def _select(args: argparse.Namespace) -> tuple[dict[str, Any], str]:
+    from pretag.bench.select import SelectBench, bench_select
+
+    r = bench_select(SelectBench(tuple(args.sizes), args.picks, args.dim, args.baseline_size,
+                                 args.spread))
+    columns = ["images", "picks", "select_s", "peak_rss_mb", "vectors_mb", "exact_rows",
+               "sketch_rows", "l1_gap_input", "l1_gap_after"]
+    columns += [c for c in ("plain_s", "speedup_over_plain", "same_picks_as_plain")
+                if any(c in row for row in r["rows"])]
+    return r, markdown_table(r["rows"], columns)
+
+
 def run(args: argparse.Namespace) -> int:
-    if not args.model.is_file() or not args.images.is_dir():
+    if args.bench != "select" and (not args.model.is_file() or not args.images.is_dir()):
         log.error("--model must be a file and --images a folder")
         return 2
     start = time.time()
-    result, table = {"model": _model, "server": _server, "job": _job}[args.bench](args)
-    meta = {"benchmark": args.bench, "model_file": str(args.model), "images": str(args.images),
+    result, table = {"model": _model, "server": _server, "job": _job,
+                     "select": _select}[args.bench](args)
+    meta = {"benchmark": args.bench, "model_file": str(getattr(args, "model", "")),
+            "images": str(getattr(args, "images", "")),
             "commit": git_commit(), "machine": machine(),
             "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(start)),
             "command": "pretag bench " + " ".join(args.argv)}

@@ -29,3 +29,7 @@ pretag bench server --model "$MODELS/frcnn.onnx" --images "$SHARED/data/driving"
 # 3. Whole job: pretag run (embedded server) vs in-process ONNX Runtime over the same files
 pretag bench job --model "$MODELS/yolox.onnx" --images "$SHARED/data/coco128" --repeats 3 \
   --output $OUT/job_yolox_cpu.json --markdown $OUT/job_yolox_cpu.md
+# 4. Selection at scale (issue 14): DIVERSITY + BALANCE, 10k picks, synthetic 1280-d vectors;
+#    the plain loop (every sample recomputed after each pick) at 20k for the ratio
+pretag bench select --sizes 100000 1000000 --picks 10000 --baseline-size 20000 \
+  --output $OUT/select_cpu.json --markdown $OUT/select_cpu.md

@@ -13,87 +13,40 @@ Objectives (each in [0, 1], see docs/selection.md for the rules Lightly leaves o
 * WEIGHTS: the values divided by their largest (negatives count as 0). Constant.
 
 Ties go to the lower index, so a config picks the same samples every time.
+
+How it scales (1M samples, 10k picks): the distances live in a :class:`Cover`, which only
+recomputes the cells a new pick can reach. A balance objective depends on a sample only
+through its class-count row, so it is computed once per distinct row (a *group*), not per
+sample. The argmax runs over blocks of at most ``_BLOCK`` samples of one group, each
+holding its best ``diversity x weights`` term; a pick refreshes only the blocks of samples
+whose distance dropped. ``pretag.bench.select.plain_greedy`` is the same rules computed
+the plain way (every sample, every pick); the tests check the two pick the same samples.
 """
 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 
 from pretag.selection.config import Strategy
+from pretag.selection.cover import LEAF, Cover
 
 log = logging.getLogger(__name__)
 
-_TINY = 1e-12
+TINY = 1e-12  # an objective of 0 counts as this (its logarithm is finite)
+_BLOCK = 32
 
 
 @dataclass
 class Objective:
-    """One strategy over the candidates; ``values`` in [0, 1], updated after each pick."""
+    """One strategy over all samples."""
 
     strategy: Strategy
     kind: str  # diversity | balance | weights
-    data: np.ndarray  # embeddings [N, D], class counts [N, C] or weights [N]
+    data: np.ndarray  # unit embeddings [N, D] float32, class counts [N, C] or weights [N]
     target: np.ndarray | None = None  # balance: [C], sums to 1
-    values: np.ndarray = field(default_factory=lambda: np.zeros(0))
-    state: np.ndarray = field(default_factory=lambda: np.zeros(0))
-    _first: bool = True
-
-    def start(self) -> None:
-        self._first = True
-        if self.kind == "diversity":  # chooses the first pick only; not a centre after it
-            self.state = np.linalg.norm(self.data - self.data.mean(axis=0), axis=1)
-        elif self.kind == "balance":
-            self.state = np.zeros(self.data.shape[1])
-        else:
-            weights = np.clip(self.data.astype(np.float64), 0, None)
-            self.values = weights / max(weights.max(initial=0.0), _TINY)
-            return
-        self._refresh()
-
-    def picked(self, index: int) -> None:
-        if self.kind == "diversity":
-            distance = np.linalg.norm(self.data - self.data[index], axis=1)
-            if self._first:
-                self.state = distance
-            else:
-                np.minimum(self.state, distance, out=self.state)
-            self._first = False
-        elif self.kind == "balance":
-            self.state = self.state + self.data[index]
-        else:
-            return
-        self._refresh()
-
-    def _refresh(self) -> None:
-        if self.kind == "diversity":
-            self.values = self.state / max(float(self.state.max(initial=0.0)), _TINY)
-            return
-        assert self.target is not None
-        before = _l1_to(self.state, self.target)
-        after = self.state[None, :] + self.data
-        totals = after.sum(axis=1, keepdims=True)
-        shares = np.divide(after, totals, out=np.zeros_like(after), where=totals > 0)
-        gain = before - np.abs(shares - self.target).sum(axis=1)
-        empty = self.data.sum(axis=1) == 0
-        if (~empty).any():  # without objects: below the worst candidate that has some
-            gain[empty] = float(gain[~empty].min()) - 1.0
-        low, high = float(gain.min(initial=0.0)), float(gain.max(initial=0.0))
-        self.values = (gain - low) / (high - low) if high > low else np.ones_like(gain)
-
-    def stop(self, available: np.ndarray) -> bool:
-        limit = self.strategy.minimum_distance
-        if self.kind != "diversity" or limit is None or not available.any():
-            return False
-        return float(self.state[available].max()) < limit
-
-
-def _l1_to(counts: np.ndarray, target: np.ndarray) -> float:
-    total = counts.sum()
-    shares = counts / total if total > 0 else np.zeros_like(counts)
-    return float(np.abs(shares - target).sum())
 
 
 @dataclass(frozen=True)
@@ -102,36 +55,211 @@ class Pick:
     objectives: tuple[float, ...]  # each strategy's objective value when it was picked
 
 
-def greedy(objectives: list[Objective], candidates: np.ndarray, count: int) -> list[Pick]:
-    """Pick up to ``count`` of the ``candidates`` (a bool mask over all samples)."""
-    available = candidates.copy()
-    for objective in objectives:
-        objective.start()
+def greedy(objectives: list[Objective], candidates: np.ndarray, count: int,
+           leaf: int = LEAF, search: _Search | None = None) -> list[Pick]:
+    """Pick up to ``count`` of the ``candidates`` (a bool mask over all samples);
+    ``search``: the loop's state made beforehand (the benchmark reads its counters)."""
+    rows = np.flatnonzero(candidates)
+    count = min(count, len(rows))
+    if count <= 0:
+        return []
+    search = search or _Search(objectives, rows, leaf)
     picks: list[Pick] = []
-    strengths = np.array([o.strategy.strength for o in objectives])
-    while len(picks) < count and available.any():
-        if any(o.stop(available) for o in objectives):
+    while len(picks) < count:
+        if search.too_close():
             log.info("stopping after %d picks: no candidate is far enough from the picked "
                      "ones (stopping_condition_minimum_distance)", len(picks))
             break
-        if objectives:
-            values = np.stack([o.values for o in objectives])
-            score = (strengths[:, None] * np.log(np.maximum(values, _TINY))).sum(axis=0)
-        else:
-            score = np.zeros(len(available))
-        score = np.where(available, score, -np.inf)
-        index = int(np.argmax(score))
-        picks.append(Pick(index, tuple(float(o.values[index]) for o in objectives)))
-        available[index] = False
-        for objective in objectives:
-            objective.picked(index)
+        picks.append(search.pick())
     return picks
 
 
+def group_rows(table: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(the distinct rows, sorted; each row's number among them): ``np.unique(axis=0)``
+    through a column-wise sort, which is 4x faster at 1M rows."""
+    if not table.shape[1]:
+        return np.zeros((1, 0)), np.zeros(len(table), dtype=np.intp)
+    order = np.lexsort(table.T[::-1])
+    ranked = table[order]
+    new = np.append(True, np.any(ranked[1:] != ranked[:-1], axis=1))
+    gid = np.empty(len(table), dtype=np.intp)
+    gid[order] = np.cumsum(new) - 1
+    return ranked[new], gid
+
+
+def balance_values(gain: np.ndarray, empty: np.ndarray, live: np.ndarray) -> np.ndarray:
+    """A balance gain per sample (or group) scaled to [0, 1] over the ``live`` ones; those
+    without objects score below the worst live one that has some."""
+    gain = gain.copy()
+    filled = live & ~empty
+    if filled.any():
+        gain[empty] = float(gain[filled].min()) - 1.0
+    low = float(gain[live].min(initial=np.inf))
+    high = float(gain[live].max(initial=-np.inf))
+    return (gain - low) / (high - low) if high > low else np.ones_like(gain)
+
+
+def balance_gain(state: np.ndarray, rows: np.ndarray, target: np.ndarray,
+                 row_totals: np.ndarray | None = None) -> np.ndarray:
+    """Drop in L1 distance to ``target`` when each row is added to the picked ``state``
+    (``row_totals``: the rows' sums, when the caller keeps them)."""
+    shares = rows + state[None, :]
+    totals = (rows.sum(axis=1) if row_totals is None else row_totals) + state.sum()
+    np.divide(shares, totals[:, None], out=shares, where=totals[:, None] > 0)
+    shares[totals == 0] = 0.0
+    shares -= target
+    np.abs(shares, out=shares)
+    return l1_to(state, target) - shares.sum(axis=1)
+
+
+def l1_to(counts: np.ndarray, target: np.ndarray) -> float:
+    total = counts.sum()
+    shares = counts / total if total > 0 else np.zeros_like(counts)
+    return float(np.abs(shares - target).sum())
+
+
+class _Search:
+    """The loop's state; positions are those of the Cover's order."""
+
+    def __init__(self, objectives: list[Objective], rows: np.ndarray, leaf: int):
+        self.objectives = objectives
+        self.limit: float | None = None
+        self.cover: Cover | None = None
+        self.div_strength = 0.0
+        order = np.arange(len(rows))
+        for o in objectives:
+            if o.kind == "diversity":
+                if self.cover is None:
+                    data = o.data if len(rows) == len(o.data) else o.data[rows]
+                    self.cover = Cover(data, leaf)
+                    order = self.cover.order
+                self.div_strength += o.strategy.strength
+                if o.strategy.minimum_distance is not None:
+                    self.limit = o.strategy.minimum_distance
+        self.samples = rows[order]  # sample index of each position
+        self._weights()
+        self._groups()
+        self._blocks()
+
+    def _weights(self) -> None:
+        self.static = np.zeros(len(self.samples))
+        self.weights: dict[int, np.ndarray] = {}
+        for i, o in enumerate(self.objectives):
+            if o.kind == "weights":
+                w = np.clip(o.data.astype(np.float64), 0, None)
+                self.weights[i] = w / max(w.max(initial=0.0), TINY)
+                self.static += o.strategy.strength * np.log(
+                    np.maximum(self.weights[i][self.samples], TINY))
+
+    def _groups(self) -> None:
+        balance = [(i, o) for i, o in enumerate(self.objectives) if o.kind == "balance"]
+        n = len(self.samples)
+        table = (np.concatenate([o.data[self.samples] for _, o in balance], axis=1)
+                 if balance else np.zeros((n, 0)))
+        unique, self.gid = group_rows(table)
+        self.group_live = np.bincount(self.gid, minlength=len(unique))
+        self.balance = []  # (objective index, group rows, row sums, target, picked counts)
+        start = 0
+        for i, o in balance:
+            width = o.data.shape[1]
+            part = unique[:, start:start + width]
+            start += width
+            assert o.target is not None
+            self.balance.append((i, part, part.sum(axis=1), o.target, np.zeros(width)))
+
+    def _blocks(self) -> None:
+        self.by_group = np.lexsort((self.samples, self.gid))  # group, then sample index
+        sizes = np.bincount(self.gid)
+        blocks = -(-sizes // _BLOCK)  # ceil
+        group_of_block = np.repeat(np.arange(len(sizes)), blocks)
+        group_start = np.concatenate([[0], np.cumsum(sizes)[:-1]])
+        first_block = np.concatenate([[0], np.cumsum(blocks)[:-1]])
+        within = np.arange(len(group_of_block)) - first_block[group_of_block]
+        self.block_start = group_start[group_of_block] + within * _BLOCK
+        self.block_size = np.minimum(_BLOCK, sizes[group_of_block] - within * _BLOCK)
+        self.block_group = group_of_block
+        self.block_of = np.empty(len(self.samples), dtype=np.intp)
+        self.block_of[self.by_group] = np.repeat(np.arange(len(group_of_block)),
+                                                 self.block_size)
+        self.live = np.ones(len(self.samples), dtype=bool)
+        self.key = self.static + self._diversity_term(np.arange(len(self.samples)))
+        self.block_best = np.empty(len(group_of_block))
+        self.block_pos = np.empty(len(group_of_block), dtype=np.intp)
+        self._refresh(np.arange(len(group_of_block)))
+
+    def _diversity_term(self, positions: np.ndarray) -> np.ndarray:
+        if self.cover is None:
+            return np.zeros(len(positions))
+        return self.div_strength * np.log(np.maximum(self.cover.d[positions], TINY))
+
+    def _refresh(self, blocks: np.ndarray) -> None:
+        """Best key (and its position, the lowest sample index among ties) of each block."""
+        sizes = self.block_size[blocks]
+        seg = np.cumsum(sizes) - sizes
+        elements = np.repeat(self.block_start[blocks] - seg, sizes) + np.arange(sizes.sum())
+        positions = self.by_group[elements]
+        values = self.key[positions]
+        best = np.maximum.reduceat(values, seg)
+        hits = np.flatnonzero(values == np.repeat(best, sizes))
+        self.block_best[blocks] = best
+        self.block_pos[blocks] = positions[hits[np.searchsorted(hits, seg)]]
+
+    def _balance_now(self) -> list[np.ndarray]:
+        live = self.group_live > 0
+        return [balance_values(balance_gain(state, part, target, totals), totals == 0, live)
+                for _, part, totals, target, state in self.balance]
+
+    def too_close(self) -> bool:
+        return (self.limit is not None and self.cover is not None
+                and self.cover.max() < self.limit)
+
+    def pick(self) -> Pick:
+        values = self._balance_now()
+        group_score = np.zeros(len(self.group_live))
+        for (i, *_), v in zip(self.balance, values, strict=True):
+            group_score += self.objectives[i].strategy.strength * np.log(np.maximum(v, TINY))
+        score = self.block_best + group_score[self.block_group]
+        ties = np.flatnonzero(score == score.max())
+        block = ties[np.argmin(self.samples[self.block_pos[ties]])]
+        position = int(self.block_pos[block])
+        group = int(self.gid[position])
+        result = Pick(int(self.samples[position]), self._objective_values(position, values))
+        self.live[position] = False
+        self.group_live[group] -= 1
+        for _, part, _, _, state in self.balance:
+            state += part[group]
+        changed = self.cover.add(position) if self.cover is not None else np.zeros(0, int)
+        self.key[changed] = self.static[changed] + self._diversity_term(changed)
+        self.key[position] = -np.inf
+        self.key[changed[~self.live[changed]]] = -np.inf
+        self._refresh(np.unique(self.block_of[np.append(changed, position)]))
+        return result
+
+    def _objective_values(self, position: int, balance: list[np.ndarray]) -> tuple[float, ...]:
+        out = []
+        at = {i: v[self.gid[position]] for (i, *_), v in zip(self.balance, balance,
+                                                              strict=True)}
+        for i, o in enumerate(self.objectives):
+            if o.kind == "diversity":
+                assert self.cover is not None
+                out.append(float(self.cover.d[position]) / max(self.cover.max(), TINY))
+            elif o.kind == "balance":
+                out.append(float(at[i]))
+            else:
+                out.append(float(self.weights[i][self.samples[position]]))
+        return tuple(out)
+
+
 def normalise(vectors: np.ndarray) -> np.ndarray:
-    """L2-normalised rows (as Lightly normalises embeddings by default)."""
-    norms = np.linalg.norm(vectors, axis=1, keepdims=True)
-    return vectors / np.maximum(norms, _TINY)
+    """L2-normalised rows as float32 (as Lightly normalises embeddings by default); a
+    float32 array is normalised in place, in chunks, so 1M x 1280 needs no second copy."""
+    out = vectors if vectors.dtype == np.float32 else vectors.astype(np.float32)
+    out = np.ascontiguousarray(out)
+    for s in range(0, len(out), 65536):
+        block = out[s:s + 65536]
+        norms = np.sqrt(np.einsum("ij,ij->i", block, block, dtype=np.float64))
+        block /= np.maximum(norms, TINY)[:, None].astype(np.float32)
+    return out
 
 
 def passes(values: np.ndarray, strategy: Strategy) -> np.ndarray:
