@@ -64,6 +64,9 @@ def _run_then_select(args: argparse.Namespace) -> int:
     if args.selection_config is not None:
         try:
             config = load(args.selection_config, args.n_samples)
+            if not isinstance(args.output_dir, Path):
+                raise SelectionConfigError("--selection-config needs a local --output-dir "
+                                           "(selection reads the run from disk)")
         except SelectionConfigError as exc:
             log.error("%s", exc)
             return 2
@@ -71,8 +74,8 @@ def _run_then_select(args: argparse.Namespace) -> int:
     if config is None or code not in (0, 3):
         return int(code)
     try:
-        run_selection(args.output_dir, config,
-                      images=args.input if args.input.is_dir() else None)
+        images = args.input if isinstance(args.input, Path) and args.input.is_dir() else None
+        run_selection(args.output_dir, config, images=images)
     except (SelectionConfigError, OSError, ValueError) as exc:
         log.error("%s", exc)
         return 2

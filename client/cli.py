@@ -15,6 +15,7 @@ from pathlib import Path
 
 from pretag.client.report import summary_table
 from pretag.client.run import RunConfig, RunError, RunSummary, load_listing, run_job
+from pretag.client.storage import AnyPath, location
 from pretag.client.vectors import MODES, embeddings_dir, write_csv
 from pretag.token_file import TokenFileError, read_token_file
 
@@ -25,9 +26,11 @@ _D = RunConfig  # defaults are set on the dataclass, once
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add = parser.add_argument
-    add("input", type=Path, help="folder of images (searched recursively) or a text file "
-                                 "listing image paths")
-    add("--output-dir", type=Path, required=True, help="where predictions and reports go")
+    add("input", type=location, help="folder of images (searched recursively) or a text "
+                                     "file listing image paths; or an object-storage URL "
+                                     "(s3://bucket/prefix/, gs://...) of either")
+    add("--output-dir", type=location, required=True,
+        help="where predictions and reports go: a folder or an object-storage URL")
     add("--server", action="append", default=[], metavar="HOST:PORT",
         help="pretag server to stream to (repeatable; default: start one in-process)")
     add("--model", type=Path, help="contract model for the in-process server (default: "
@@ -73,7 +76,7 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
                      shard_images=args.shard_images)
 
 
-def format_summary(summary: RunSummary, output_dir: Path) -> str:
+def format_summary(summary: RunSummary, output_dir: AnyPath) -> str:
     return summary_table([
         ("images", str(summary.images)),
         ("already done (skipped)", str(summary.skipped)),

@@ -8,8 +8,10 @@ Layout under the output folder::
 
 Every prediction file holds a list with one entry, ``{"filename", "boxes",
 "labels", "scores"}``, boxes x1, y1, x2, y2 normalised to [0, 1], in score order.
-Files are written to a temporary name and renamed, so a killed run never leaves
-a half-written one; a re-run skips images whose file exists and parses.
+Files are written whole (:func:`pretag.client.storage.write_whole`: a rename locally,
+one PUT on object storage), so a killed run never leaves a half-written one; a re-run
+skips images whose file exists and parses. Inputs and outputs may be local paths or
+object-storage URLs (:mod:`pretag.client.storage`).
 ``report/run_settings.json`` records what made them (model, threshold), so that a
 re-run with other settings does not silently keep the old files.
 """
@@ -18,10 +20,13 @@ from __future__ import annotations
 
 import json
 import os
+import posixpath
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any
+
+from pretag.client.storage import AnyPath, StorageError, location, write_whole
 
 TASK = "lightly_pretagging"
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"})
@@ -33,7 +38,7 @@ class InputError(ValueError):
 
 @dataclass(frozen=True)
 class ImageItem:
-    path: Path  # where to read it
+    path: AnyPath  # where to read it
     name: str  # relative POSIX path: the "filename" written in its prediction
 
 
@@ -69,12 +74,15 @@ def list_name(line: str, list_dir: Path) -> str:
         return PurePosixPath(*full.parts[1:]).as_posix()
 
 
-def list_images(source: Path) -> Listing:
-    """Images under a folder (recursive, sorted) or listed in a text file (one per line).
+def list_images(source: AnyPath) -> Listing:
+    """Images under a folder or prefix (recursive, sorted) or listed in a text file (one
+    per line).
 
     Relative paths in a list are relative to the list file's folder; see
     :func:`list_name` for the names they get.
     """
+    if not isinstance(source, Path):
+        return _list_remote(source)
     if source.is_dir():
         items, problems = [], []
         for p in sorted(source.rglob("*")):
@@ -99,11 +107,40 @@ def list_images(source: Path) -> Listing:
     raise InputError(f"input {source} does not exist")
 
 
-def predictions_dir(output_dir: Path) -> Path:
+def _list_remote(source: AnyPath) -> Listing:
+    """Objects under a prefix (one listing call, names relative to the prefix), or the
+    lines of a list object (relative lines are relative to its prefix)."""
+    fs, root = source.fs, source.path.rstrip("/")
+    try:
+        if fs.isfile(root):
+            base = posixpath.dirname(root)
+            items = []
+            for line in source.read_text().splitlines():
+                line = line.strip()
+                if line and not line.startswith("#"):
+                    full = posixpath.normpath(line.split("://", 1)[1] if "://" in line
+                                              else posixpath.join(base, line))
+                    inside = full.startswith(base + "/")
+                    items.append(ImageItem(location(f"{source.protocol}://{full}"),
+                                           full[len(base) + 1:] if inside else full))
+            return Listing(items, [])
+        found = sorted(fs.find(root))
+    except PermissionError as exc:
+        raise StorageError(f"cannot list {source}: access denied ({exc})") from None
+    except FileNotFoundError:
+        found = []
+    items = [ImageItem(source / p[len(root) + 1:], p[len(root) + 1:]) for p in found
+             if PurePosixPath(p).suffix.lower() in IMAGE_SUFFIXES and p.startswith(root + "/")]
+    if not items and not fs.exists(root):
+        raise InputError(f"input {source} does not exist")
+    return Listing(items, [])
+
+
+def predictions_dir(output_dir: AnyPath) -> AnyPath:
     return output_dir / ".lightly" / "predictions"
 
 
-def prediction_path(output_dir: Path, name: str) -> Path:
+def prediction_path(output_dir: AnyPath, name: str) -> AnyPath:
     """Where the prediction of image ``name`` goes: always inside the task folder."""
     rel = PurePosixPath(name)
     if rel.is_absolute() or not rel.parts or any(p in ("..", ".") for p in rel.parts):
@@ -112,28 +149,16 @@ def prediction_path(output_dir: Path, name: str) -> Path:
     return predictions_dir(output_dir) / TASK / rel.with_suffix(".json")
 
 
-def write_atomic(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` through a temporary file and a rename.
-
-    The temporary name is fixed per target (``.<name>.tmp``): a run killed
-    between the write and the rename leaves one, and the re-run that redoes
-    that image writes the same name again and renames it away.
-    """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        tmp.write_text(text)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+def write_atomic(path: AnyPath, text: str) -> None:
+    """Write ``text`` to ``path`` whole (see :func:`pretag.client.storage.write_whole`)."""
+    write_whole(path, text.encode())
 
 
-def settings_path(output_dir: Path) -> Path:
+def settings_path(output_dir: AnyPath) -> AnyPath:
     return output_dir / "report" / "run_settings.json"
 
 
-def read_settings(output_dir: Path) -> dict[str, Any] | None:
+def read_settings(output_dir: AnyPath) -> dict[str, Any] | None:
     """The settings recorded by an earlier run in ``output_dir``, or None."""
     try:
         data = json.loads(settings_path(output_dir).read_text())
@@ -142,11 +167,11 @@ def read_settings(output_dir: Path) -> dict[str, Any] | None:
     return data if isinstance(data, dict) else None
 
 
-def write_settings(output_dir: Path, settings: dict[str, Any]) -> None:
+def write_settings(output_dir: AnyPath, settings: dict[str, Any]) -> None:
     write_atomic(settings_path(output_dir), json.dumps(settings, indent=2) + "\n")
 
 
-def write_task_files(output_dir: Path, class_names: Sequence[str]) -> None:
+def write_task_files(output_dir: AnyPath, class_names: Sequence[str]) -> None:
     root = predictions_dir(output_dir)
     write_atomic(root / "tasks.json", json.dumps([TASK], indent=2) + "\n")
     schema = {"task_type": "object-detection",
@@ -164,11 +189,11 @@ def make_entry(name: str, boxes: Sequence[Sequence[float]], labels: Sequence[str
             "scores": [round(s, 6) for s in scores]}
 
 
-def write_prediction(output_dir: Path, entry: dict[str, Any]) -> None:
+def write_prediction(output_dir: AnyPath, entry: dict[str, Any]) -> None:
     write_atomic(prediction_path(output_dir, entry["filename"]), json.dumps([entry]) + "\n")
 
 
-def read_prediction(output_dir: Path, name: str) -> dict[str, Any] | None:
+def read_prediction(output_dir: AnyPath, name: str) -> dict[str, Any] | None:
     """The entry already written for ``name``, or None if absent or unreadable."""
     path = prediction_path(output_dir, name)
     try:

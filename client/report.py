@@ -2,18 +2,19 @@
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import cv2
 import numpy as np
 
 from pretag.client.outputs import write_atomic
+from pretag.client.storage import AnyPath, write_whole
 from pretag.preprocess import decode_image
 
 log = logging.getLogger(__name__)
@@ -49,7 +50,7 @@ class Histogram:
         }
 
 
-def write_histogram(report_dir: Path, hist: Histogram, threshold: float) -> None:
+def write_histogram(report_dir: AnyPath, hist: Histogram, threshold: float) -> None:
     """class_histogram.json and class_histogram.png (a bar chart of objects per class)."""
     import matplotlib
 
@@ -67,10 +68,10 @@ def write_histogram(report_dir: Path, hist: Histogram, threshold: float) -> None
     ax.set_title(f"{data['images']} images, {data['average_objects_per_image']:.2f} objects per "
                  f"image (score >= {threshold:g})")
     ax.tick_params(axis="x", rotation=30 if len(names) > 8 else 0)
-    tmp = report_dir / ".class_histogram.tmp.png"
-    fig.savefig(tmp, dpi=120)
+    png = io.BytesIO()
+    fig.savefig(png, format="png", dpi=120)
     plt.close(fig)
-    tmp.replace(report_dir / "class_histogram.png")
+    write_whole(report_dir / "class_histogram.png", png.getvalue())
 
 
 def spread(count: int, total: int) -> list[int]:
@@ -88,7 +89,7 @@ _COLORS = [(216, 125, 59), (60, 180, 75), (230, 25, 75), (245, 130, 48), (145, 3
            (70, 240, 240), (240, 50, 230), (210, 245, 60)]
 
 
-def draw_debug_image(image_path: Path, entry: dict[str, Any], out_path: Path,
+def draw_debug_image(image_path: AnyPath, entry: dict[str, Any], out_path: AnyPath,
                      class_names: Sequence[str]) -> None:
     """The image with its boxes, labels and scores drawn, saved as JPEG."""
     rgb = decode_image(image_path.read_bytes())
@@ -107,11 +108,10 @@ def draw_debug_image(image_path: Path, entry: dict[str, Any], out_path: Path,
         cv2.rectangle(img, (x1, top), (x1 + tw + 2, top + th + base + 2), color, -1)
         cv2.putText(img, text, (x1 + 1, top + th + 1), cv2.FONT_HERSHEY_SIMPLEX, scale,
                     (255, 255, 255), 1, cv2.LINE_AA)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
     ok, buf = cv2.imencode(".jpg", img, [cv2.IMWRITE_JPEG_QUALITY, 90])
     if not ok:
         raise OSError(f"cannot encode debug image for {image_path}")
-    out_path.write_bytes(buf.tobytes())
+    write_whole(out_path, buf.tobytes())
 
 
 def summary_table(rows: Sequence[tuple[str, str]]) -> str:

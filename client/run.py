@@ -12,7 +12,7 @@ import asyncio
 import dataclasses
 import json
 import logging
-import shutil
+import socket
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -35,6 +35,7 @@ from pretag.client.outputs import (
     write_task_files,
 )
 from pretag.client.report import Histogram, draw_debug_image, spread, write_histogram
+from pretag.client.storage import AnyPath, check_reachable, remove_tree
 from pretag.client.stream import Job, JobState, RunError, StreamSettings, Target
 from pretag.client.vectors import VectorStore, embeddings_dir
 from pretag.contract import threshold_problem
@@ -47,8 +48,8 @@ _S = StreamSettings  # the streaming defaults are set there, once
 
 @dataclass(frozen=True)
 class RunConfig:
-    input: Path
-    output_dir: Path
+    input: AnyPath  # a local path or an object-storage URL (pretag.client.storage)
+    output_dir: AnyPath
     servers: tuple[str, ...] = ()  # addresses; run_job needs at least one
     score_threshold: float = 0.5
     window: int = _S.window
@@ -94,12 +95,13 @@ def _resume(config: RunConfig, items: list[ImageItem], hist: Histogram,
     vectors are stored) are counted and skipped."""
     todo: list[ImageItem] = []
     errors: list[dict[str, Any]] = []
-    seen: dict[Path, str] = {}
+    seen: dict[str, str] = {}
     for item in items:
-        target = prediction_path(config.output_dir, item.name)
+        target = str(prediction_path(config.output_dir, item.name))
         if target in seen:
             errors.append({"path": str(item.path), "filename": item.name, "code": "NAME",
-                           "reason": f"its prediction file {target.name} would overwrite "
+                           "reason": f"its prediction file {target.rsplit('/', 1)[-1]} would "
+                                     f"overwrite "
                                      f"that of {seen[target]}"})
             continue
         seen[target] = item.name
@@ -147,7 +149,7 @@ async def check_servers(connections: list[Connection], timeout_s: float
     return list(infos)
 
 
-def write_errors(path: Path, errors: list[dict[str, Any]]) -> None:
+def write_errors(path: AnyPath, errors: list[dict[str, Any]]) -> None:
     """errors.jsonl, written whole or not at all (a full disk leaves the old one)."""
     write_atomic(path, "".join(json.dumps(record) + "\n" for record in errors))
 
@@ -174,7 +176,7 @@ def _check_settings(config: RunConfig, settings: dict[str, Any], items: list[Ima
     if config.overwrite:
         for item in items:
             prediction_path(config.output_dir, item.name).unlink(missing_ok=True)
-        shutil.rmtree(embeddings_dir(config.output_dir), ignore_errors=True)
+        remove_tree(embeddings_dir(config.output_dir))
     write_settings(config.output_dir, settings)
 
 
@@ -198,6 +200,7 @@ def _stream(config: RunConfig, listing: Listing,
             on_result: Callable[[str, bool], None] | None
             ) -> tuple[RunConfig, JobState, int, float]:
     connections = _connections(config)
+    check_reachable(config.output_dir)
     infos = asyncio.run(check_servers(connections, config.connect_timeout_s))
     info = infos[0]
     config = _effective_threshold(config, info)
@@ -243,7 +246,7 @@ def _debug_images(config: RunConfig, items: list[ImageItem], class_names: Any) -
         entry = read_prediction(config.output_dir, item.name)
         if entry is None:
             continue
-        flat = Path(item.name.replace("/", "__")).with_suffix(".jpg")
+        flat = Path(item.name.replace("/", "__")).with_suffix(".jpg").name
         out = config.output_dir / "report" / "debug" / flat
         try:
             draw_debug_image(item.path, entry, out, class_names)
@@ -267,12 +270,37 @@ def load_listing(config: RunConfig) -> Listing:
     return listing
 
 
+def expand_servers(addresses: tuple[str, ...]) -> tuple[str, ...]:
+    """``dns:///name:port`` (as a Kubernetes headless Service gives it) becomes one address
+    per IP the name resolves to, so that every pod behind it gets a stream of its own (a
+    gRPC channel balances calls, but a stream stays on the pod it started on); the job's
+    failover then works pod by pod. Other addresses are kept as they are."""
+    out: list[str] = []
+    for address in addresses:
+        if not address.startswith("dns:"):
+            out.append(address)
+            continue
+        target = address[len("dns:"):].lstrip("/")
+        host, _, port = target.rpartition(":")
+        if not host or not port.isdigit():
+            raise RunError(f"--server {address}: expected dns:///NAME:PORT")
+        try:
+            found = socket.getaddrinfo(host, int(port), type=socket.SOCK_STREAM)
+        except OSError as exc:
+            raise RunError(f"--server {address}: {host} does not resolve ({exc})") from None
+        ips = list(dict.fromkeys(str(info[4][0]) for info in found))
+        log.info("%s resolves to %d addresses: %s", address, len(ips), ", ".join(ips))
+        out.extend(f"[{ip}]:{port}" if ":" in ip else f"{ip}:{port}" for ip in ips)
+    return tuple(dict.fromkeys(out))
+
+
 def run_job(config: RunConfig, on_result: Callable[[str, bool], None] | None = None,
             listing: Listing | None = None) -> RunSummary:
     """Run the whole job against ``config.servers``; raises :class:`RunError` for the
     exit-code-2 cases. ``listing``: the inputs, when the caller already listed them."""
     if not config.servers:
         raise RunError("no server address given")
+    config = config.with_servers(expand_servers(config.servers))
     if listing is None:
         listing = load_listing(config)
     items = listing.items

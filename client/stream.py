@@ -22,7 +22,6 @@ import time
 from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Protocol
 
 from tqdm import tqdm
@@ -30,6 +29,7 @@ from tqdm import tqdm
 from pretag.client.api import AsyncClient, Connection, Prediction, PretagError
 from pretag.client.outputs import ImageItem, make_entry, write_prediction
 from pretag.client.report import Histogram
+from pretag.client.storage import AnyPath
 from pretag.client.vectors import VectorStore
 from pretag.v1 import pretag_pb2 as pb
 
@@ -123,7 +123,7 @@ class Job:
     ``connect`` opens a client for a target's connection (default :class:`AsyncClient`).
     """
 
-    def __init__(self, targets: list[Target], todo: list[ImageItem], output_dir: Path,
+    def __init__(self, targets: list[Target], todo: list[ImageItem], output_dir: AnyPath,
                  state: JobState, settings: StreamSettings, progress: tqdm,
                  on_result: Callable[[str, bool], None] | None = None,
                  connect: Connect = AsyncClient, vectors: VectorStore | None = None) -> None:
@@ -398,5 +398,5 @@ class _Backoff:
         return 0.0 if self.failing_since is None else time.monotonic() - self.failing_since
 
 
-def _file_size(path: Path) -> int:
-    return path.stat().st_size
+def _file_size(path: AnyPath) -> int:
+    return int(path.stat().st_size)

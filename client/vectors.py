@@ -30,6 +30,7 @@ import pyarrow.parquet as pq
 
 from pretag.client.api import Prediction
 from pretag.client.outputs import TASK
+from pretag.client.storage import AnyPath, write_whole
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +38,7 @@ MODES = ("none", "image", "objects", "all")
 _SHARD = re.compile(r"^(images|objects)-(\d{6})\.parquet$")
 
 
-def _number(path: Path) -> str:
+def _number(path: AnyPath) -> str:
     """The six-digit number of a shard file (images-NNNNNN.parquet, objects-NNNNNN...)."""
     match = _SHARD.match(path.name)
     if match is None:
@@ -45,7 +46,7 @@ def _number(path: Path) -> str:
     return match.group(2)
 
 
-def embeddings_dir(output_dir: Path) -> Path:
+def embeddings_dir(output_dir: AnyPath) -> AnyPath:
     return output_dir / ".lightly" / "embeddings" / TASK
 
 
@@ -55,10 +56,15 @@ def _vectors(rows: list[np.ndarray], dim: int) -> pa.FixedSizeListArray:
     return pa.FixedSizeListArray.from_arrays(pa.array(flat, pa.float16()), dim)
 
 
-def _write(table: pa.Table, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    pq.write_table(table, tmp)
-    tmp.replace(path)
+def _write(table: pa.Table, path: AnyPath) -> None:
+    sink = pa.BufferOutputStream()
+    pq.write_table(table, sink)
+    write_whole(path, sink.getvalue().to_pybytes())
+
+
+def _source(path: AnyPath) -> Any:
+    """What pyarrow reads: a local path as it is, an object's bytes in a buffer."""
+    return path if isinstance(path, Path) else pa.BufferReader(path.read_bytes())
 
 
 @dataclass
@@ -75,7 +81,7 @@ class Shard:
 class VectorStore:
     """Buffers the vectors of finished images and writes them in shards (see above)."""
 
-    def __init__(self, output_dir: Path, mode: str, shard_images: int) -> None:
+    def __init__(self, output_dir: AnyPath, mode: str, shard_images: int) -> None:
         if mode not in MODES or mode == "none":
             raise ValueError(f"vector mode must be one of {MODES[1:]}, not {mode!r}")
         self.root = embeddings_dir(output_dir)
@@ -86,7 +92,7 @@ class VectorStore:
         numbers = [int(_number(p)) for p in self._files() if _SHARD.match(p.name)]
         self.pending = Shard(max(numbers, default=0) + 1)
 
-    def _files(self) -> list[Path]:
+    def _files(self) -> list[AnyPath]:
         return sorted(self.root.glob("*.parquet")) if self.root.is_dir() else []
 
     def _resume(self) -> set[str]:
@@ -102,12 +108,13 @@ class VectorStore:
                 log.info("removing %s: its images shard was never written", path.name)
                 path.unlink()
         for number, path in sorted(images.items()):
-            schema = pq.read_schema(path)
+            schema = pq.read_schema(_source(path))
             if self.images and "vector" not in schema.names:
                 continue  # written by a run that stored object vectors only
             if self.objects and not (self.root / f"objects-{number}.parquet").exists():
                 continue  # written by a run that stored image vectors only
-            covered.update(pq.read_table(path, columns=["filename"])["filename"].to_pylist())
+            covered.update(pq.read_table(_source(path), columns=["filename"])["filename"]
+                           .to_pylist())
         return covered
 
     def needs(self, name: str) -> bool:
@@ -145,7 +152,6 @@ class VectorStore:
 
     def write(self, shard: Shard) -> None:
         """Objects shard first, images shard last (it marks the images done)."""
-        self.root.mkdir(parents=True, exist_ok=True)
         if self.objects:
             rows = shard.objects
             dim = rows[0][5].shape[0] if rows else 0
@@ -166,7 +172,7 @@ class VectorStore:
         _write(pa.table(columns), self.root / f"images-{shard.number:06d}.parquet")
 
 
-def _shards(output_dir: Path, kind: str) -> Iterator[Path]:
+def _shards(output_dir: AnyPath, kind: str) -> Iterator[AnyPath]:
     root = embeddings_dir(output_dir)
     for path in sorted(root.glob(f"{kind}-*.parquet")):
         if kind == "objects" and not (root / f"images-{_number(path)}.parquet").exists():
@@ -174,19 +180,20 @@ def _shards(output_dir: Path, kind: str) -> Iterator[Path]:
         yield path
 
 
-def load_embeddings(output_dir: Path, kind: str = "images") -> tuple[list[str], np.ndarray]:
+def load_embeddings(output_dir: AnyPath, kind: str = "images") -> tuple[list[str], np.ndarray]:
     """(filenames, float32 [rows, D]) of a run's image (or object) vectors.
 
     The array is allocated once from the shards' row counts and filled shard by shard,
     so a million rows never sit in memory twice.
     """
-    paths = [p for p in _shards(output_dir, kind) if "vector" in pq.read_schema(p).names]
-    total = sum(pq.read_metadata(p).num_rows for p in paths)
+    paths = [p for p in _shards(output_dir, kind)
+             if "vector" in pq.read_schema(_source(p)).names]
+    total = sum(pq.read_metadata(_source(p)).num_rows for p in paths)
     names: list[str] = []
     out: np.ndarray | None = None
     row = 0
     for path in paths:
-        table = pq.read_table(path, columns=["filename", "vector"])
+        table = pq.read_table(_source(path), columns=["filename", "vector"])
         vectors = table["vector"].combine_chunks()
         dim = vectors.type.list_size
         if out is None:
@@ -198,13 +205,13 @@ def load_embeddings(output_dir: Path, kind: str = "images") -> tuple[list[str], 
     return names, out if out is not None else np.zeros((0, 0), np.float32)
 
 
-def write_csv(output_dir: Path, out: TextIO) -> int:
+def write_csv(output_dir: AnyPath, out: TextIO) -> int:
     """Lightly's embeddings.csv layout (filenames, embedding_0.., labels) of the image
     vectors, shard by shard; returns the number of rows."""
     writer = csv.writer(out)
     rows = 0
     for path in _shards(output_dir, "images"):
-        table = pq.read_table(path)
+        table = pq.read_table(_source(path))
         if "vector" not in table.column_names:
             continue
         vectors = table["vector"].combine_chunks()

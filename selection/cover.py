@@ -111,8 +111,9 @@ class Cover:
         zc = self.z[position]
         own = np.searchsorted(self.leaves, position, side="right") - 1
         leaves = self._reachable(zc)
-        if not np.isin(own, leaves):  # rounding can leave out the centre's own leaf
-            leaves = np.union1d(leaves, [own])
+        at = int(np.searchsorted(leaves, own))  # leaves are sorted
+        if at == len(leaves) or leaves[at] != own:  # rounding can leave out its own leaf
+            leaves = np.insert(leaves, at, own)
         rows, seg = _ranges(self.leaves[leaves], self._end(self.leaves, leaves))
         self.scanned += len(rows)
         if len(rows) > len(self.z) // 8:  # scanning all beats gathering this many

@@ -21,7 +21,8 @@ import pytest
 from pretag.cli import main
 from pretag.cli.local import run_locally
 from pretag.client.outputs import TASK
-from pretag.client.run import RunConfig, run_job
+from pretag.client.run import RunConfig, expand_servers, run_job
+from pretag.client.stream import RunError
 from pretag.contract import DRIVING_CLASSES
 from pretag.evaluate import ImagePrediction, coco_ap
 from pretag.server.app import BackgroundServer
@@ -295,3 +296,21 @@ def test_without_model_offline_says_what_to_pass(tmp_path: Path, coco128: Path,
     message = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"][-1]
     assert "no --model given" in message and "--model FILE.onnx" in message
     assert not (tmp_path / "cache" / "fasterrcnn_resnet50_fpn-driving.onnx").exists()
+
+
+def test_dns_server_address_gives_each_resolved_address_a_stream(coco128: Path,
+                                                                  yolox_model: Path,
+                                                                  tmp_path: Path,
+                                                                  serve_process: Any):
+    """`--server dns:///name:port`, as a headless Service is named: localhost resolves to
+    127.0.0.1 and ::1 here, and a server on [::] answers both; each gets its own stream."""
+    server = serve_process("--model", str(yolox_model), "--host", "[::]", "--port", "0",
+                           "--no-metrics")
+    port = server.wait_ready()
+    expanded = expand_servers((f"dns:///localhost:{port}",))
+    assert f"127.0.0.1:{port}" in expanded and len(expanded) == len(set(expanded))
+    summary = run_job(RunConfig(input=coco128, output_dir=tmp_path, quiet=True,
+                                servers=(f"dns:///localhost:{port}",)))
+    assert summary.servers == expanded and summary.written == 128 and summary.failed == 0
+    with pytest.raises(RunError, match="does not resolve"):
+        expand_servers(("dns:///no-such-name.invalid:50051",))

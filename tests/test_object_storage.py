@@ -1,0 +1,156 @@
+"""`pretag run` with its input and output on S3: a real S3 API (moto's standalone server on a
+local port) reached through s3fs, as a user's AWS_ENDPOINT_URL would point it."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from pretag.cli import main
+
+IMAGES = 12
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class MotoServer:
+    """moto's standalone S3 server in a subprocess."""
+
+    def __init__(self, **env: str) -> None:
+        self.port = _free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(self.port)],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ, **env})
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                urllib.request.urlopen(self.url + "/moto-api/", timeout=1).close()
+                return
+            except OSError:
+                if time.monotonic() > deadline or self.proc.poll() is not None:
+                    raise AssertionError("moto server did not start") from None
+                time.sleep(0.2)
+
+    def stop(self) -> None:
+        self.proc.kill()
+        self.proc.wait(30)
+
+
+def _use(server: MotoServer, monkeypatch: pytest.MonkeyPatch) -> None:
+    import s3fs
+
+    for key, value in {"AWS_ENDPOINT_URL": server.url, "AWS_ACCESS_KEY_ID": "testing",
+                       "AWS_SECRET_ACCESS_KEY": "testing",
+                       "AWS_DEFAULT_REGION": "us-east-1"}.items():
+        monkeypatch.setenv(key, value)
+    s3fs.S3FileSystem.clear_instance_cache()
+
+
+@pytest.fixture(scope="module")
+def moto() -> Iterator[MotoServer]:
+    server = MotoServer()
+    yield server
+    server.stop()
+
+
+@pytest.fixture()
+def s3(moto: MotoServer, monkeypatch: pytest.MonkeyPatch, coco128: Path):
+    """An S3 filesystem with bucket ``data`` holding 12 coco128 images under images/."""
+    import s3fs
+
+    _use(moto, monkeypatch)
+    fs = s3fs.S3FileSystem()
+    for bucket in ("data", "out"):
+        if fs.exists(bucket):
+            fs.rm(bucket, recursive=True)
+        fs.mkdir(bucket)
+    for path in sorted((coco128 / "images").rglob("*.jpg"))[:IMAGES]:
+        fs.pipe_file(f"data/images/{path.name}", path.read_bytes())
+    return fs
+
+
+def _predictions(fs, prefix: str) -> dict[str, list]:
+    root = f"{prefix}/.lightly/predictions/lightly_pretagging"
+    return {p.rsplit("/", 1)[-1]: json.loads(fs.cat_file(p)) for p in fs.find(root)
+            if not p.endswith("schema.json")}
+
+
+def test_input_and_output_on_s3_match_a_local_run(s3, yolox_model: Path, coco128: Path,
+                                                  tmp_path: Path):
+    local_in = tmp_path / "images"
+    local_in.mkdir()
+    for path in sorted((coco128 / "images").rglob("*.jpg"))[:IMAGES]:
+        (local_in / path.name).write_bytes(path.read_bytes())
+    assert main(["run", str(local_in), "--output-dir", str(tmp_path / "out"), "--model",
+                 str(yolox_model), "--quiet"]) == 0
+    assert main(["run", "s3://data/images/", "--output-dir", "s3://out/run/", "--model",
+                 str(yolox_model), "--quiet", "--debug-images", "2"]) == 0
+    remote = _predictions(s3, "out/run")
+    local = {p.name: json.loads(p.read_text()) for p in
+             (tmp_path / "out" / ".lightly" / "predictions" / "lightly_pretagging").glob("*")
+             if p.name != "schema.json"}
+    assert len(remote) == IMAGES and remote == local
+    for key in ("report/class_histogram.json", "report/class_histogram.png",
+                "report/run_settings.json", "report/errors.jsonl",
+                ".lightly/predictions/tasks.json"):
+        assert s3.exists(f"out/run/{key}"), key
+    assert len(s3.find("out/run/report/debug")) == 2
+    shards = s3.find("out/run/.lightly/embeddings/lightly_pretagging")
+    assert [p.rsplit("/", 1)[-1] for p in shards] == ["images-000001.parquet"]
+    assert not [p for p in s3.find("out/run") if p.endswith(".tmp")]
+    histogram = json.loads(s3.cat_file("out/run/report/class_histogram.json"))
+    assert histogram["images"] == IMAGES
+
+
+def test_resume_and_overwrite_on_s3(s3, yolox_model: Path, capsys: pytest.CaptureFixture):
+    args = ["run", "s3://data/images", "--output-dir", "s3://out/job", "--model",
+            str(yolox_model), "--quiet", "--shard-images", "4"]
+    assert main(args) == 0
+    first = _predictions(s3, "out/job")
+    root = "out/job/.lightly/predictions/lightly_pretagging"
+    gone = sorted(s3.find(root))[:5]
+    s3.rm(gone)  # as if the job had been killed before writing them
+    capsys.readouterr()
+    assert main(args) == 0
+    summary = capsys.readouterr().out
+    assert "already done (skipped)  7" in summary and "predicted now           5" in summary
+    assert _predictions(s3, "out/job") == first
+    assert main([*args, "--score-threshold", "0.6"]) == 2  # other settings: refused
+    assert main([*args, "--score-threshold", "0.6", "--overwrite"]) == 0
+    assert "predicted now           12" in capsys.readouterr().out
+    assert all(min(e[0]["scores"], default=1) >= 0.6 for e in _predictions(s3, "out/job")
+               .values())
+
+
+def test_missing_bucket_and_denied_access_exit_2(s3, yolox_model: Path,
+                                                 monkeypatch: pytest.MonkeyPatch,
+                                                 caplog: pytest.LogCaptureFixture):
+    model = ["--model", str(yolox_model), "--quiet"]
+    assert main(["run", "s3://data/images", "--output-dir", "s3://no-such-bucket/x",
+                 *model]) == 2
+    assert "bucket no-such-bucket does not exist" in caplog.text
+    assert main(["run", "s3://no-such-bucket/images", "--output-dir", "s3://out/x",
+                 *model]) == 2
+    assert "does not exist" in caplog.text
+    locked = MotoServer(INITIAL_NO_AUTH_ACTION_COUNT="0")  # every unknown key is refused
+    try:
+        _use(locked, monkeypatch)
+        caplog.clear()
+        assert main(["run", "s3://data/images", "--output-dir", "s3://out/x", *model]) == 2
+        assert "denied" in caplog.text.lower() or "forbidden" in caplog.text.lower()
+    finally:
+        locked.stop()
