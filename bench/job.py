@@ -17,6 +17,7 @@ from typing import Any
 from pretag.cli.local import run_locally
 from pretag.client.outputs import list_images
 from pretag.client.run import RunConfig
+from pretag.client.storage import AnyPath
 from pretag.preprocess import preprocess
 from pretag.server.backend import OrtBackend
 from pretag.server.config import BatchingConfig
@@ -33,7 +34,7 @@ class JobBench:
     window: int = 32
 
 
-def inprocess_ort(backend: OrtBackend, images: Sequence[Path | bytes], batch_size: int
+def inprocess_ort(backend: OrtBackend, images: Sequence[AnyPath | bytes], batch_size: int
                   ) -> dict[str, float]:
     """What a user would write: read, decode, resize, run in batches, one after another.
 
@@ -41,7 +42,7 @@ def inprocess_ort(backend: OrtBackend, images: Sequence[Path | bytes], batch_siz
     """
     start = time.perf_counter()
     for i in range(0, len(images), batch_size):
-        chunk = [x.read_bytes() if isinstance(x, Path) else x
+        chunk = [x if isinstance(x, bytes) else x.read_bytes()
                  for x in images[i:i + batch_size]]
         batch, _ = preprocess(chunk, backend.spec.resize)
         backend.run(batch)

@@ -129,7 +129,7 @@ def add_embeddings_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run_embeddings(args: argparse.Namespace) -> int:
-    output = args.output or embeddings_dir(args.dir) / "embeddings.csv"
+    output = args.output or Path(str(embeddings_dir(args.dir))) / "embeddings.csv"
     if not embeddings_dir(args.dir).is_dir():
         log.error("%s holds no vectors (run pretag run --embeddings image first)", args.dir)
         return 2

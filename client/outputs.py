@@ -26,6 +26,8 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any
 
+from upath import UPath
+
 from pretag.client.storage import AnyPath, StorageError, location, write_whole
 
 TASK = "lightly_pretagging"
@@ -107,7 +109,7 @@ def list_images(source: AnyPath) -> Listing:
     raise InputError(f"input {source} does not exist")
 
 
-def _list_remote(source: AnyPath) -> Listing:
+def _list_remote(source: UPath) -> Listing:
     """Objects under a prefix (one listing call, names relative to the prefix), or the
     lines of a list object (relative lines are relative to its prefix)."""
     fs, root = source.fs, source.path.rstrip("/")

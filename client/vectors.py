@@ -174,7 +174,8 @@ class VectorStore:
 
 def _shards(output_dir: AnyPath, kind: str) -> Iterator[AnyPath]:
     root = embeddings_dir(output_dir)
-    for path in sorted(root.glob(f"{kind}-*.parquet")):
+    paths: list[AnyPath] = sorted(root.glob(f"{kind}-*.parquet"), key=str)
+    for path in paths:
         if kind == "objects" and not (root / f"images-{_number(path)}.parquet").exists():
             continue
         yield path

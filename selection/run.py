@@ -33,7 +33,7 @@ def run_classes(run_dir: Path) -> list[str]:
 
 
 def _predictions(run_dir: Path) -> tuple[list[str], list[dict[str, Any]]]:
-    root = predictions_dir(run_dir) / TASK
+    root = Path(str(predictions_dir(run_dir))) / TASK  # selection reads local runs only
     classes = run_classes(run_dir)
     entries = [json.loads(p.read_text())[0] for p in sorted(root.rglob("*.json"))
                if p.name != "schema.json"]
