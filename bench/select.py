@@ -34,6 +34,7 @@ from pretag.selection.greedy import (
     balance_gain,
     balance_values,
     greedy,
+    weight_values,
 )
 
 log = logging.getLogger(__name__)
@@ -144,8 +145,7 @@ def _plain_values(objectives: list[Objective], d: np.ndarray, available: np.ndar
             values.append(balance_values(balance_gain(next(balance), o.data, o.target),
                                          empty, available))
         else:
-            w = np.clip(o.data.astype(np.float64), 0, None)
-            values.append(w / max(w.max(initial=0.0), TINY))
+            values.append(weight_values(o.data))
     return values
 
 

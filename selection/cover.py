@@ -55,23 +55,24 @@ class Cover:
         self.sq_x = sq_x[self.order]
         self.sq_z = np.einsum("ij,ij->i", self.z, self.z, dtype=np.float64)
         self.levels = [self._shape(self.cells), self._shape(self.leaves)]
-        self.leaf_bounds = np.append(self.first_leaf, len(self.leaves))
+        self.leaf_bounds = np.append(self.first_leaf, len(self.leaves))  # leaves of cell i
+        self.leaf_ends = np.append(self.leaves[1:], n)
         self.scanned = 0  # rows whose sketch distance was computed, for the benchmark
         self.exact = 0  # rows whose full distance was computed
-        mean = x.mean(axis=0, dtype=np.float64).astype(np.float32)
-        self.d = self._exact(np.arange(n), mean)
-        self.leaf_max = np.maximum.reduceat(self.d, self.leaves) if n else np.zeros(0)
-        self.cell_max = np.maximum.reduceat(self.leaf_max, self.first_leaf) if n else \
-            np.zeros(0)
+        self._all_to(x.mean(axis=0, dtype=np.float64).astype(np.float32))
         self.first = True
 
-    def _end(self, starts: np.ndarray, i: np.ndarray) -> np.ndarray:
-        return np.where(i + 1 < len(starts), starts[np.minimum(i + 1, len(starts) - 1)],
-                        len(self.z))
+    def _all_to(self, c: np.ndarray, centre: int | None = None) -> None:
+        """Every distance replaced by that to ``c`` (the row at ``centre``, if one)."""
+        self.d = self._exact(np.arange(len(self.z)), c)
+        if centre is not None:
+            self.d[centre] = 0.0
+        self.leaf_max = np.maximum.reduceat(self.d, self.leaves)
+        self.cell_max = np.maximum.reduceat(self.leaf_max, self.first_leaf)
 
     def _shape(self, starts: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(mean, squared norm of the mean, radius) in sketch space of each cell."""
-        sizes = self._end(starts, np.arange(len(starts))) - starts
+        sizes = np.diff(np.append(starts, len(self.z)))
         mu = _segment_means(self.z, starts).astype(np.float32)
         sq_mu = np.einsum("ij,ij->i", mu, mu, dtype=np.float64)
         own = np.repeat(np.arange(len(starts)), sizes)
@@ -102,10 +103,7 @@ class Cover:
         c = self.x[self.order[position]]
         if self.first:
             self.first = False
-            self.d = self._exact(np.arange(len(self.z)), c)
-            self.d[position] = 0.0
-            self.leaf_max = np.maximum.reduceat(self.d, self.leaves)
-            self.cell_max = np.maximum.reduceat(self.leaf_max, self.first_leaf)
+            self._all_to(c, position)
             return np.arange(len(self.z))
         self.d[position] = 0.0
         zc = self.z[position]
@@ -114,7 +112,7 @@ class Cover:
         at = int(np.searchsorted(leaves, own))  # leaves are sorted
         if at == len(leaves) or leaves[at] != own:  # rounding can leave out its own leaf
             leaves = np.insert(leaves, at, own)
-        rows, seg = _ranges(self.leaves[leaves], self._end(self.leaves, leaves))
+        rows, seg = ranges(self.leaves[leaves], self.leaf_ends[leaves])
         self.scanned += len(rows)
         if len(rows) > len(self.z) // 8:  # scanning all beats gathering this many
             low = (self.sq_z + float(zc @ zc) - 2.0 * (self.z @ zc))[rows]
@@ -122,12 +120,13 @@ class Cover:
             low = self.sq_z[rows] + float(zc @ zc) - 2.0 * (self.z[rows] @ zc)
         maybe = rows[low < self.d[rows] ** 2 + _SLACK]
         new = self._exact(maybe, c)
-        changed = maybe[new < self.d[maybe]]
-        self.d[changed] = new[new < self.d[maybe]]
+        better = new < self.d[maybe]
+        changed = maybe[better]
+        self.d[changed] = new[better]
         self.leaf_max[leaves] = np.maximum.reduceat(self.d[rows], seg)
         cells = np.searchsorted(self.first_leaf, leaves, side="right") - 1
         cells = cells[np.append(True, np.diff(cells) > 0)]  # leaves are sorted
-        inner, seg = _ranges(self.leaf_bounds[cells], self.leaf_bounds[cells + 1])
+        inner, seg = ranges(self.leaf_bounds[cells], self.leaf_bounds[cells + 1])
         self.cell_max[cells] = np.maximum.reduceat(self.leaf_max[inner], seg)
         return np.append(changed, position)  # may hold the centre twice
 
@@ -139,7 +138,7 @@ class Cover:
         cells = np.flatnonzero(gap_sq <= (self.cell_max + radius) ** 2 + _SLACK)
         if not len(cells):
             return cells
-        leaves, _ = _ranges(self.leaf_bounds[cells], self.leaf_bounds[cells + 1])
+        leaves, _ = ranges(self.leaf_bounds[cells], self.leaf_bounds[cells + 1])
         mu, sq_mu, radius = self.levels[1]
         gap_sq = sq_mu[leaves] + cc - 2.0 * (mu[leaves] @ zc)
         return leaves[gap_sq <= (self.leaf_max[leaves] + radius[leaves]) ** 2 + _SLACK]
@@ -233,7 +232,7 @@ def _nearest(p: np.ndarray, centres: np.ndarray) -> np.ndarray:
     return out
 
 
-def _ranges(starts: np.ndarray, ends: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def ranges(starts: np.ndarray, ends: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """The integers of the ranges [starts, ends) one after another, and where each begins."""
     sizes = ends - starts
     seg = np.cumsum(sizes) - sizes

@@ -31,7 +31,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from pretag.selection.config import Strategy
-from pretag.selection.cover import LEAF, Cover
+from pretag.selection.cover import LEAF, Cover, ranges
 
 log = logging.getLogger(__name__)
 
@@ -112,6 +112,12 @@ def balance_gain(state: np.ndarray, rows: np.ndarray, target: np.ndarray,
     return l1_to(state, target) - shares.sum(axis=1)
 
 
+def weight_values(data: np.ndarray) -> np.ndarray:
+    """WEIGHTS: the values divided by their largest, negatives counted as 0."""
+    w = np.clip(data.astype(np.float64), 0, None)
+    return w / max(w.max(initial=0.0), TINY)
+
+
 def l1_to(counts: np.ndarray, target: np.ndarray) -> float:
     total = counts.sum()
     shares = counts / total if total > 0 else np.zeros_like(counts)
@@ -146,8 +152,7 @@ class _Search:
         self.weights: dict[int, np.ndarray] = {}
         for i, o in enumerate(self.objectives):
             if o.kind == "weights":
-                w = np.clip(o.data.astype(np.float64), 0, None)
-                self.weights[i] = w / max(w.max(initial=0.0), TINY)
+                self.weights[i] = weight_values(o.data)
                 self.static += o.strategy.strength * np.log(
                     np.maximum(self.weights[i][self.samples], TINY))
 
@@ -157,7 +162,8 @@ class _Search:
         table = (np.concatenate([o.data[self.samples] for _, o in balance], axis=1)
                  if balance else np.zeros((n, 0)))
         unique, self.gid = group_rows(table)
-        self.group_live = np.bincount(self.gid, minlength=len(unique))
+        self.group_size = np.bincount(self.gid, minlength=len(unique))
+        self.group_live = self.group_size.copy()  # members not picked yet
         self.balance = []  # (objective index, group rows, row sums, target, picked counts)
         start = 0
         for i, o in balance:
@@ -169,7 +175,7 @@ class _Search:
 
     def _blocks(self) -> None:
         self.by_group = np.lexsort((self.samples, self.gid))  # group, then sample index
-        sizes = np.bincount(self.gid)
+        sizes = self.group_size
         blocks = -(-sizes // _BLOCK)  # ceil
         group_of_block = np.repeat(np.arange(len(sizes)), blocks)
         group_start = np.concatenate([[0], np.cumsum(sizes)[:-1]])
@@ -194,13 +200,12 @@ class _Search:
 
     def _refresh(self, blocks: np.ndarray) -> None:
         """Best key (and its position, the lowest sample index among ties) of each block."""
-        sizes = self.block_size[blocks]
-        seg = np.cumsum(sizes) - sizes
-        elements = np.repeat(self.block_start[blocks] - seg, sizes) + np.arange(sizes.sum())
+        starts = self.block_start[blocks]
+        elements, seg = ranges(starts, starts + self.block_size[blocks])
         positions = self.by_group[elements]
         values = self.key[positions]
         best = np.maximum.reduceat(values, seg)
-        hits = np.flatnonzero(values == np.repeat(best, sizes))
+        hits = np.flatnonzero(values == np.repeat(best, self.block_size[blocks]))
         self.block_best[blocks] = best
         self.block_pos[blocks] = positions[hits[np.searchsorted(hits, seg)]]
 
@@ -228,11 +233,11 @@ class _Search:
         self.group_live[group] -= 1
         for _, part, _, _, state in self.balance:
             state += part[group]
-        changed = self.cover.add(position) if self.cover is not None else np.zeros(0, int)
+        # the positions whose distance dropped, and the pick's
+        changed = self.cover.add(position) if self.cover is not None else np.array([position])
         self.key[changed] = self.static[changed] + self._diversity_term(changed)
-        self.key[position] = -np.inf
         self.key[changed[~self.live[changed]]] = -np.inf
-        self._refresh(np.unique(self.block_of[np.append(changed, position)]))
+        self._refresh(np.unique(self.block_of[changed]))
         return result
 
     def _objective_values(self, position: int, balance: list[np.ndarray]) -> tuple[float, ...]:
