@@ -35,10 +35,6 @@ def location(text: str | os.PathLike[str]) -> AnyPath:
     return Path(value)
 
 
-def is_local(path: AnyPath) -> bool:
-    return isinstance(path, Path)
-
-
 def write_whole(path: AnyPath, data: bytes) -> None:
     """Write ``data`` to ``path`` so that no reader ever sees part of it.
 

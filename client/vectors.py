@@ -62,9 +62,10 @@ def _write(table: pa.Table, path: AnyPath) -> None:
     write_whole(path, sink.getvalue().to_pybytes())
 
 
-def _source(path: AnyPath) -> Any:
-    """What pyarrow reads: a local path as it is, an object's bytes in a buffer."""
-    return path if isinstance(path, Path) else pa.BufferReader(path.read_bytes())
+def _parquet(path: AnyPath) -> pq.ParquetFile:
+    """A shard opened once for its schema, row count and columns (on object storage a
+    seekable file: the footer alone is fetched until columns are read)."""
+    return pq.ParquetFile(path if isinstance(path, Path) else path.open("rb"))
 
 
 @dataclass
@@ -108,13 +109,12 @@ class VectorStore:
                 log.info("removing %s: its images shard was never written", path.name)
                 path.unlink()
         for number, path in sorted(images.items()):
-            schema = pq.read_schema(_source(path))
-            if self.images and "vector" not in schema.names:
-                continue  # written by a run that stored object vectors only
-            if self.objects and not (self.root / f"objects-{number}.parquet").exists():
-                continue  # written by a run that stored image vectors only
-            covered.update(pq.read_table(_source(path), columns=["filename"])["filename"]
-                           .to_pylist())
+            with _parquet(path) as shard:
+                if self.images and "vector" not in shard.schema_arrow.names:
+                    continue  # written by a run that stored object vectors only
+                if self.objects and not (self.root / f"objects-{number}.parquet").exists():
+                    continue  # written by a run that stored image vectors only
+                covered.update(shard.read(columns=["filename"])["filename"].to_pylist())
         return covered
 
     def needs(self, name: str) -> bool:
@@ -187,14 +187,18 @@ def load_embeddings(output_dir: AnyPath, kind: str = "images") -> tuple[list[str
     The array is allocated once from the shards' row counts and filled shard by shard,
     so a million rows never sit in memory twice.
     """
-    paths = [p for p in _shards(output_dir, kind)
-             if "vector" in pq.read_schema(_source(p)).names]
-    total = sum(pq.read_metadata(_source(p)).num_rows for p in paths)
+    paths, total = [], 0
+    for path in _shards(output_dir, kind):
+        with _parquet(path) as shard:
+            if "vector" in shard.schema_arrow.names:
+                paths.append(path)
+                total += shard.metadata.num_rows
     names: list[str] = []
     out: np.ndarray | None = None
     row = 0
     for path in paths:
-        table = pq.read_table(_source(path), columns=["filename", "vector"])
+        with _parquet(path) as shard:
+            table = shard.read(columns=["filename", "vector"])
         vectors = table["vector"].combine_chunks()
         dim = vectors.type.list_size
         if out is None:
@@ -212,7 +216,8 @@ def write_csv(output_dir: AnyPath, out: TextIO) -> int:
     writer = csv.writer(out)
     rows = 0
     for path in _shards(output_dir, "images"):
-        table = pq.read_table(_source(path))
+        with _parquet(path) as shard:
+            table = shard.read()
         if "vector" not in table.column_names:
             continue
         vectors = table["vector"].combine_chunks()
