@@ -1,4 +1,4 @@
-"""``pretag bench {model,server,job}``: thin flags over the benchmark functions.
+"""``pretag bench {model,server,job,ray,select}``: thin flags over the benchmark functions.
 
 Every command writes its figures as JSON (``--output``) and a markdown table
 (``--markdown``), with the machine, the model and the commit they were taken on.
@@ -71,6 +71,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     j = sub.add_parser("job", parents=[common], help="pretag run vs in-process ONNX Runtime")
     j.add_argument("--batch-size", type=int, default=BatchingConfig.max_batch_size)
     j.add_argument("--repeats", type=int, default=2)
+    r = sub.add_parser("ray", parents=[common], help="pretag run --ray vs the embedded gRPC "
+                                                    "path, alternated")
+    r.add_argument("--copies", type=int, default=8,
+                   help="link the folder's images this many times (coco128 x 8 = 1,024)")
+    r.add_argument("--repeats", type=int, default=2)
+    r.add_argument("--actors", type=int, nargs="+", default=[1, 2])
+    r.add_argument("--shard-images", type=int, default=128)
 
 
 def _model(args: argparse.Namespace) -> tuple[dict[str, Any], str]:
@@ -139,6 +146,16 @@ def _job(args: argparse.Namespace) -> tuple[dict[str, Any], str]:
     return r, table
 
 
+def _ray(args: argparse.Namespace) -> tuple[dict[str, Any], str]:
+    from pretag.bench.ray import RayBench, bench_ray
+
+    r = bench_ray(RayBench(args.model, args.images, args.copies, args.repeats,
+                           tuple(args.actors), args.shard_images))
+    return r, markdown_table(r["rows"], ["executor", "images", "wall_s", "job_s",
+                                         "images_per_s", "over_grpc", "steady_images_per_s",
+                                         "steady_over_grpc"])
+
+
 def _select(args: argparse.Namespace) -> tuple[dict[str, Any], str]:
     from pretag.bench.select import SelectBench, bench_select
 
@@ -156,7 +173,7 @@ def run(args: argparse.Namespace) -> int:
         log.error("--model must be a file and --images a folder")
         return 2
     start = time.time()
-    result, table = {"model": _model, "server": _server, "job": _job,
+    result, table = {"model": _model, "server": _server, "job": _job, "ray": _ray,
                      "select": _select}[args.bench](args)
     meta = {"benchmark": args.bench, "model_file": str(getattr(args, "model", "")),
             "images": str(getattr(args, "images", "")),

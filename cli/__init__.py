@@ -1,11 +1,12 @@
 """The ``pretag`` command: one parser per subcommand, each built beside its layer.
 
     export -> pretag.export.cli     serve -> pretag.server.cli
-    run, embeddings -> pretag.client.cli     bench -> pretag.bench.cli
-    select -> pretag.selection.cli
+    run, embeddings -> pretag.client.cli (--ray: pretag.scale.cli)
+    bench -> pretag.bench.cli     select -> pretag.selection.cli
 
 Each subcommand's handler is set on its parser; ``run`` is given the local server
-of :mod:`pretag.cli.local` for when no ``--server`` is named.
+of :mod:`pretag.cli.local` for when no ``--server`` is named, and the Ray executor
+of :mod:`pretag.scale` with ``--ray``.
 """
 
 from __future__ import annotations
@@ -19,7 +20,12 @@ from pathlib import Path
 from pretag.bench import cli as bench_cli
 from pretag.cli import local
 from pretag.client import cli as run_cli
+from pretag.client.outputs import Listing
+from pretag.client.run import RunConfig, RunSummary
+from pretag.client.stream import RunError
 from pretag.export import cli as export_cli
+from pretag.scale import cli as scale_cli
+from pretag.scale.ray_job import run_on_ray
 from pretag.selection import cli as select_cli
 from pretag.selection.config import SelectionConfigError, load
 from pretag.selection.run import run_selection
@@ -51,6 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _run_arguments(parser: argparse.ArgumentParser) -> None:
     run_cli.add_arguments(parser)
+    scale_cli.add_arguments(parser)
     parser.add_argument("--selection-config", type=Path,
                         help="then select over the run (as pretag select --config FILE; "
                              "checked before any image is predicted)")
@@ -70,7 +77,7 @@ def _run_then_select(args: argparse.Namespace) -> int:
         except SelectionConfigError as exc:
             log.error("%s", exc)
             return 2
-    code = run_cli.run(args, local_server=local.local_server)
+    code = run_cli.run(args, local_server=local.local_server, runner=_ray_runner(args))
     if config is None or code not in (0, 3):
         return int(code)
     try:
@@ -80,6 +87,21 @@ def _run_then_select(args: argparse.Namespace) -> int:
         log.error("%s", exc)
         return 2
     return int(code)
+
+
+def _ray_runner(args: argparse.Namespace) -> run_cli.Runner | None:
+    """With ``--ray``: the job on Ray."""
+    if args.ray is None:
+        return None
+    settings = scale_cli.settings_from_args(args)
+
+    def runner(config: RunConfig, listing: Listing) -> RunSummary:
+        if config.servers:
+            raise RunError("--ray and --server are two ways to run the job: give one")
+        model = args.model if args.model is not None else local.default_model()
+        return run_on_ray(config, model, settings, listing)
+
+    return runner
 
 
 def main(argv: Sequence[str] | None = None) -> int:

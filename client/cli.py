@@ -13,6 +13,7 @@ from collections.abc import Callable
 from contextlib import AbstractContextManager
 from pathlib import Path
 
+from pretag.client.outputs import Listing
 from pretag.client.report import summary_table
 from pretag.client.run import RunConfig, RunError, RunSummary, load_listing, run_job
 from pretag.client.storage import AnyPath, location
@@ -85,15 +86,18 @@ def format_summary(summary: RunSummary, output_dir: AnyPath) -> str:
                                           if summary.failed else "")),
         ("time", f"{summary.seconds:.1f} s"),
         ("throughput", f"{summary.images_per_second:.1f} images/s"),
-        ("servers", ", ".join(summary.servers)),
+        ("ran on", ", ".join(summary.servers)),
         ("predictions", str(output_dir / ".lightly" / "predictions")),
     ])
 
 
 LocalServer = Callable[..., AbstractContextManager[str]]
+#: Runs the job some other way than over gRPC (``--ray``): config and listing to summary.
+Runner = Callable[[RunConfig, Listing], RunSummary]
 
 
-def run(args: argparse.Namespace, local_server: LocalServer | None = None) -> int:
+def run(args: argparse.Namespace, local_server: LocalServer | None = None,
+        runner: Runner | None = None) -> int:
     try:
         if args.window < 1 or args.read_threads < 1:
             raise RunError("--window and --read-threads must be at least 1")
@@ -101,7 +105,9 @@ def run(args: argparse.Namespace, local_server: LocalServer | None = None) -> in
             raise RunError("--server-timeout-s and --shard-images must be positive")
         config = config_from_args(args)
         listing = load_listing(config)  # before any server is started for it
-        if config.servers:
+        if runner is not None:
+            summary = runner(config, listing)
+        elif config.servers:
             summary = run_job(config, listing=listing)
         elif local_server is None:
             raise RunError("no --server given")

@@ -196,13 +196,34 @@ def _effective_threshold(config: RunConfig, info: pb.ModelInfoResponse) -> RunCo
     return config
 
 
-def _stream(config: RunConfig, listing: Listing,
-            on_result: Callable[[str, bool], None] | None
-            ) -> tuple[RunConfig, JobState, int, float]:
-    connections = _connections(config)
+@dataclass
+class Plan:
+    """A job ready for an executor: settings checked, task files written, resume done.
+
+    Both executors (gRPC streaming here, Ray Data in :mod:`pretag.scale`) take a plan,
+    predict ``todo`` and record each image in ``state``; listing, resume, the output
+    files and the report are this module's, shared by both.
+    """
+
+    config: RunConfig  # with the threshold the model can honour
+    info: pb.ModelInfoResponse
+    todo: list[ImageItem]
+    state: JobState
+    mode: str  # vectors stored: none|image|objects|all
+    vectors: VectorStore | None
+    total: int  # images listed, problems included
+    skipped: int  # already done by an earlier run
+
+
+#: Predicts ``plan.todo``: writes each prediction (and its vectors) and records every
+#: image in ``plan.state``, updating the progress bar; RunError stops the job (exit 2).
+Executor = Callable[[Plan, tqdm, Callable[[str, bool], None] | None], None]
+
+
+def plan_job(config: RunConfig, listing: Listing, info: pb.ModelInfoResponse) -> Plan:
+    """Check the output's settings against the model's, write the task files and find
+    what is left to do."""
     check_reachable(config.output_dir)
-    infos = asyncio.run(check_servers(connections, config.connect_timeout_s))
-    info = infos[0]
     config = _effective_threshold(config, info)
     items = listing.items
     class_names = tuple(info.class_names)
@@ -213,30 +234,60 @@ def _stream(config: RunConfig, listing: Listing,
     vectors = (None if mode == "none"
                else VectorStore(config.output_dir, mode, config.shard_images))
     todo, name_errors = _resume(config, items, hist, vectors)
-    skipped = len(items) - len(todo) - len(name_errors)
-    if skipped:
-        log.info("resuming: %d of %d images already have predictions", skipped, len(items))
     state = JobState(hist, errors=listing.problems + name_errors)
-    total = len(items) + len(listing.problems)
+    plan = Plan(config, info, todo, state, mode, vectors, len(items) + len(listing.problems),
+                len(items) - len(todo) - len(name_errors))
+    if plan.skipped:
+        log.info("resuming: %d of %d images already have predictions", plan.skipped,
+                 len(items))
+    return plan
+
+
+def execute(plan: Plan, executor: Executor,
+            on_result: Callable[[str, bool], None] | None = None) -> float:
+    """Run ``executor`` over the plan with a progress bar; errors.jsonl is written
+    however it ends. Returns the seconds it took."""
+    config = plan.config
     start = time.monotonic()
-    with tqdm(total=total, initial=total - len(todo), unit="img", desc="pretag",
-              disable=config.quiet, smoothing=0.1, postfix={"failed": len(state.errors)}
-              ) as progress:
-        settings = StreamSettings(config.score_threshold, config.window, config.read_threads,
-                                  config.max_attempts, config.server_timeout_s,
-                                  embeddings=mode)
-        targets = [Target.of(c, i, config.window) for c, i in zip(connections, infos,
-                                                                    strict=True)]
-        job = Job(targets, todo, config.output_dir, state, settings, progress, on_result,
-                  vectors=vectors)
+    with tqdm(total=plan.total, initial=plan.total - len(plan.todo), unit="img",
+              desc="pretag", disable=config.quiet, smoothing=0.1,
+              postfix={"failed": len(plan.state.errors)}) as progress:
         try:
-            asyncio.run(job.run())
+            executor(plan, progress, on_result)
         finally:
             try:
-                write_errors(config.output_dir / "report" / "errors.jsonl", state.errors)
+                write_errors(config.output_dir / "report" / "errors.jsonl", plan.state.errors)
             except OSError as exc:
                 log.error("cannot write errors.jsonl: %s", exc)
-    return config, state, skipped, time.monotonic() - start
+    return time.monotonic() - start
+
+
+def report(plan: Plan, listing: Listing, seconds: float, where: tuple[str, ...]
+           ) -> RunSummary:
+    """The histograms and debug images of a finished job, and its summary."""
+    config, state = plan.config, plan.state
+    write_histogram(config.output_dir / "report", state.hist, config.score_threshold)
+    if config.debug_images:
+        _debug_images(config, listing.items, state.hist.class_names)
+    return RunSummary(plan.total, plan.skipped, state.written, len(state.errors), seconds,
+                      where)
+
+
+def _grpc_executor(connections: list[Connection], infos: list[pb.ModelInfoResponse]
+                   ) -> Executor:
+    def stream(plan: Plan, progress: tqdm,
+               on_result: Callable[[str, bool], None] | None) -> None:
+        config = plan.config
+        settings = StreamSettings(config.score_threshold, config.window, config.read_threads,
+                                  config.max_attempts, config.server_timeout_s,
+                                  embeddings=plan.mode)
+        targets = [Target.of(c, i, config.window) for c, i in zip(connections, infos,
+                                                                    strict=True)]
+        job = Job(targets, plan.todo, config.output_dir, plan.state, settings, progress,
+                  on_result, vectors=plan.vectors)
+        asyncio.run(job.run())
+
+    return stream
 
 
 def _debug_images(config: RunConfig, items: list[ImageItem], class_names: Any) -> None:
@@ -303,10 +354,9 @@ def run_job(config: RunConfig, on_result: Callable[[str, bool], None] | None = N
     config = config.with_servers(expand_servers(config.servers))
     if listing is None:
         listing = load_listing(config)
-    items = listing.items
-    config, state, skipped, seconds = _stream(config, listing, on_result)
-    write_histogram(config.output_dir / "report", state.hist, config.score_threshold)
-    if config.debug_images:
-        _debug_images(config, items, state.hist.class_names)
-    return RunSummary(len(items) + len(listing.problems), skipped, state.written,
-                      len(state.errors), seconds, config.servers)
+    connections = _connections(config)
+    check_reachable(config.output_dir)
+    infos = asyncio.run(check_servers(connections, config.connect_timeout_s))
+    plan = plan_job(config, listing, infos[0])
+    seconds = execute(plan, _grpc_executor(connections, infos), on_result)
+    return report(plan, listing, seconds, config.servers)

@@ -41,7 +41,7 @@ class RunError(RuntimeError):
 
 
 # Out of room or read-only: every later write would fail too, so the job stops.
-_DISK_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS})
+DISK_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS})
 # Bytes of a DetectRequest beside the image and its id (field tags, lengths, threshold).
 _REQUEST_OVERHEAD = 64
 
@@ -100,6 +100,17 @@ class JobState:
     errors: list[dict[str, Any]] = field(default_factory=list)
     written: int = 0
     finished: int = 0
+
+    def record(self, item: ImageItem, entry: dict[str, Any] | None, error: str | None,
+               code: str = "") -> None:
+        """One image finished: its entry counted, or its error kept for errors.jsonl."""
+        if entry is not None:
+            self.hist.add(entry)
+            self.written += 1
+        else:
+            self.errors.append({"path": str(item.path), "filename": item.name,
+                                "code": code, "reason": error})
+        self.finished += 1
 
 
 class StreamClient(Protocol):
@@ -187,14 +198,9 @@ class Job:
 
     def _finish(self, item: ImageItem, entry: dict[str, Any] | None, error: str | None,
                 code: str = "") -> None:
-        if entry is not None:
-            self.state.hist.add(entry)
-            self.state.written += 1
-        else:
-            self.state.errors.append({"path": str(item.path), "filename": item.name,
-                                      "code": code, "reason": error})
+        self.state.record(item, entry, error, code)
+        if entry is None:
             self.progress.set_postfix(failed=len(self.state.errors), refresh=False)
-        self.state.finished += 1
         self.memory.release()
         self.progress.update(1)
         if self.on_result is not None:
@@ -324,7 +330,7 @@ class Job:
                 self._finish(work.item, None, str(exc), "VECTORS")
                 return
             except OSError as exc:
-                if exc.errno in _DISK_ERRNOS:
+                if exc.errno in DISK_ERRNOS:
                     self._stop(RunError(f"cannot write predictions to {self.output_dir}: "
                                         f"{exc.strerror}. Stopped with {self.state.written} "
                                         f"of {len(self.todo)} images written; free space and "

@@ -35,11 +35,12 @@ from pretag.client.storage import AnyPath, write_whole
 log = logging.getLogger(__name__)
 
 MODES = ("none", "image", "objects", "all")
-_SHARD = re.compile(r"^(images|objects)-(\d{6})\.parquet$")
+_SHARD = re.compile(r"^(images|objects)-(\d{6,})\.parquet$")
 
 
 def _number(path: AnyPath) -> str:
-    """The six-digit number of a shard file (images-NNNNNN.parquet, objects-NNNNNN...)."""
+    """The number of a shard file (images-NNNNNN.parquet, objects-NNNNNN...; six digits
+    or more: the Ray executor numbers a block's shard from its first image's position)."""
     match = _SHARD.match(path.name)
     if match is None:
         raise ValueError(f"{path.name} is not a shard file")
@@ -78,6 +79,21 @@ class Shard:
     objects: list[tuple[str, int, str, float, tuple[float, ...], np.ndarray]] = field(
         default_factory=list)
 
+    def add(self, name: str, pred: Prediction, images: bool, objects: bool) -> None:
+        """Take ``name``'s vectors; ValueError when the answer lacks those asked for."""
+        if images and pred.embedding is None:
+            raise ValueError(f"the server sent no image vector for {name}")
+        if objects and pred.scores and pred.object_embeddings is None:
+            raise ValueError(f"the server sent no object vectors for {name}")
+        self.names.append(name)
+        if images and pred.embedding is not None:
+            self.image_vectors.append(pred.embedding.reshape(1, -1))
+        if objects and pred.scores and pred.object_embeddings is not None:
+            for i, (box, label, score) in enumerate(zip(pred.boxes, pred.labels, pred.scores,
+                                                        strict=True)):
+                self.objects.append((name, i, label, score, tuple(box),
+                                     pred.object_embeddings[i]))
+
 
 class VectorStore:
     """Buffers the vectors of finished images and writes them in shards (see above)."""
@@ -94,7 +110,7 @@ class VectorStore:
         self.pending = Shard(max(numbers, default=0) + 1)
 
     def _files(self) -> list[AnyPath]:
-        return sorted(self.root.glob("*.parquet")) if self.root.is_dir() else []
+        return list(self.root.glob("*.parquet")) if self.root.is_dir() else []
 
     def _resume(self) -> set[str]:
         """Names already stored with what this mode needs; orphans and temporaries removed."""
@@ -124,21 +140,9 @@ class VectorStore:
         """Buffer ``name``'s vectors; returns a full shard to write, if this filled one."""
         if name in self.done:
             return None
-        if self.images and pred.embedding is None:
-            raise ValueError(f"the server sent no image vector for {name}")
-        if self.objects and pred.scores and pred.object_embeddings is None:
-            raise ValueError(f"the server sent no object vectors for {name}")
-        shard = self.pending
-        shard.names.append(name)
-        if self.images and pred.embedding is not None:
-            shard.image_vectors.append(pred.embedding.reshape(1, -1))
-        if self.objects and pred.scores and pred.object_embeddings is not None:
-            for i, (box, label, score) in enumerate(zip(pred.boxes, pred.labels, pred.scores,
-                                                        strict=True)):
-                shard.objects.append((name, i, label, score, tuple(box),
-                                      pred.object_embeddings[i]))
+        self.pending.add(name, pred, self.images, self.objects)
         self.done.add(name)
-        if len(shard.names) >= self.shard_images:
+        if len(self.pending.names) >= self.shard_images:
             return self.take()
         return None
 
@@ -151,30 +155,34 @@ class VectorStore:
         return shard
 
     def write(self, shard: Shard) -> None:
-        """Objects shard first, images shard last (it marks the images done)."""
-        if self.objects:
-            rows = shard.objects
-            dim = rows[0][5].shape[0] if rows else 0
-            table = pa.table({
-                "filename": pa.array([r[0] for r in rows], pa.string()),
-                "detection": pa.array([r[1] for r in rows], pa.int32()),
-                "label": pa.array([r[2] for r in rows], pa.string()),
-                "score": pa.array([r[3] for r in rows], pa.float32()),
-                "box": pa.FixedSizeListArray.from_arrays(
-                    pa.array(np.array([r[4] for r in rows], np.float32).reshape(-1)), 4),
-                "vector": _vectors([r[5].reshape(1, -1) for r in rows], dim),
-            })
-            _write(table, self.root / f"objects-{shard.number:06d}.parquet")
-        columns: dict[str, Any] = {"filename": pa.array(shard.names, pa.string())}
-        if self.images:
-            columns["vector"] = _vectors(shard.image_vectors,
-                                         shard.image_vectors[0].shape[1])
-        _write(pa.table(columns), self.root / f"images-{shard.number:06d}.parquet")
+        write_shard(self.root, shard, self.images, self.objects)
+
+
+def write_shard(root: AnyPath, shard: Shard, images: bool, objects: bool) -> None:
+    """Objects shard first, images shard last (it marks the images done)."""
+    if objects:
+        rows = shard.objects
+        dim = rows[0][5].shape[0] if rows else 0
+        table = pa.table({
+            "filename": pa.array([r[0] for r in rows], pa.string()),
+            "detection": pa.array([r[1] for r in rows], pa.int32()),
+            "label": pa.array([r[2] for r in rows], pa.string()),
+            "score": pa.array([r[3] for r in rows], pa.float32()),
+            "box": pa.FixedSizeListArray.from_arrays(
+                pa.array(np.array([r[4] for r in rows], np.float32).reshape(-1)), 4),
+            "vector": _vectors([r[5].reshape(1, -1) for r in rows], dim),
+        })
+        _write(table, root / f"objects-{shard.number:06d}.parquet")
+    columns: dict[str, Any] = {"filename": pa.array(shard.names, pa.string())}
+    if images:
+        columns["vector"] = _vectors(shard.image_vectors, shard.image_vectors[0].shape[1])
+    _write(pa.table(columns), root / f"images-{shard.number:06d}.parquet")
 
 
 def _shards(output_dir: AnyPath, kind: str) -> Iterator[AnyPath]:
     root = embeddings_dir(output_dir)
-    paths: list[AnyPath] = sorted(root.glob(f"{kind}-*.parquet"), key=str)
+    paths: list[AnyPath] = sorted(root.glob(f"{kind}-*.parquet"),
+                                  key=lambda p: (int(_number(p)), p.name))
     for path in paths:
         if kind == "objects" and not (root / f"images-{_number(path)}.parquet").exists():
             continue

@@ -210,27 +210,38 @@ class Engine:
 
     def _compute(self, items: Sequence[Prepared]) -> list[Raw]:
         batch = pad_batch([p.image for p in items], self.spec.resize, bgr=True)
-        out: Outputs = self.backend.run(batch)
-        raws = []
-        for i, prepared in enumerate(items):
-            n = int(out.num_detections[i])
-            raws.append(Raw(out.boxes[i, :n], out.scores[i, :n], out.labels[i, :n],
-                            prepared.image.shape[:2],
-                            None if out.embeddings is None else out.embeddings[i],
-                            None if out.object_embeddings is None
-                            else out.object_embeddings[i, :n]))
-        return raws
+        return split_outputs(self.backend.run(batch), [p.image.shape[:2] for p in items])
 
     def _finish(self, raw: Raw, prepared: Prepared, info: BatchInfo,
                 threshold: float) -> Result:
-        keep = raw.scores >= threshold
-        ids = raw.labels[keep].astype(np.int64)
-        names = self.spec.class_names
-        height, width = prepared.original
         if self.metrics is not None:
             self.metrics.observe_request(info)
-        objects = None if raw.object_embeddings is None else raw.object_embeddings[keep]
-        return Result(normalize_boxes(raw.boxes[keep], raw.valid),
-                      raw.scores[keep].astype(np.float32),
-                      tuple(names[i] for i in ids), ids, width, height, info, raw.embedding,
-                      objects)
+        return to_result(raw, prepared.original, info, threshold, self.spec.class_names)
+
+
+def split_outputs(out: Outputs, valid: Sequence[tuple[int, int]]) -> list[Raw]:
+    """Each image's valid detections (and vectors) from one batch's outputs; ``valid``:
+    the (height, width) of each resized image inside the padded canvas."""
+    raws = []
+    for i, size in enumerate(valid):
+        n = int(out.num_detections[i])
+        raws.append(Raw(out.boxes[i, :n], out.scores[i, :n], out.labels[i, :n],
+                        (int(size[0]), int(size[1])),
+                        None if out.embeddings is None else out.embeddings[i],
+                        None if out.object_embeddings is None
+                        else out.object_embeddings[i, :n]))
+    return raws
+
+
+def to_result(raw: Raw, original: tuple[int, int], info: BatchInfo, threshold: float,
+              class_names: Sequence[str]) -> Result:
+    """The detections at or above ``threshold``, boxes normalised to the original image
+    of ``original`` (height, width). Every executor (server, Ray) answers through this."""
+    keep = raw.scores >= threshold
+    ids = raw.labels[keep].astype(np.int64)
+    height, width = original
+    objects = None if raw.object_embeddings is None else raw.object_embeddings[keep]
+    return Result(normalize_boxes(raw.boxes[keep], raw.valid),
+                  raw.scores[keep].astype(np.float32),
+                  tuple(class_names[i] for i in ids), ids, width, height, info, raw.embedding,
+                  objects)

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 
 import grpc
 
+from pretag.contract import ModelSpec
 from pretag.server.config import BatchingConfig
 from pretag.server.engine import Engine, Result
 from pretag.server.errors import InvalidInput, ServeError, describe, grpc_code
@@ -19,6 +20,25 @@ log = logging.getLogger(__name__)
 
 _IMAGE = (pb.EMBEDDINGS_IMAGE, pb.EMBEDDINGS_ALL)
 _OBJECTS = (pb.EMBEDDINGS_OBJECTS, pb.EMBEDDINGS_ALL)
+
+
+def model_info(spec: ModelSpec, providers: Sequence[str], batching: BatchingConfig,
+               default_score_threshold: float, max_message_bytes: int = 0
+               ) -> pb.ModelInfoResponse:
+    """What a model run this way is, as ModelInfo answers it (also what the Ray executor
+    gives the shared job, so both executors record the same run settings)."""
+    return pb.ModelInfoResponse(
+        name=spec.name, class_names=list(spec.class_names),
+        contract_version=spec.contract_version, providers=list(providers),
+        batching=pb.BatchingConfig(max_batch_size=batching.max_batch_size,
+                                   max_queue_delay_ms=batching.max_queue_delay_ms,
+                                   max_queue=batching.max_queue, instances=batching.instances),
+        default_score_threshold=default_score_threshold,
+        resize_json=spec.resize.to_json(), source_weights=spec.source_weights,
+        source_sha256=spec.source_sha256, precision=spec.precision,
+        max_message_bytes=max_message_bytes, min_score_threshold=spec.score_threshold,
+        embedding_dim=spec.embedding_dim or 0,
+        object_embedding_dim=spec.object_embedding_dim or 0)
 
 
 def check_embeddings(engine: Engine, request: pb.DetectRequest) -> None:
@@ -101,19 +121,6 @@ class PretaggerService(pb_grpc.PretaggerServicer):
 
     async def ModelInfo(self, request: pb.ModelInfoRequest,
                         context: grpc.aio.ServicerContext) -> pb.ModelInfoResponse:
-        spec = self.engine.spec
-        cfg: BatchingConfig = self.engine.config.batching
-        return pb.ModelInfoResponse(
-            name=spec.name, class_names=list(spec.class_names),
-            contract_version=spec.contract_version,
-            providers=list(self.engine.backend.providers),
-            batching=pb.BatchingConfig(max_batch_size=cfg.max_batch_size,
-                                       max_queue_delay_ms=cfg.max_queue_delay_ms,
-                                       max_queue=cfg.max_queue, instances=cfg.instances),
-            default_score_threshold=self.engine.score_threshold,
-            resize_json=spec.resize.to_json(), source_weights=spec.source_weights,
-            source_sha256=spec.source_sha256, precision=spec.precision,
-            max_message_bytes=self.max_message_bytes,
-            min_score_threshold=spec.score_threshold,
-            embedding_dim=spec.embedding_dim or 0,
-            object_embedding_dim=spec.object_embedding_dim or 0)
+        engine = self.engine
+        return model_info(engine.spec, engine.backend.providers, engine.config.batching,
+                          engine.score_threshold, self.max_message_bytes)

@@ -5,6 +5,8 @@
     server  gRPC inference server                       core only
     client  client API and the pretag run job           core only (meets servers over gRPC)
     selection  Lightly's selection_config over a run      core and client
+    scale   the job on Ray Data                          core, client and server (its actors
+                                                         run the server's backend in-process)
     cli, bench                                           compose every layer
 """
 
@@ -16,12 +18,13 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 LAYERS = {"core": "pretag", "export": "pretag.export", "server": "pretag.server",
           "client": "pretag.client", "selection": "pretag.selection", "cli": "pretag.cli",
-          "bench": "pretag.bench"}
+          "bench": "pretag.bench", "scale": "pretag.scale"}
 ALLOWED = {  # layer -> the other layers it may import
     "core": set(), "export": {"core"}, "server": {"core"}, "client": {"core"},
     "selection": {"core", "client"},  # reads a run's outputs through the client's readers
-    "cli": {"core", "export", "server", "client", "selection", "bench"},
-    "bench": {"core", "export", "server", "client", "selection", "cli"},
+    "scale": {"core", "client", "server"},
+    "cli": {"core", "export", "server", "client", "selection", "bench", "scale"},
+    "bench": {"core", "export", "server", "client", "selection", "cli", "scale"},
 }
 GENERATED = {"v1", "kserve_v2"}  # protobuf modules generated into core/ at build time
 

@@ -20,5 +20,6 @@ def test_ruff_clean():
 
 
 def test_mypy_clean():
-    proc = _run("mypy", "core", "export", "server", "client", "selection", "cli", "bench")
+    proc = _run("mypy", "core", "export", "server", "client", "selection", "cli", "bench",
+                "scale")
     assert proc.returncode == 0, proc.stdout + proc.stderr

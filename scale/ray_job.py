@@ -1,0 +1,237 @@
+"""``pretag run INPUT --ray [ADDRESS]``: the pretagging job as a Ray Data pipeline.
+
+The driver lists the inputs and resumes exactly as the gRPC path does
+(:func:`pretag.client.run.plan_job`); the pipeline (:mod:`pretag.scale.stages`) reads
+and decodes in CPU tasks, detects in a pool of actors with one ONNX Runtime session
+each, and writes each block's prediction files and vector shard from CPU tasks; the
+driver records what comes back and writes the same report and errors.jsonl.
+
+Faults: Ray Data restarts an actor that dies (``max_restarts=-1``) and retries the
+tasks it held (``max_task_retries=-1``), so a killed actor costs its batch, not the job.
+A killed driver loses what was not yet written; running the same command again resumes.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from tqdm import tqdm
+
+from pretag.client.outputs import Listing
+from pretag.client.run import (
+    Executor,
+    Plan,
+    RunConfig,
+    RunSummary,
+    execute,
+    load_listing,
+    plan_job,
+    report,
+)
+from pretag.client.stream import RunError
+from pretag.contract import ContractError, ResizeSpec, validate_model
+from pretag.preprocess import DEFAULT_MAX_PIXELS
+from pretag.scale.stages import (
+    STOP,
+    Detector,
+    DetectorConfig,
+    WriteConfig,
+    read_images,
+    write_block,
+)
+from pretag.server.config import BatchingConfig
+from pretag.server.service import model_info
+
+log = logging.getLogger(__name__)
+
+#: Variables the job's workers get from the driver's environment by default: where
+#: object storage is, never credentials (workers take those from their own nodes).
+DEFAULT_ENV = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_REGION", "AWS_DEFAULT_REGION")
+
+
+@dataclass(frozen=True)
+class RaySettings:
+    """How the job runs on Ray; the defaults fit one machine."""
+
+    address: str | None = None  # None: start a local cluster for this job
+    actors: int = 1  # detector actors, one ONNX Runtime session each
+    cpus_per_actor: float = 1.0  # Ray CPUs each actor holds
+    gpus_per_actor: float = 0.0  # 1 on GPU nodes
+    threads: int | None = None  # ONNX Runtime threads per actor; None: cpus_per_actor
+    batch_size: int = BatchingConfig.max_batch_size  # images per model call
+    read_images: int = 16  # images per read-and-decode task
+    # Ray CPUs of a read task; None: the actors' own, so that on CPU-only actors Ray Data
+    # fuses reading into them (decoded images then skip the object store: faster on one
+    # small node, see benchmarks/RESULTS.md); GPU actors never fuse, their nodes' CPUs decode
+    read_cpus: float | None = None
+    providers: tuple[str, ...] | None = None  # None: TensorRT, CUDA, CPU as installed
+    env: tuple[str, ...] = ()  # more driver variables for the workers (e.g. credentials)
+    max_pixels: int = DEFAULT_MAX_PIXELS
+
+    def problem(self) -> str | None:
+        if self.actors < 1 or self.batch_size < 1 or self.read_images < 1:
+            return "--ray-actors, --ray-batch-size and --ray-read-images must be at least 1"
+        if self.cpus_per_actor < 0 or self.gpus_per_actor < 0:
+            return "--ray-cpus-per-actor and --ray-gpus-per-actor cannot be negative"
+        if self.threads is not None and self.threads < 1:
+            return "--ray-threads must be at least 1"
+        return None
+
+    @property
+    def ort_threads(self) -> int:
+        return self.threads or max(1, round(self.cpus_per_actor))
+
+
+def _check_reachable(address: str) -> None:
+    """Fail fast on an address nothing listens on (ray.init would retry for minutes)."""
+    if address == "auto":
+        return
+    target = address.split("://", 1)[-1]
+    host, _, port = target.rpartition(":")
+    if not host or not port.isdigit():
+        raise RunError(f"--ray {address}: expected HOST:PORT (the head's GCS port, 6379 by "
+                       f"default), ray://HOST:PORT or auto")
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=5).close()
+    except OSError as exc:
+        raise RunError(f"the Ray cluster at {address} cannot be reached ({exc}); start one "
+                       f"with `ray start --head`, or leave out the address to start a local "
+                       f"one for this job") from None
+
+
+@contextmanager
+def connected(settings: RaySettings) -> Iterator[str]:
+    """A Ray connection for the job (a local cluster when no address is given); yields
+    where it runs. A caller already connected (ray.is_initialized) keeps its own."""
+    try:
+        import ray
+    except ImportError as exc:  # ray is the `ray` extra
+        raise RunError(f"--ray needs Ray Data: pip install 'pretag[ray]' ({exc})") from None
+
+    if ray.is_initialized():
+        yield "ray (this process's connection)"
+        return
+    names = dict.fromkeys((*DEFAULT_ENV, *settings.env))
+    env = {name: os.environ[name] for name in names if name in os.environ}
+    missing = [name for name in settings.env if name not in os.environ]
+    if missing:
+        raise RunError(f"--ray-env {', '.join(missing)}: not set in this environment")
+    runtime_env: dict[str, Any] = {"env_vars": env} if env else {}
+    if settings.address is None:
+        ray.init(include_dashboard=False, runtime_env=runtime_env)
+    else:
+        _check_reachable(settings.address)
+        try:
+            ray.init(address=settings.address, runtime_env=runtime_env)
+        except (ConnectionError, RuntimeError, ValueError) as exc:
+            raise RunError(f"cannot join the Ray cluster at {settings.address}: "
+                           f"{str(exc).splitlines()[0]}") from None
+    try:
+        _check_resources(settings)
+        yield f"ray {settings.address or 'local'}"
+    finally:
+        ray.shutdown()
+
+
+def _check_resources(settings: RaySettings) -> None:
+    """Refuse a pool the cluster cannot hold with a CPU left for reading and writing
+    (Ray Data would wait for it forever); an autoscaling cluster may grow, so there this
+    is only a warning."""
+    import ray
+
+    have = ray.cluster_resources()
+    cpus, gpus = have.get("CPU", 0.0), have.get("GPU", 0.0)
+    need_cpus = settings.actors * settings.cpus_per_actor + 1
+    need_gpus = settings.actors * settings.gpus_per_actor
+    if cpus >= need_cpus and gpus >= need_gpus:
+        return
+    message = (f"{settings.actors} detector actors need {need_cpus:g} CPUs (one for reading "
+               f"and writing) and {need_gpus:g} GPUs; the cluster has {cpus:g} and {gpus:g}")
+    if settings.address is None:
+        raise RunError(f"{message}: ask for fewer actors or fewer --ray-cpus-per-actor")
+    log.warning("%s now; the job waits until it grows", message)
+
+
+def _rows(plan: Plan) -> list[dict[str, Any]]:
+    return [{"index": i, "name": item.name, "path": str(item.path)}
+            for i, item in enumerate(plan.todo)]
+
+
+def ray_executor(model: bytes, settings: RaySettings) -> Executor:
+    """The job's :data:`~pretag.client.run.Executor` on the connected Ray cluster."""
+
+    def run(plan: Plan, progress: tqdm, on_result: Callable[[str, bool], None] | None
+            ) -> None:
+        import ray.data
+
+        if not plan.todo:
+            return
+        context = ray.data.DataContext.get_current()
+        context.enable_progress_bars = False  # the job's own bar counts the images
+        config = plan.config
+        resize = ResizeSpec.from_json(plan.info.resize_json)
+        detector = DetectorConfig(config.score_threshold, settings.batch_size,
+                                  settings.providers, settings.ort_threads)
+        writing = WriteConfig(str(config.output_dir), tuple(plan.info.class_names), plan.mode,
+                              plan.vectors.pending.number if plan.vectors else 1)
+        data = (ray.data.from_items(_rows(plan))
+                .map_batches(read_images, fn_kwargs={"resize": resize,
+                                                     "max_pixels": settings.max_pixels},
+                             batch_size=settings.read_images, batch_format="numpy",
+                             num_cpus=settings.read_cpus if settings.read_cpus is not None
+                             else settings.cpus_per_actor)
+                .map_batches(Detector, fn_constructor_kwargs={"model": model,
+                                                              "config": detector},
+                             compute=ray.data.ActorPoolStrategy(size=settings.actors),
+                             batch_size=settings.batch_size, batch_format="numpy",
+                             num_cpus=settings.cpus_per_actor,
+                             num_gpus=settings.gpus_per_actor or None)
+                .map_batches(write_block, fn_kwargs={"config": writing},
+                             batch_size=config.shard_images, batch_format="numpy"))
+        items = {item.name: item for item in plan.todo}
+        for batch in data.iter_batches(batch_size=None, batch_format="numpy"):
+            for name, entry, code, reason in zip(batch["name"], batch["entry"],
+                                                 batch["code"], batch["reason"], strict=True):
+                if code == STOP:
+                    raise RunError(f"{reason}. Stopped with {plan.state.written} of "
+                                   f"{len(plan.todo)} images written; run the same "
+                                   f"command again to resume")
+                plan.state.record(items[str(name)], json.loads(entry) if not code else None,
+                                  str(reason) or None, str(code))
+                if code:
+                    progress.set_postfix(failed=len(plan.state.errors), refresh=False)
+                progress.update(1)
+                if on_result is not None:
+                    on_result(str(name), not code)
+
+    return run
+
+
+def run_on_ray(config: RunConfig, model: Path, settings: RaySettings,
+               listing: Listing | None = None,
+               on_result: Callable[[str, bool], None] | None = None) -> RunSummary:
+    """Run the whole job on Ray; raises :class:`RunError` for the exit-code-2 cases."""
+    problem = settings.problem()
+    if problem:
+        raise RunError(problem)
+    if listing is None:
+        listing = load_listing(config)
+    try:
+        spec = validate_model(model)
+        data = model.read_bytes()
+    except (ContractError, OSError) as exc:
+        raise RunError(f"--model {model}: {exc}") from None
+    info = model_info(spec, settings.providers or (),
+                      BatchingConfig(max_batch_size=settings.batch_size), spec.score_threshold)
+    with connected(settings) as where:
+        plan = plan_job(config, listing, info)
+        seconds = execute(plan, ray_executor(data, settings), on_result)
+    return report(plan, listing, seconds, (where,))

@@ -1,0 +1,209 @@
+"""The stages of the Ray Data pipeline, as plain functions over column batches.
+
+Each batch is a dict of equal-length numpy columns (Ray Data's ``numpy`` batch format),
+so every stage runs, and is tested, without Ray:
+
+    rows    index, name, path                   from the driver's listing (resume done)
+    read    + image, code, reason                CPU tasks: read bytes, decode, resize
+    detect  + boxes, scores, label_ids, ...      actors: one ONNX Runtime session each
+    write   index, name, entry, code, reason     CPU tasks: prediction files, vector shard
+
+An image that fails a stage keeps going with ``code`` set (as in errors.jsonl) and is
+passed over by the stages after it. The answers go through the server's own functions
+(:func:`~pretag.server.engine.to_result`) and are written with the client's, so the
+files are those the gRPC path writes.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import tempfile
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from pretag.client.api import Prediction
+from pretag.client.outputs import make_entry, write_prediction
+from pretag.client.storage import location
+from pretag.client.stream import DISK_ERRNOS
+from pretag.client.vectors import Shard, embeddings_dir, write_shard
+from pretag.contract import ResizeSpec
+from pretag.preprocess import (
+    ImageError,
+    canvas_size,
+    check_header,
+    decode_bgr,
+    pad_batch,
+    resize_image,
+)
+from pretag.server.backend import OrtBackend
+from pretag.server.batcher import BatchInfo
+from pretag.server.engine import Raw, split_outputs, to_result
+from pretag.server.errors import InvalidInput, describe
+
+log = logging.getLogger(__name__)
+
+Batch = dict[str, np.ndarray]
+#: ``code`` of a failure that every later image would meet too (a full disk): the
+#: driver stops the job with its reason.
+STOP = "STOP"
+_EMPTY = np.zeros((0, 0, 3), np.uint8)
+
+
+def _column(values: list[Any], dtype: Any = None) -> np.ndarray:
+    """A column of per-row values; arrays of different shapes stay one object each."""
+    out = np.empty(len(values), dtype=object)
+    out[:] = values
+    return out if dtype is None else out.astype(dtype)
+
+
+def _read_one(path: str, name: str, resize: ResizeSpec, max_pixels: int
+              ) -> tuple[np.ndarray, tuple[int, int], str, str]:
+    try:
+        data = location(path).read_bytes()
+    except OSError as exc:
+        return _EMPTY, (0, 0), "READ", f"cannot read file: {exc.strerror or exc}"
+    try:
+        image = decode_bgr(data, max_pixels, check_header(data, max_pixels))
+    except ImageError as exc:  # what the server answers for the same bytes
+        return _EMPTY, (0, 0), "INVALID_ARGUMENT", describe(InvalidInput(str(exc)), name)
+    return resize_image(image, resize), (image.shape[0], image.shape[1]), "", ""
+
+
+def read_images(batch: Batch, resize: ResizeSpec, max_pixels: int) -> Batch:
+    """Read, decode and resize each row's image (BGR, as the server's engine does)."""
+    read = [_read_one(str(p), str(n), resize, max_pixels)
+            for p, n in zip(batch["path"], batch["name"], strict=True)]
+    return {**batch,
+            "image": _column([r[0] for r in read]),
+            "original": np.array([r[1] for r in read], np.int64).reshape(-1, 2),
+            "code": np.array([r[2] for r in read], dtype=object),
+            "reason": np.array([r[3] for r in read], dtype=object)}
+
+
+@dataclass(frozen=True)
+class DetectorConfig:
+    """What each detector actor is built with (its model comes as bytes)."""
+
+    threshold: float
+    batch_size: int
+    providers: tuple[str, ...] | None = None  # None: TensorRT, CUDA, CPU as installed
+    threads: int | None = None  # ONNX Runtime intra-op threads; None: all the node's cores
+
+
+class Detector:
+    """One ONNX Runtime session; detects every decoded image of a batch, in model
+    batches of at most ``batch_size`` images that share a canvas (as the server's
+    batcher groups them)."""
+
+    def __init__(self, model: bytes, config: DetectorConfig) -> None:
+        with tempfile.TemporaryDirectory(prefix="pretag-model-") as folder:
+            path = Path(folder) / "model.onnx"  # ONNX Runtime holds it once loaded
+            path.write_bytes(model)
+            self.backend = OrtBackend(path, providers=config.providers,
+                                      threads=config.threads)
+        self.spec = self.backend.spec
+        self.config = config
+        # the threshold travels as a float32 in a DetectRequest: compare with the same value
+        self.threshold = float(np.float32(config.threshold))
+
+    def __call__(self, batch: Batch) -> Batch:
+        groups: dict[tuple[int, int], list[int]] = defaultdict(list)
+        for i, code in enumerate(batch["code"]):
+            if not code:
+                groups[canvas_size([batch["image"][i].shape[:2]], self.spec.resize)].append(i)
+        raws: dict[int, Raw] = {}
+        size = self.config.batch_size
+        for rows in groups.values():
+            for start in range(0, len(rows), size):
+                chunk = rows[start:start + size]
+                images = [batch["image"][i] for i in chunk]
+                out = self.backend.run(pad_batch(images, self.spec.resize, bgr=True))
+                raws.update(zip(chunk, split_outputs(out, [im.shape[:2] for im in images]),
+                                strict=True))
+        return {key: value for key, value in batch.items() if key != "image"} | \
+            self._columns(batch, raws)
+
+    def _columns(self, batch: Batch, raws: dict[int, Raw]) -> Batch:
+        info = BatchInfo(0.0, 0.0, 0)
+        results = {i: to_result(raw, tuple(batch["original"][i]), info, self.threshold,
+                                self.spec.class_names) for i, raw in raws.items()}
+        rows = range(len(batch["name"]))
+        none = np.zeros((0,), np.float32)
+        return {
+            "boxes": _column([results[i].boxes if i in results else none.reshape(0, 4)
+                              for i in rows]),
+            "scores": _column([results[i].scores if i in results else none for i in rows]),
+            "label_ids": _column([results[i].label_ids if i in results
+                                  else np.zeros((0,), np.int64) for i in rows]),
+            "embedding": _column([_or_empty(results[i].embedding) if i in results else none
+                                  for i in rows]),
+            "objects": _column([_or_empty(results[i].object_embeddings) if i in results
+                                else none for i in rows]),
+        }
+
+
+def _or_empty(values: np.ndarray | None) -> np.ndarray:
+    return np.zeros((0,), np.float32) if values is None else values
+
+
+@dataclass(frozen=True)
+class WriteConfig:
+    """Where and what the write stage writes."""
+
+    output_dir: str  # a local path or an object-storage URL
+    class_names: tuple[str, ...]
+    mode: str  # vectors: none|image|objects|all
+    first_shard: int  # the block's shard number: this plus its first image's index
+
+
+def _prediction(batch: Batch, i: int, class_names: tuple[str, ...]) -> Prediction:
+    embedding = np.asarray(batch["embedding"][i], np.float32)
+    objects = np.asarray(batch["objects"][i], np.float32)
+    return Prediction(str(batch["name"][i]),
+                      [tuple(box) for box in np.asarray(batch["boxes"][i]).tolist()],
+                      [class_names[j] for j in np.asarray(batch["label_ids"][i]).tolist()],
+                      np.asarray(batch["scores"][i]).tolist(),
+                      embedding=embedding if embedding.size else None,
+                      object_embeddings=objects if objects.size else None)
+
+
+def write_block(batch: Batch, config: WriteConfig) -> Batch:
+    """Each image's prediction file, then the block's vector shard (which marks its
+    images done); returns what the driver records: entry JSON, or code and reason."""
+    output_dir = location(config.output_dir)
+    images, objects = config.mode in ("image", "all"), config.mode in ("objects", "all")
+    shard = Shard(config.first_shard + int(np.min(batch["index"]))) if len(batch["index"]) \
+        else Shard(config.first_shard)
+    codes, reasons = list(batch["code"]), list(batch["reason"])
+    entries = [""] * len(codes)
+    for i, code in enumerate(codes):
+        if code:
+            continue
+        pred = _prediction(batch, i, config.class_names)
+        entry = make_entry(pred.id, pred.boxes, pred.labels, pred.scores)
+        try:
+            if config.mode != "none":
+                shard.add(pred.id, pred, images, objects)
+            write_prediction(output_dir, entry)
+            entries[i] = json.dumps(entry)
+        except ValueError as exc:
+            codes[i], reasons[i] = "VECTORS", str(exc)
+        except OSError as exc:
+            codes[i], reasons[i] = ((STOP, f"cannot write predictions to {output_dir}: "
+                                           f"{exc.strerror}") if exc.errno in DISK_ERRNOS
+                                    else ("WRITE", f"cannot write prediction: {exc}"))
+    if shard.names:
+        try:
+            write_shard(embeddings_dir(output_dir), shard, images, objects)
+        except OSError as exc:
+            codes = [STOP] * len(codes)
+            reasons = [f"cannot write vectors to {embeddings_dir(output_dir)}: {exc}"] * \
+                len(codes)
+    return {"index": batch["index"], "name": batch["name"],
+            "entry": np.array(entries, dtype=object), "code": np.array(codes, dtype=object),
+            "reason": np.array(reasons, dtype=object)}
