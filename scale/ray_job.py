@@ -126,14 +126,17 @@ def connected(settings: RaySettings) -> Iterator[str]:
         raise RunError(f"--ray-env {', '.join(missing)}: not set in this environment")
     runtime_env: dict[str, Any] = {"env_vars": env} if env else {}
     if settings.address is None:
-        ray.init(include_dashboard=False, runtime_env=runtime_env)
+        # "local": a new cluster even if one was started on this machine before
+        ray.init(address="local", include_dashboard=False, runtime_env=runtime_env)
     else:
         _check_reachable(settings.address)
         try:
             ray.init(address=settings.address, runtime_env=runtime_env)
         except (ConnectionError, RuntimeError, ValueError) as exc:
             raise RunError(f"cannot join the Ray cluster at {settings.address}: "
-                           f"{str(exc).splitlines()[0]}") from None
+                           f"{str(exc).splitlines()[0]} (a cluster with token authentication "
+                           f"needs RAY_AUTH_MODE=token here, and its token in RAY_AUTH_TOKEN "
+                           f"or ~/.ray/auth_token)") from None
     try:
         _check_resources(settings)
         yield f"ray {settings.address or 'local'}"

@@ -99,3 +99,35 @@ def serve_process(tmp_path_factory: pytest.TempPathFactory
     yield start
     for process in started:
         process.kill()
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture(scope="session")
+def ray_cluster() -> Iterator[str]:
+    """A real local Ray cluster (``ray start --head``, 2 CPUs) for the session; its
+    address. Started on first use, stopped (``ray stop``) at the end."""
+    ray = str(Path(sys.executable).with_name("ray"))
+    port = free_port()
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
+    started = subprocess.run([ray, "start", "--head", f"--port={port}", "--num-cpus=2",
+                              "--include-dashboard=false", "--disable-usage-stats"],
+                             env=env, capture_output=True, text=True, timeout=180)
+    if started.returncode != 0:
+        pytest.fail(f"ray start failed:\n{started.stdout}\n{started.stderr}", pytrace=False)
+    try:
+        yield f"127.0.0.1:{port}"
+    finally:
+        subprocess.run([ray, "stop", "--force"], env=env, capture_output=True, timeout=120)
+
+
+@pytest.fixture()
+def unused_port() -> int:
+    """A local TCP port nothing listens on."""
+    return free_port()

@@ -1,0 +1,185 @@
+"""`pretag run --ray` on a real local Ray cluster (`ray start --head`): the same files as
+the gRPC path, an actor killed mid-job, a driver killed and the job resumed, a cluster
+that cannot be reached."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import psutil
+import pytest
+
+from pretag.cli.local import run_locally
+from pretag.client.run import RunConfig
+from pretag.client.vectors import load_embeddings
+
+pytestmark = pytest.mark.slow
+# ray start enabled token authentication (a token was in ~/.ray); joining drivers opt in
+ENV = {**os.environ, "RAY_AUTH_MODE": "token"}
+SHARD = 16  # images per write block: predictions appear in steps the tests can catch
+BROKEN = "broken.jpg"
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory: pytest.TempPathFactory, coco128: Path) -> Path:
+    """coco128's 128 images (linked) and one file that is not an image."""
+    folder = tmp_path_factory.mktemp("ray-input")
+    for path in sorted((coco128 / "images").glob("*.jpg")):
+        (folder / path.name).symlink_to(path)
+    (folder / BROKEN).write_bytes(b"not an image at all")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory: pytest.TempPathFactory, images: Path,
+              yolox_model: Path) -> Path:
+    """The gRPC path's outputs (embedded server) for the same files."""
+    out = tmp_path_factory.mktemp("grpc-out")
+    summary = run_locally(RunConfig(images, out, quiet=True, shard_images=SHARD), yolox_model)
+    assert (summary.written, summary.failed) == (128, 1)
+    return out
+
+
+def _command(images: Path, out: Path, model: Path, *ray: str) -> list[str]:
+    return [sys.executable, "-m", "pretag.cli", "run", str(images), "--output-dir", str(out),
+            "--model", str(model), "--quiet", "--shard-images", str(SHARD), "--ray", *ray]
+
+
+def _run(*args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(list(args), capture_output=True, text=True, timeout=timeout, env=ENV)
+
+
+def _files(root: Path) -> dict[str, bytes]:
+    """Every output file but the binary ones (vectors, plot), by relative path."""
+    return {str(p.relative_to(root)): p.read_bytes() for p in root.rglob("*")
+            if p.is_file() and p.suffix not in (".parquet", ".png")}
+
+
+def assert_same_outputs(out: Path, reference: Path) -> None:
+    """The same files, byte for byte, and the same vectors, each image's stored once."""
+    got, want = _files(out), _files(reference)
+    assert sorted(got) == sorted(want)
+    assert [name for name in want if got[name] != want[name]] == []
+    names, vectors = load_embeddings(out)
+    ref_names, ref_vectors = load_embeddings(reference)
+    assert Counter(names) == Counter(ref_names)
+    assert max(Counter(names).values()) == 1
+    order, ref_order = np.argsort(names), np.argsort(ref_names)
+    assert np.array_equal(vectors[order], ref_vectors[ref_order])
+
+
+def _predictions(out: Path) -> int:
+    """Prediction files written (the task's tasks.json and schema.json are not)."""
+    folder = out / ".lightly" / "predictions"
+    return sum(1 for p in folder.rglob("*.json") if p.name not in ("tasks.json", "schema.json"))
+
+
+def _wait_for_predictions(out: Path, count: int, proc: subprocess.Popen[str]) -> int:
+    deadline = time.monotonic() + 240
+    while (found := _predictions(out)) < count:
+        assert proc.poll() is None, proc.communicate()
+        assert time.monotonic() < deadline, "no predictions written"
+        time.sleep(0.02)
+    return found
+
+
+def test_ray_writes_what_the_grpc_path_writes(ray_cluster: str, images: Path,
+                                               reference: Path, yolox_model: Path,
+                                               tmp_path: Path):
+    done = _run(*_command(images, tmp_path, yolox_model, ray_cluster))
+    assert done.returncode == 3, done.stderr  # the broken file, as on the gRPC path
+    assert "predicted now           128" in done.stdout
+    assert_same_outputs(tmp_path, reference)
+    errors = [json.loads(line) for line in (tmp_path / "report" / "errors.jsonl").open()]
+    assert [(e["filename"], e["code"]) for e in errors] == [(BROKEN, "INVALID_ARGUMENT")]
+
+
+def _detector_actors() -> list[psutil.Process]:
+    found = []
+    for proc in psutil.process_iter(["cmdline"]):
+        if "MapBatches(Detector)" in " ".join(proc.info["cmdline"] or []):
+            found.append(proc)
+    return found
+
+
+def test_an_actor_killed_mid_job_costs_its_batch_not_the_job(ray_cluster: str, images: Path,
+                                                             reference: Path,
+                                                             yolox_model: Path,
+                                                             tmp_path: Path):
+    proc = subprocess.Popen(_command(images, tmp_path, yolox_model, ray_cluster),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
+    try:
+        _wait_for_predictions(tmp_path, 1, proc)
+        actors = _detector_actors()
+        assert len(actors) == 1
+        actors[0].send_signal(signal.SIGKILL)
+        at_kill = _predictions(tmp_path)
+        stdout, stderr = proc.communicate(timeout=300)
+    finally:
+        proc.kill()
+    assert at_kill < 128
+    assert proc.returncode == 3, stderr
+    assert "predicted now           128" in stdout  # each image recorded once
+    assert_same_outputs(tmp_path, reference)
+    assert [a.pid for a in _detector_actors()] == []  # the job's actors are gone with it
+
+
+def test_a_killed_driver_is_resumed_by_the_same_command(ray_cluster: str, images: Path,
+                                                        reference: Path, yolox_model: Path,
+                                                        tmp_path: Path):
+    command = _command(images, tmp_path, yolox_model, ray_cluster)
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env=ENV)
+    try:
+        _wait_for_predictions(tmp_path, SHARD, proc)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(30)
+    finally:
+        proc.kill()
+    deadline = time.monotonic() + 60
+    while _detector_actors():  # Ray ends a dead driver's job: its workers go
+        assert time.monotonic() < deadline, "the killed job's actor lives on"
+        time.sleep(0.2)
+    before = _predictions(tmp_path)
+    assert SHARD <= before < 128
+    again = _run(*command)
+    assert again.returncode == 3, again.stderr
+    skipped = int(again.stdout.split("already done (skipped)")[1].split()[0])
+    predicted = int(again.stdout.split("predicted now")[1].split()[0])
+    assert skipped >= before - SHARD and skipped + predicted == 128
+    assert_same_outputs(tmp_path, reference)
+
+
+def test_a_cluster_that_cannot_be_reached_is_exit_2(images: Path, yolox_model: Path,
+                                                    tmp_path: Path, unused_port: int):
+    start = time.monotonic()
+    done = _run(*_command(images, tmp_path / "out", yolox_model, f"127.0.0.1:{unused_port}"))
+    assert done.returncode == 2
+    assert "cannot be reached" in done.stderr and "ray start --head" in done.stderr
+    assert time.monotonic() - start < 60
+    assert not (tmp_path / "out").exists()  # nothing written before the cluster is joined
+
+
+def test_without_an_address_a_local_cluster_is_started_for_the_job(
+        ray_cluster: str, shared: Path, yolox_model: Path, tmp_path: Path):
+    """Even beside a running cluster (--ray joins nothing it was not given)."""
+    driving = shared / "data" / "driving"
+    out = tmp_path / "out"
+    done = _run(sys.executable, "-m", "pretag.cli", "run", str(driving), "--output-dir",
+                str(out), "--model", str(yolox_model), "--quiet", "--ray")
+    assert done.returncode == 0, done.stderr
+    assert "ray local" in done.stdout
+    assert _predictions(out) == len(list(driving.iterdir()))
+    too_many = _run(sys.executable, "-m", "pretag.cli", "run", str(driving), "--output-dir",
+                    str(tmp_path / "other"), "--model", str(yolox_model), "--ray",
+                    "--ray-actors", str((os.cpu_count() or 1) + 1))
+    assert too_many.returncode == 2
+    assert "detector actors need" in too_many.stderr
