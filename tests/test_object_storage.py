@@ -154,3 +154,26 @@ def test_missing_bucket_and_denied_access_exit_2(s3, yolox_model: Path,
         assert "denied" in caplog.text.lower() or "forbidden" in caplog.text.lower()
     finally:
         locked.stop()
+
+
+def test_ray_job_on_s3_writes_what_the_grpc_path_writes(s3, ray_cluster: str,
+                                                        yolox_model: Path):
+    """Input and output on S3 through a real Ray cluster whose workers were started
+    without any AWS settings: the endpoint and region reach them by default, the
+    credentials because --ray-env names them."""
+    assert main(["run", "s3://data/images", "--output-dir", "s3://out/grpc", "--model",
+                 str(yolox_model), "--quiet"]) == 0
+    done = subprocess.run(
+        [sys.executable, "-m", "pretag.cli", "run", "s3://data/images", "--output-dir",
+         "s3://out/ray", "--model", str(yolox_model), "--quiet", "--ray", ray_cluster,
+         "--ray-env", "AWS_ACCESS_KEY_ID", "--ray-env", "AWS_SECRET_ACCESS_KEY"],
+        capture_output=True, text=True, timeout=300,
+        env={**os.environ, "RAY_AUTH_MODE": "token"})
+    assert done.returncode == 0, done.stderr
+    ray, grpc = _predictions(s3, "out/ray"), _predictions(s3, "out/grpc")
+    assert len(ray) == IMAGES and ray == grpc
+    for key in ("report/class_histogram.json", "report/errors.jsonl",
+                ".lightly/predictions/tasks.json"):
+        assert s3.cat_file(f"out/ray/{key}") == s3.cat_file(f"out/grpc/{key}"), key
+    assert s3.find("out/ray/.lightly/embeddings/lightly_pretagging")
+    assert not [p for p in s3.find("out/ray") if p.endswith(".tmp")]
