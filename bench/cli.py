@@ -78,6 +78,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     r.add_argument("--repeats", type=int, default=2)
     r.add_argument("--actors", type=int, nargs="+", default=[1, 2])
     r.add_argument("--shard-images", type=int, default=128)
+    r.add_argument("--stages-only", action="store_true",
+                   help="only each pipeline stage's images/s alone (read, detect, write)")
 
 
 def _model(args: argparse.Namespace) -> tuple[dict[str, Any], str]:
@@ -150,10 +152,12 @@ def _ray(args: argparse.Namespace) -> tuple[dict[str, Any], str]:
     from pretag.bench.ray import RayBench, bench_ray
 
     r = bench_ray(RayBench(args.model, args.images, args.copies, args.repeats,
-                           tuple(args.actors), args.shard_images))
-    return r, markdown_table(r["rows"], ["executor", "images", "wall_s", "job_s",
-                                         "images_per_s", "over_grpc", "steady_images_per_s",
-                                         "steady_over_grpc"])
+                           tuple(args.actors), args.shard_images, args.stages_only))
+    table = markdown_table(r["rows"], ["executor", "images", "wall_s", "job_s", "images_per_s",
+                                       "over_grpc", "steady_images_per_s", "steady_over_grpc"]
+                           ) if r["rows"] else ""
+    stages = [{"stage": k, "images_per_s": v} for k, v in r["stages"].items()]
+    return r, table + "\n" + markdown_table(stages, ["stage", "images_per_s"])
 
 
 def _select(args: argparse.Namespace) -> tuple[dict[str, Any], str]:

@@ -10,6 +10,7 @@ local cluster started once (a real deployment keeps its cluster too).
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shutil
@@ -22,10 +23,13 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from pretag.cli.local import run_locally
 from pretag.client.outputs import list_images
 from pretag.client.run import RunConfig, RunSummary
 from pretag.scale.ray_job import RaySettings, run_on_ray
+from pretag.scale.stages import write_block
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +42,7 @@ class RayBench:
     repeats: int = 2
     actors: tuple[int, ...] = (1, 2)
     shard_images: int = 128  # both paths; the Ray driver hears of a block once it is written
+    stages_only: bool = False  # only the per-stage rates, no jobs (no Ray needed)
 
 
 def link_copies(images: Path, copies: int, out: Path) -> int:
@@ -86,13 +91,60 @@ def bench_ray(cfg: RayBench) -> dict[str, Any]:
     data = Path(tempfile.mkdtemp(prefix="pretag-bench-ray-"))
     try:
         count = link_copies(cfg.images, cfg.copies, data)
+        stages = stage_rates(cfg.model, data)
+        if cfg.stages_only:
+            return {"rows": [], "stages": stages}
         ray.init(include_dashboard=False)
         try:
-            return _alternate(cfg, data, count)
+            return {**_alternate(cfg, data, count), "stages": stages}
         finally:
             ray.shutdown()
     finally:
         shutil.rmtree(data, ignore_errors=True)
+
+
+def _rate(count: int, run: Callable[[], Any]) -> float:
+    start = time.perf_counter()
+    run()
+    return count / (time.perf_counter() - start)
+
+
+def stage_rates(model: Path, data: Path, images: int = 256) -> dict[str, float]:
+    """Images per second of each pipeline stage run alone in this process, one CPU
+    thread unless said otherwise: what an actor, a read task, a write task and the
+    driver can each sustain (the inputs of the N-node estimate in RESULTS.md)."""
+    from pretag.client.report import Histogram
+    from pretag.client.stream import JobState
+    from pretag.scale.stages import Detector, DetectorConfig, WriteConfig, read_images
+
+    items = list_images(data).items[:images]
+    rows = {"index": np.arange(len(items)), "name": np.array([i.name for i in items], object),
+            "path": np.array([str(i.path) for i in items], object)}
+    detector = Detector(model.read_bytes(), DetectorConfig(0.5, 8, threads=1))
+    resize = detector.spec.resize
+    chunks = [{k: v[i:i + 16] for k, v in rows.items()} for i in range(0, len(items), 16)]
+    out: dict[str, float] = {}
+    read: list[dict[str, np.ndarray]] = []
+    out["read_decode_resize"] = _rate(len(items), lambda: read.extend(
+        read_images(c, resize, 100_000_000) for c in chunks))
+    found: list[dict[str, np.ndarray]] = []
+    out["detect_1_thread"] = _rate(len(items), lambda: found.extend(map(detector, read)))
+    two = Detector(model.read_bytes(), DetectorConfig(0.5, 8, threads=2))
+    out["detect_2_threads"] = _rate(len(items), lambda: list(map(two, read)))
+    folder = Path(tempfile.mkdtemp(prefix="pretag-bench-write-"))
+    try:
+        config = WriteConfig(str(folder), detector.spec.class_names, "image", 1)
+        written = [write_block(b, config) for b in found[:1]]  # folders made, then timed
+        out["write_local"] = _rate(sum(len(b["name"]) for b in found[1:]), lambda: written
+                                   .extend(write_block(b, config) for b in found[1:]))
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+    state = JobState(Histogram(detector.spec.class_names))
+    by_name = {i.name: i for i in items}
+    out["driver_record"] = _rate(len(items), lambda: [
+        state.record(by_name[str(n)], json.loads(e), None)
+        for b in written for n, e in zip(b["name"], b["entry"], strict=True)])
+    return out
 
 
 def _alternate(cfg: RayBench, data: Path, count: int) -> dict[str, Any]:
