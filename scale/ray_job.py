@@ -17,7 +17,7 @@ import json
 import logging
 import os
 import socket
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -163,6 +163,26 @@ def _check_resources(settings: RaySettings) -> None:
     log.warning("%s now; the job waits until it grows", message)
 
 
+def _record(plan: Plan, batches: Iterable[dict[str, Any]], progress: tqdm,
+            on_result: Callable[[str, bool], None] | None) -> None:
+    """Count each image the write stage reports (once: its block is reported once)."""
+    items = {item.name: item for item in plan.todo}
+    for batch in batches:
+        for name, entry, code, reason in zip(batch["name"], batch["entry"], batch["code"],
+                                             batch["reason"], strict=True):
+            if code == STOP:
+                raise RunError(f"{reason}. Stopped with {plan.state.written} of "
+                               f"{len(plan.todo)} images written; run the same command "
+                               f"again to resume")
+            plan.state.record(items[str(name)], json.loads(entry) if not code else None,
+                              str(reason) or None, str(code))
+            if code:
+                progress.set_postfix(failed=len(plan.state.errors), refresh=False)
+            progress.update(1)
+            if on_result is not None:
+                on_result(str(name), not code)
+
+
 def _rows(plan: Plan) -> list[dict[str, Any]]:
     return [{"index": i, "name": item.name, "path": str(item.path)}
             for i, item in enumerate(plan.todo)]
@@ -174,6 +194,7 @@ def ray_executor(model: bytes, settings: RaySettings) -> Executor:
     def run(plan: Plan, progress: tqdm, on_result: Callable[[str, bool], None] | None
             ) -> None:
         import ray.data
+        import ray.exceptions
 
         if not plan.todo:
             return
@@ -199,21 +220,14 @@ def ray_executor(model: bytes, settings: RaySettings) -> Executor:
                              num_gpus=settings.gpus_per_actor or None)
                 .map_batches(write_block, fn_kwargs={"config": writing},
                              batch_size=config.shard_images, batch_format="numpy"))
-        items = {item.name: item for item in plan.todo}
-        for batch in data.iter_batches(batch_size=None, batch_format="numpy"):
-            for name, entry, code, reason in zip(batch["name"], batch["entry"],
-                                                 batch["code"], batch["reason"], strict=True):
-                if code == STOP:
-                    raise RunError(f"{reason}. Stopped with {plan.state.written} of "
-                                   f"{len(plan.todo)} images written; run the same "
-                                   f"command again to resume")
-                plan.state.record(items[str(name)], json.loads(entry) if not code else None,
-                                  str(reason) or None, str(code))
-                if code:
-                    progress.set_postfix(failed=len(plan.state.errors), refresh=False)
-                progress.update(1)
-                if on_result is not None:
-                    on_result(str(name), not code)
+        try:
+            _record(plan, data.iter_batches(batch_size=None, batch_format="numpy"), progress,
+                    on_result)
+        except ray.exceptions.RayError as exc:  # a bug or a broken node, not an image
+            log.debug("the Ray pipeline failed", exc_info=True)
+            detail = str(getattr(exc, "cause", None) or exc).strip().splitlines()[-1]
+            raise RunError(f"the Ray pipeline failed: {detail}. What was written is kept: "
+                           f"run the same command again to resume") from None
 
     return run
 
