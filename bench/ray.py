@@ -141,9 +141,12 @@ def stage_rates(model: Path, data: Path, images: int = 256) -> dict[str, float]:
         shutil.rmtree(folder, ignore_errors=True)
     state = JobState(Histogram(detector.spec.class_names))
     by_name = {i.name: i for i in items}
-    out["driver_record"] = _rate(len(items), lambda: [
-        state.record(by_name[str(n)], json.loads(e), None)
-        for b in written for n, e in zip(b["name"], b["entry"], strict=True)])
+    def record() -> None:
+        for block in written:
+            for name, entry in zip(block["name"], block["entry"], strict=True):
+                state.record(by_name[str(name)], json.loads(entry), None)
+
+    out["driver_record"] = _rate(len(items), record)
     return out
 
 

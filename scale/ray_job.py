@@ -20,6 +20,7 @@ import socket
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -207,8 +208,8 @@ def ray_executor(model: bytes, settings: RaySettings) -> Executor:
         writing = WriteConfig(str(config.output_dir), tuple(plan.info.class_names), plan.mode,
                               plan.vectors.pending.number if plan.vectors else 1)
         data = (ray.data.from_items(_rows(plan))
-                .map_batches(read_images, fn_kwargs={"resize": resize,
-                                                     "max_pixels": settings.max_pixels},
+                .map_batches(partial(read_images, resize=resize,
+                                     max_pixels=settings.max_pixels),
                              batch_size=settings.read_images, batch_format="numpy",
                              num_cpus=settings.read_cpus if settings.read_cpus is not None
                              else settings.cpus_per_actor)
@@ -218,7 +219,7 @@ def ray_executor(model: bytes, settings: RaySettings) -> Executor:
                              batch_size=settings.batch_size, batch_format="numpy",
                              num_cpus=settings.cpus_per_actor,
                              num_gpus=settings.gpus_per_actor or None)
-                .map_batches(write_block, fn_kwargs={"config": writing},
+                .map_batches(partial(write_block, config=writing),
                              batch_size=config.shard_images, batch_format="numpy"))
         try:
             _record(plan, data.iter_batches(batch_size=None, batch_format="numpy"), progress,
