@@ -27,6 +27,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help=f"images per model call (default {_D.batch_size})")
     add("--ray-read-images", type=int, default=_D.read_images,
         help=f"images per read-and-decode task (default {_D.read_images})")
+    add("--ray-providers", nargs="+", metavar="NAME",
+        help="ONNX Runtime execution providers of the actors (cpu, cuda, tensorrt; default: "
+             "TensorRT, CUDA, CPU as the workers have them)")
     add("--ray-env", action="append", default=[], metavar="NAME",
         help=f"pass this variable of the driver's environment to the workers (repeatable; "
              f"{', '.join(DEFAULT_ENV)} always are, credentials only when named)")
@@ -37,4 +40,5 @@ def settings_from_args(args: argparse.Namespace) -> RaySettings:
                        actors=args.ray_actors, cpus_per_actor=args.ray_cpus_per_actor,
                        gpus_per_actor=args.ray_gpus_per_actor, threads=args.ray_threads,
                        batch_size=args.ray_batch_size, read_images=args.ray_read_images,
-                       env=tuple(args.ray_env))
+                       env=tuple(args.ray_env),
+                       providers=tuple(args.ray_providers) if args.ray_providers else None)

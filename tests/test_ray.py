@@ -183,3 +183,12 @@ def test_without_an_address_a_local_cluster_is_started_for_the_job(
                     "--ray-actors", str((os.cpu_count() or 1) + 1))
     assert too_many.returncode == 2
     assert "detector actors need" in too_many.stderr
+
+
+def test_actors_that_cannot_start_stop_the_job_with_exit_2(ray_cluster: str, images: Path,
+                                                           yolox_model: Path, tmp_path: Path):
+    done = _run(*_command(images, tmp_path, yolox_model, ray_cluster, "--ray-providers",
+                          "NoSuchExecutionProvider"))
+    assert done.returncode == 2
+    assert "the Ray pipeline failed" in done.stderr and "NoSuchExecutionProvider" in done.stderr
+    assert _predictions(tmp_path) == 0
