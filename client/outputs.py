@@ -151,6 +151,28 @@ def prediction_path(output_dir: AnyPath, name: str) -> AnyPath:
     return predictions_dir(output_dir) / TASK / rel.with_suffix(".json")
 
 
+def written_predictions(output_dir: AnyPath) -> set[str]:
+    """The prediction files under the task folder (paths relative to it, with ``/``), from
+    one listing: resuming then reads only the predictions that exist, instead of asking
+    storage about every image (one request each on object storage)."""
+    root = predictions_dir(output_dir) / TASK
+    if isinstance(root, Path):
+        return ({p.relative_to(root).as_posix() for p in root.rglob("*.json")}
+                if root.is_dir() else set())
+    base = root.path.rstrip("/")
+    try:
+        found = root.fs.find(base)
+    except FileNotFoundError:
+        return set()
+    return {p[len(base) + 1:] for p in found if p.endswith(".json") and
+            p.startswith(base + "/")}
+
+
+def written_name(name: str) -> str:
+    """Image ``name``'s entry in :func:`written_predictions`."""
+    return PurePosixPath(name).with_suffix(".json").as_posix()
+
+
 def write_atomic(path: AnyPath, text: str) -> None:
     """Write ``text`` to ``path`` whole (see :func:`pretag.client.storage.write_whole`)."""
     write_whole(path, text.encode())

@@ -15,6 +15,7 @@ import logging
 import socket
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -33,6 +34,8 @@ from pretag.client.outputs import (
     write_atomic,
     write_settings,
     write_task_files,
+    written_name,
+    written_predictions,
 )
 from pretag.client.report import Histogram, draw_debug_image, spread, write_histogram
 from pretag.client.storage import AnyPath, check_reachable, remove_tree
@@ -44,6 +47,7 @@ from pretag.v1 import pretag_pb2 as pb
 log = logging.getLogger(__name__)
 
 _S = StreamSettings  # the streaming defaults are set there, once
+_RESUME_READERS = 16  # predictions read at once when resuming (I/O bound)
 
 
 @dataclass(frozen=True)
@@ -92,20 +96,30 @@ class RunSummary:
 def _resume(config: RunConfig, items: list[ImageItem], hist: Histogram,
             vectors: VectorStore | None) -> tuple[list[ImageItem], list[dict[str, Any]]]:
     """Images still to do; those with a readable prediction (and their vectors, when
-    vectors are stored) are counted and skipped."""
-    todo: list[ImageItem] = []
+    vectors are stored) are counted and skipped. The output is listed once and only the
+    predictions found are read, several at a time (on object storage, one GET each)."""
     errors: list[dict[str, Any]] = []
     seen: dict[str, str] = {}
+    written = written_predictions(config.output_dir)
+    unique, found = [], []
     for item in items:
         target = str(prediction_path(config.output_dir, item.name))
         if target in seen:
             errors.append({"path": str(item.path), "filename": item.name, "code": "NAME",
                            "reason": f"its prediction file {target.rsplit('/', 1)[-1]} would "
-                                     f"overwrite "
-                                     f"that of {seen[target]}"})
+                                     f"overwrite that of {seen[target]}"})
             continue
         seen[target] = item.name
-        entry = read_prediction(config.output_dir, item.name)
+        unique.append(item)
+        if written_name(item.name) in written:
+            found.append(item)
+    with ThreadPoolExecutor(_RESUME_READERS, thread_name_prefix="pretag-resume") as pool:
+        entries = dict(zip((i.name for i in found),
+                           pool.map(lambda i: read_prediction(config.output_dir, i.name), found),
+                           strict=True))
+    todo: list[ImageItem] = []
+    for item in unique:
+        entry = entries.get(item.name)
         if entry is None or (vectors is not None and vectors.needs(item.name)):
             todo.append(item)
         else:

@@ -116,7 +116,8 @@ def test_input_and_output_on_s3_match_a_local_run(s3, yolox_model: Path, coco128
     assert histogram["images"] == IMAGES
 
 
-def test_resume_and_overwrite_on_s3(s3, yolox_model: Path, capsys: pytest.CaptureFixture):
+def test_resume_and_overwrite_on_s3(s3, yolox_model: Path, capsys: pytest.CaptureFixture,
+                                    monkeypatch: pytest.MonkeyPatch):
     args = ["run", "s3://data/images", "--output-dir", "s3://out/job", "--model",
             str(yolox_model), "--quiet", "--shard-images", "4"]
     assert main(args) == 0
@@ -125,7 +126,14 @@ def test_resume_and_overwrite_on_s3(s3, yolox_model: Path, capsys: pytest.Captur
     gone = sorted(s3.find(root))[:5]
     s3.rm(gone)  # as if the job had been killed before writing them
     capsys.readouterr()
+    from pretag.client import run
+
+    reads: list[str] = []
+    real_read = run.read_prediction
+    monkeypatch.setattr(run, "read_prediction",
+                        lambda out, name: reads.append(name) or real_read(out, name))
     assert main(args) == 0
+    assert len(reads) == 7  # one listing, then a GET only for each prediction it found
     summary = capsys.readouterr().out
     assert "already done (skipped)  7" in summary and "predicted now           5" in summary
     assert _predictions(s3, "out/job") == first
