@@ -94,13 +94,14 @@ class RunSummary:
 
 
 def _resume(config: RunConfig, items: list[ImageItem], hist: Histogram,
-            vectors: VectorStore | None) -> tuple[list[ImageItem], list[dict[str, Any]]]:
+            vectors: VectorStore | None, written: set[str]
+            ) -> tuple[list[ImageItem], list[dict[str, Any]]]:
     """Images still to do; those with a readable prediction (and their vectors, when
     vectors are stored) are counted and skipped. The output is listed once and only the
-    predictions found are read, several at a time (on object storage, one GET each)."""
+    predictions found are read, several at a time (on object storage, one GET each).
+    ``written``: :func:`written_predictions` of the output."""
     errors: list[dict[str, Any]] = []
     seen: dict[str, str] = {}
-    written = written_predictions(config.output_dir)
     unique, found = [], []
     for item in items:
         target = str(prediction_path(config.output_dir, item.name))
@@ -175,12 +176,13 @@ def run_settings(config: RunConfig, info: pb.ModelInfoResponse) -> dict[str, Any
             "score_threshold": config.score_threshold}
 
 
-def _check_settings(config: RunConfig, settings: dict[str, Any], items: list[ImageItem]
-                    ) -> None:
-    """Refuse to resume over predictions made otherwise; with --overwrite, clear them."""
+def _check_settings(config: RunConfig, settings: dict[str, Any], items: list[ImageItem],
+                    written: set[str]) -> None:
+    """Refuse to resume over predictions made otherwise; with --overwrite, clear them
+    (and from ``written``)."""
     previous = read_settings(config.output_dir)
-    if (previous not in (None, settings) and not config.overwrite
-            and any(prediction_path(config.output_dir, i.name).exists() for i in items)):
+    mine = [i for i in items if written_name(i.name) in written]
+    if previous not in (None, settings) and not config.overwrite and mine:
         changes = "; ".join(f"{key} {previous.get(key)!r} -> {settings.get(key)!r}"
                             for key in sorted(settings.keys() | previous.keys())
                             if previous.get(key) != settings.get(key))
@@ -188,8 +190,9 @@ def _check_settings(config: RunConfig, settings: dict[str, Any], items: list[Ima
                        f"({changes}). Use another --output-dir, or --overwrite to predict "
                        f"every image again")
     if config.overwrite:
-        for item in items:
+        for item in mine:
             prediction_path(config.output_dir, item.name).unlink(missing_ok=True)
+            written.discard(written_name(item.name))
         remove_tree(embeddings_dir(config.output_dir))
     write_settings(config.output_dir, settings)
 
@@ -241,13 +244,14 @@ def plan_job(config: RunConfig, listing: Listing, info: pb.ModelInfoResponse) ->
     config = _effective_threshold(config, info)
     items = listing.items
     class_names = tuple(info.class_names)
-    _check_settings(config, run_settings(config, info), items)
+    written = written_predictions(config.output_dir)  # listed once
+    _check_settings(config, run_settings(config, info), items, written)
     write_task_files(config.output_dir, class_names)
     hist = Histogram(class_names)
     mode = vector_mode(config, info)
     vectors = (None if mode == "none"
                else VectorStore(config.output_dir, mode, config.shard_images))
-    todo, name_errors = _resume(config, items, hist, vectors)
+    todo, name_errors = _resume(config, items, hist, vectors, written)
     state = JobState(hist, errors=listing.problems + name_errors)
     plan = Plan(config, info, todo, state, mode, vectors, len(items) + len(listing.problems),
                 len(items) - len(todo) - len(name_errors))
