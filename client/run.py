@@ -1,9 +1,12 @@
 """``pretag run INPUT --output-dir DIR``: the pretagging job, as a function tests can call.
 
-The job talks to servers by address only; :mod:`pretag.cli.local` starts one locally
-when the command names none. Outputs: DIR/.lightly/predictions/... (see
-:mod:`pretag.client.outputs`) and DIR/report/{class_histogram.json, class_histogram.png,
-errors.jsonl, debug/}.
+One job, two executors: :func:`plan_job` (settings, task files, resume), :func:`execute`
+(progress, errors.jsonl) and :func:`report` (histograms, debug images, summary) are shared;
+the executor in between predicts the images left. Here it streams to gRPC servers, by
+address only (:mod:`pretag.cli.local` starts one locally when the command names none);
+:mod:`pretag.scale` runs a Ray Data pipeline instead. Outputs: DIR/.lightly/predictions/...
+(see :mod:`pretag.client.outputs`) and DIR/report/{class_histogram.json,
+class_histogram.png, errors.jsonl, debug/}.
 """
 
 from __future__ import annotations
