@@ -192,3 +192,25 @@ def test_actors_that_cannot_start_stop_the_job_with_exit_2(ray_cluster: str, ima
     assert done.returncode == 2
     assert "the Ray pipeline failed" in done.stderr and "NoSuchExecutionProvider" in done.stderr
     assert _predictions(tmp_path) == 0
+
+
+def test_object_vectors_too_equal_the_grpc_paths(ray_cluster: str, shared: Path,
+                                                 yolox_model: Path, tmp_path: Path):
+    driving = shared / "data" / "driving"
+    grpc_out, ray_out = tmp_path / "grpc", tmp_path / "ray"
+    run_locally(RunConfig(driving, grpc_out, quiet=True, embeddings="all"), yolox_model)
+    done = _run(sys.executable, "-m", "pretag.cli", "run", str(driving), "--output-dir",
+                str(ray_out), "--model", str(yolox_model), "--quiet", "--embeddings", "all",
+                "--ray", ray_cluster)
+    assert done.returncode == 0, done.stderr
+    assert _files(ray_out) == _files(grpc_out)
+    for kind in ("images", "objects"):
+        got, want = load_embeddings(ray_out, kind), load_embeddings(grpc_out, kind)
+        assert len(want[0]) > 0
+        assert sorted(got[0]) == sorted(want[0])
+        key = {n: i for i, n in enumerate(want[0])} if kind == "images" else None
+        if key is not None:
+            assert np.array_equal(got[1], want[1][[key[n] for n in got[0]]])
+        else:  # one row per detection: compare as sets of (filename, vector bytes)
+            assert sorted(zip(got[0], map(bytes, got[1]), strict=True)) == \
+                sorted(zip(want[0], map(bytes, want[1]), strict=True))
