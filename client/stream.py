@@ -27,6 +27,7 @@ from typing import Any, Protocol
 from tqdm import tqdm
 
 from pretag.client.api import AsyncClient, Connection, Prediction, PretagError
+from pretag.client.backoff import Backoff
 from pretag.client.outputs import ImageItem, make_entry, write_prediction
 from pretag.client.report import Histogram
 from pretag.client.storage import AnyPath
@@ -212,7 +213,7 @@ class Job:
 
     async def _worker(self, target: Target) -> None:
         """Keeps one stream to one server busy; reconnects with backoff on failure."""
-        backoff = _Backoff(self.settings.backoff_first_s, self.settings.backoff_max_s)
+        backoff = Backoff(self.settings.backoff_first_s, self.settings.backoff_max_s)
         address = target.connection.address
         async with self.connect(target.connection) as client:
             while not self.done.is_set():
@@ -232,7 +233,7 @@ class Job:
                 log.warning("%s; retrying in %.1f s", error, delay)
                 await asyncio.sleep(delay)
 
-    async def _attempt(self, client: StreamClient, attempt: _Attempt, backoff: _Backoff,
+    async def _attempt(self, client: StreamClient, attempt: _Attempt, backoff: Backoff,
                        address: str) -> str:
         """One stream, until it ends, fails or stalls; returns why it ended."""
         consume = asyncio.ensure_future(self._consume(client, attempt, backoff, address))
@@ -251,7 +252,7 @@ class Job:
                     f"with {len(attempt.inflight)} images in flight")
         return consume.result()
 
-    async def _consume(self, client: StreamClient, attempt: _Attempt, backoff: _Backoff,
+    async def _consume(self, client: StreamClient, attempt: _Attempt, backoff: Backoff,
                        address: str) -> str:
         try:
             async for pred in client.detect_stream(self._feed(attempt, backoff),
@@ -276,7 +277,7 @@ class Job:
                 self.queue.put_nowait(work)
         attempt.inflight.clear()
 
-    async def _feed(self, attempt: _Attempt, backoff: _Backoff
+    async def _feed(self, attempt: _Attempt, backoff: Backoff
                     ) -> AsyncIterator[tuple[str, bytes]]:
         """Requests of one stream attempt, taken from the shared queue as slots free up.
 
@@ -314,7 +315,7 @@ class Job:
             self.fatal = fatal
             self.done.set()
 
-    async def _handle(self, work: Work, pred: Prediction, backoff: _Backoff) -> None:
+    async def _handle(self, work: Work, pred: Prediction, backoff: Backoff) -> None:
         error = pred.error
         if error is None:
             backoff.ok()
@@ -374,34 +375,6 @@ class _Attempt:
                 return
             await asyncio.sleep(max(0.05, min(1.0, timeout_s - silent if self.inflight
                                               else timeout_s / 4)))
-
-
-class _Backoff:
-    """Exponential backoff state of one worker."""
-
-    def __init__(self, first_s: float, max_s: float) -> None:
-        self.first_s, self.max_s = first_s, max_s
-        self.delay = first_s
-        self.failing_since: float | None = None
-        self.paused_until = 0.0
-
-    def ok(self) -> None:
-        self.delay, self.failing_since = self.first_s, None
-
-    def fail(self) -> float:
-        if self.failing_since is None:
-            self.failing_since = time.monotonic()
-        delay, self.delay = self.delay, min(self.delay * 2, self.max_s)
-        return delay
-
-    def pause(self) -> None:
-        self.paused_until = time.monotonic() + self.fail()
-
-    def pause_left(self) -> float:
-        return max(0.0, self.paused_until - time.monotonic())
-
-    def failing_for(self) -> float:
-        return 0.0 if self.failing_since is None else time.monotonic() - self.failing_since
 
 
 def _file_size(path: AnyPath) -> int:
