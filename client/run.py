@@ -181,8 +181,8 @@ def run_settings(config: RunConfig, info: pb.ModelInfoResponse) -> dict[str, Any
 
 def _check_settings(config: RunConfig, settings: dict[str, Any], items: list[ImageItem],
                     written: set[str]) -> None:
-    """Refuse to resume over predictions made otherwise; with --overwrite, clear them
-    (and from ``written``)."""
+    """Refuse to resume over predictions made otherwise; with --overwrite, clear them.
+    ``written``: :func:`written_predictions` of the output."""
     previous = read_settings(config.output_dir)
     mine = [i for i in items if written_name(i.name) in written]
     if previous not in (None, settings) and not config.overwrite and mine:
@@ -195,7 +195,6 @@ def _check_settings(config: RunConfig, settings: dict[str, Any], items: list[Ima
     if config.overwrite:
         for item in mine:
             prediction_path(config.output_dir, item.name).unlink(missing_ok=True)
-            written.discard(written_name(item.name))
         remove_tree(embeddings_dir(config.output_dir))
     write_settings(config.output_dir, settings)
 
@@ -242,13 +241,14 @@ Executor = Callable[[Plan, tqdm, Callable[[str, bool], None] | None], None]
 
 def plan_job(config: RunConfig, listing: Listing, info: pb.ModelInfoResponse) -> Plan:
     """Check the output's settings against the model's, write the task files and find
-    what is left to do."""
-    check_reachable(config.output_dir)
+    what is left to do. The caller has checked that the output can be reached."""
     config = _effective_threshold(config, info)
     items = listing.items
     class_names = tuple(info.class_names)
     written = written_predictions(config.output_dir)  # listed once
     _check_settings(config, run_settings(config, info), items, written)
+    if config.overwrite:  # _check_settings deleted every listed image's prediction
+        written = set()
     write_task_files(config.output_dir, class_names)
     hist = Histogram(class_names)
     mode = vector_mode(config, info)

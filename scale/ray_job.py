@@ -37,6 +37,7 @@ from pretag.client.run import (
     plan_job,
     report,
 )
+from pretag.client.storage import check_reachable
 from pretag.client.stream import RunError
 from pretag.contract import ContractError, ResizeSpec, validate_model
 from pretag.preprocess import DEFAULT_MAX_PIXELS
@@ -91,7 +92,7 @@ class RaySettings:
         return self.threads or max(1, round(self.cpus_per_actor))
 
 
-def _check_reachable(address: str) -> None:
+def _check_address(address: str) -> None:
     """Fail fast on an address nothing listens on (ray.init would retry for minutes)."""
     if address == "auto":
         return
@@ -130,7 +131,7 @@ def connected(settings: RaySettings) -> Iterator[str]:
         # "local": a new cluster even if one was started on this machine before
         ray.init(address="local", include_dashboard=False, runtime_env=runtime_env)
     else:
-        _check_reachable(settings.address)
+        _check_address(settings.address)
         try:
             ray.init(address=settings.address, runtime_env=runtime_env)
         except (ConnectionError, RuntimeError, ValueError) as exc:
@@ -249,6 +250,7 @@ def run_on_ray(config: RunConfig, model: Path, settings: RaySettings,
         raise RunError(f"--model {model}: {exc}") from None
     info = model_info(spec, settings.providers or (),
                       BatchingConfig(max_batch_size=settings.batch_size), spec.score_threshold)
+    check_reachable(config.output_dir)  # before a cluster is started or joined
     with connected(settings) as where:
         plan = plan_job(config, listing, info)
         seconds = execute(plan, ray_executor(data, settings), on_result)
