@@ -42,7 +42,7 @@ class RunError(RuntimeError):
 
 
 # Out of room or read-only: every later write would fail too, so the job stops.
-DISK_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS})
+_DISK_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS})
 # Bytes of a DetectRequest beside the image and its id (field tags, lengths, threshold).
 _REQUEST_OVERHEAD = 64
 
@@ -331,13 +331,13 @@ class Job:
                 self._finish(work.item, None, str(exc), "VECTORS")
                 return
             except OSError as exc:
-                if exc.errno in DISK_ERRNOS:
-                    self._stop(RunError(f"cannot write predictions to {self.output_dir}: "
-                                        f"{exc.strerror}. Stopped with {self.state.written} "
-                                        f"of {len(self.todo)} images written; free space and "
+                fatal, reason = write_failure(exc, self.output_dir)
+                if fatal:
+                    self._stop(RunError(f"{reason}. Stopped with {self.state.written} of "
+                                        f"{len(self.todo)} images written; free space and "
                                         f"run the same command again to resume"))
                 else:
-                    self._finish(work.item, None, f"cannot write prediction: {exc}", "WRITE")
+                    self._finish(work.item, None, reason, "WRITE")
                 return
             self._finish(work.item, entry, None)
         elif error.retryable and work.attempts + 1 < self.settings.max_attempts:
@@ -346,6 +346,14 @@ class Job:
             self.queue.put_nowait(work)
         else:
             self._finish(work.item, None, str(error), error.code.name)
+
+
+def write_failure(exc: OSError, output_dir: AnyPath) -> tuple[bool, str]:
+    """Whether a failed prediction write must stop the job (out of room or read-only:
+    every later write would fail too), and what to say of it."""
+    if exc.errno in _DISK_ERRNOS:
+        return True, f"cannot write predictions to {output_dir}: {exc.strerror}"
+    return False, f"cannot write prediction: {exc}"
 
 
 @dataclass

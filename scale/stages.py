@@ -29,7 +29,7 @@ import numpy as np
 from pretag.client.api import Prediction
 from pretag.client.outputs import make_entry, write_prediction
 from pretag.client.storage import location
-from pretag.client.stream import DISK_ERRNOS
+from pretag.client.stream import write_failure
 from pretag.client.vectors import Shard, embeddings_dir, write_shard
 from pretag.contract import ResizeSpec
 from pretag.preprocess import (
@@ -54,11 +54,11 @@ STOP = "STOP"
 _EMPTY = np.zeros((0, 0, 3), np.uint8)
 
 
-def _column(values: list[Any], dtype: Any = None) -> np.ndarray:
+def _column(values: list[Any]) -> np.ndarray:
     """A column of per-row values; arrays of different shapes stay one object each."""
     out = np.empty(len(values), dtype=object)
     out[:] = values
-    return out if dtype is None else out.astype(dtype)
+    return out
 
 
 def _read_one(path: str, name: str, resize: ResizeSpec, max_pixels: int
@@ -177,8 +177,7 @@ def write_block(batch: Batch, config: WriteConfig) -> Batch:
     images done); returns what the driver records: entry JSON, or code and reason."""
     output_dir = location(config.output_dir)
     images, objects = config.mode in ("image", "all"), config.mode in ("objects", "all")
-    shard = Shard(config.first_shard + int(np.min(batch["index"]))) if len(batch["index"]) \
-        else Shard(config.first_shard)
+    shard = Shard(config.first_shard + int(min(batch["index"], default=0)))
     codes, reasons = list(batch["code"]), list(batch["reason"])
     entries = [""] * len(codes)
     for i, code in enumerate(codes):
@@ -194,9 +193,8 @@ def write_block(batch: Batch, config: WriteConfig) -> Batch:
         except ValueError as exc:
             codes[i], reasons[i] = "VECTORS", str(exc)
         except OSError as exc:
-            codes[i], reasons[i] = ((STOP, f"cannot write predictions to {output_dir}: "
-                                           f"{exc.strerror}") if exc.errno in DISK_ERRNOS
-                                    else ("WRITE", f"cannot write prediction: {exc}"))
+            fatal, reasons[i] = write_failure(exc, output_dir)
+            codes[i] = STOP if fatal else "WRITE"
     if shard.names:
         try:
             write_shard(embeddings_dir(output_dir), shard, images, objects)
