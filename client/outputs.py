@@ -28,7 +28,7 @@ from typing import Any
 
 from upath import UPath
 
-from pretag.client.storage import AnyPath, StorageError, location, write_whole
+from pretag.client.storage import AnyPath, StorageError, find_under, location, write_whole
 
 TASK = "lightly_pretagging"
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"})
@@ -126,13 +126,11 @@ def _list_remote(source: UPath) -> Listing:
                     items.append(ImageItem(location(f"{source.protocol}://{full}"),
                                            full[len(base) + 1:] if inside else full))
             return Listing(items, [])
-        found = sorted(fs.find(root))
+        found = sorted(find_under(source))
     except PermissionError as exc:
         raise StorageError(f"cannot list {source}: access denied ({exc})") from None
-    except FileNotFoundError:
-        found = []
-    items = [ImageItem(source / p[len(root) + 1:], p[len(root) + 1:]) for p in found
-             if PurePosixPath(p).suffix.lower() in IMAGE_SUFFIXES and p.startswith(root + "/")]
+    items = [ImageItem(source / name, name) for name in found
+             if PurePosixPath(name).suffix.lower() in IMAGE_SUFFIXES]
     if not items and not fs.exists(root):
         raise InputError(f"input {source} does not exist")
     return Listing(items, [])
@@ -159,13 +157,7 @@ def written_predictions(output_dir: AnyPath) -> set[str]:
     if isinstance(root, Path):
         return ({p.relative_to(root).as_posix() for p in root.rglob("*.json")}
                 if root.is_dir() else set())
-    base = root.path.rstrip("/")
-    try:
-        found = root.fs.find(base)
-    except FileNotFoundError:
-        return set()
-    return {p[len(base) + 1:] for p in found if p.endswith(".json") and
-            p.startswith(base + "/")}
+    return {name for name in find_under(root) if name.endswith(".json")}
 
 
 def written_name(name: str) -> str:

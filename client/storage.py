@@ -61,6 +61,17 @@ def write_whole(path: AnyPath, data: bytes) -> None:
         raise
 
 
+def find_under(path: UPath) -> list[str]:
+    """Every object under the prefix ``path`` (one listing), as paths relative to it;
+    none when the prefix does not exist."""
+    root = path.path.rstrip("/")
+    try:
+        found = path.fs.find(root)
+    except FileNotFoundError:
+        return []
+    return [p[len(root) + 1:] for p in found if p.startswith(root + "/")]
+
+
 def remove_tree(path: AnyPath) -> None:
     """Delete a folder (or prefix) and everything under it; nothing if it is absent."""
     if isinstance(path, Path):
