@@ -24,6 +24,7 @@ from typing import Any
 
 import numpy as np
 
+from pretag.contract import DRIVING_CLASSES
 from pretag.selection.config import Strategy
 from pretag.selection.cover import LEAF, distances
 from pretag.selection.greedy import (
@@ -39,7 +40,7 @@ from pretag.selection.greedy import (
 
 log = logging.getLogger(__name__)
 
-CLASSES = ("bicycle", "bus", "car", "motorcycle", "person", "train", "truck")
+CLASSES = DRIVING_CLASSES
 TARGET = np.array([0.1, 0.1, 0.5, 0.1, 0.1, 0.05, 0.05])
 
 
