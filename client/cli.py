@@ -16,7 +16,7 @@ from pathlib import Path
 from pretag.client.outputs import Listing
 from pretag.client.report import summary_table
 from pretag.client.run import RunConfig, RunError, RunSummary, load_listing, run_job
-from pretag.client.storage import AnyPath, location
+from pretag.client.storage import ATTEMPTS, AnyPath, location, storage_outage
 from pretag.client.vectors import MODES, embeddings_dir, write_csv
 from pretag.token_file import TokenFileError, read_token_file
 
@@ -63,11 +63,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help=f"give up on a server after this long failing, or answering nothing while "
              f"images are in flight; its images go to the other servers (default "
              f"{_D.server_timeout_s:g})")
+    add("--storage-timeout-s", type=float, default=_D.storage_timeout_s,
+        help=f"object storage: seconds one request may wait for an answer; each is tried "
+             f"{ATTEMPTS} times, then the run stops with exit 2 (default "
+             f"{_D.storage_timeout_s:g})")
 
 
 def config_from_args(args: argparse.Namespace) -> RunConfig:
     token = read_token_file(args.token_file) if args.token_file else None
-    return RunConfig(input=args.input, output_dir=args.output_dir, servers=tuple(args.server),
+    timeout = args.storage_timeout_s
+    return RunConfig(input=location(str(args.input), timeout),
+                     output_dir=location(str(args.output_dir), timeout),
+                     servers=tuple(args.server), storage_timeout_s=timeout,
                      score_threshold=args.score_threshold,
                      window=args.window, read_threads=args.read_threads,
                      debug_images=args.debug_images, quiet=args.quiet, token=token,
@@ -101,8 +108,10 @@ def run(args: argparse.Namespace, local_server: LocalServer | None = None,
     try:
         if args.window < 1 or args.read_threads < 1:
             raise RunError("--window and --read-threads must be at least 1")
-        if args.server_timeout_s <= 0 or args.shard_images < 1:
-            raise RunError("--server-timeout-s and --shard-images must be positive")
+        if not (args.server_timeout_s > 0 and args.storage_timeout_s > 0) or \
+                args.shard_images < 1:
+            raise RunError("--server-timeout-s, --storage-timeout-s and --shard-images must "
+                           "be positive")
         config = config_from_args(args)
         listing = load_listing(config)  # before any server is started for it
         if runner is not None:
@@ -115,7 +124,14 @@ def run(args: argparse.Namespace, local_server: LocalServer | None = None,
             with local_server(args.model, window=config.window) as address:
                 summary = run_job(config.with_servers((address,)), listing=listing)
     except (RunError, TokenFileError, OSError) as exc:
-        log.error("%s", exc)
+        log.error("%s", storage_outage(exc) or exc)
+        return 2
+    except Exception as exc:  # a store that stopped answering, met outside the job's loop
+        problem = storage_outage(exc)
+        if problem is None:
+            raise
+        log.error("%s; what was written is kept: run the same command again to resume",
+                  problem)
         return 2
     except KeyboardInterrupt:
         log.error("interrupted; run the same command again to resume")

@@ -53,11 +53,12 @@ class Listing:
     problems: list[dict[str, Any]]
 
 
-def _not_a_file(path: Path, name: str) -> dict[str, Any]:
+def _not_a_file(path: Path, name: str, how: str = "has an image suffix") -> dict[str, Any]:
     what = ("a broken symbolic link" if path.is_symlink() and not path.exists()
-            else "a directory" if path.is_dir() else "not a regular file")
+            else "a directory" if path.is_dir()
+            else "not a regular file (a FIFO, socket or device)")
     return {"path": str(path), "filename": name, "code": "NOT_A_FILE",
-            "reason": f"has an image suffix but is {what}"}
+            "reason": f"{how} but is {what}"}
 
 
 def list_name(line: str, list_dir: Path) -> str:
@@ -97,15 +98,19 @@ def list_images(source: AnyPath) -> Listing:
                 problems.append(_not_a_file(p, name))
         return Listing(items, problems)
     if source.is_file():
-        items = []
+        items, problems = [], []
         for line in source.read_text().splitlines():
             line = line.strip()
             if not line or line.startswith("#"):
                 continue
             path = Path(line)
-            items.append(ImageItem(path if path.is_absolute() else source.parent / path,
-                                   list_name(line, source.parent)))
-        return Listing(items, [])
+            path = path if path.is_absolute() else source.parent / path
+            name = list_name(line, source.parent)
+            if path.exists() and not path.is_file():  # a FIFO would block its read forever
+                problems.append(_not_a_file(path, name, "is listed as an image"))
+            else:  # a missing file is a READ error when the job gets to it
+                items.append(ImageItem(path, name))
+        return Listing(items, problems)
     raise InputError(f"input {source} does not exist")
 
 
@@ -149,15 +154,40 @@ def prediction_path(output_dir: AnyPath, name: str) -> AnyPath:
     return predictions_dir(output_dir) / TASK / rel.with_suffix(".json")
 
 
+#: Bytes an image's file name may have before its extension: its prediction's temporary
+#: (``.<stem>.json.tmp``) and its crops (``<stem>-<detection>-<ext>.png``) must fit in
+#: the 255 bytes a local file name may have.
+MAX_STEM_BYTES = 255 - len(".-9999-jpeg.png.tmp")
+#: Files of the task folder that no image's prediction may take.
+RESERVED = frozenset({"schema.json"})
+
+
+def name_problem(name: str) -> str | None:
+    """Why image ``name`` cannot be written under the run's layout, or None."""
+    if any(ord(c) < 32 or ord(c) == 127 for c in name):
+        return (f"its name {name!r} holds a control character (a newline or tab would "
+                f"break selected.txt and other one-name-a-line files); rename the file")
+    stem = PurePosixPath(name).stem
+    if len(stem.encode()) > MAX_STEM_BYTES:
+        return (f"its file name is {len(stem.encode())} bytes before the extension; "
+                f"prediction, vector and crop files need at most {MAX_STEM_BYTES}")
+    if written_name(name) in RESERVED:
+        return (f"its prediction would be {written_name(name)}, a file of the run's own "
+                f"(the task schema); rename the file or move it into a subfolder")
+    return None
+
+
 def written_predictions(output_dir: AnyPath) -> set[str]:
     """The prediction files under the task folder (paths relative to it, with ``/``), from
     one listing: resuming then reads only the predictions that exist, instead of asking
     storage about every image (one request each on object storage)."""
     root = predictions_dir(output_dir) / TASK
     if isinstance(root, Path):
-        return ({p.relative_to(root).as_posix() for p in root.rglob("*.json")}
-                if root.is_dir() else set())
-    return {name for name in find_under(root) if name.endswith(".json")}
+        found = ({p.relative_to(root).as_posix() for p in root.rglob("*.json")}
+                 if root.is_dir() else set())
+    else:
+        found = {name for name in find_under(root) if name.endswith(".json")}
+    return found - RESERVED
 
 
 def written_name(name: str) -> str:

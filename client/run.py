@@ -31,6 +31,7 @@ from pretag.client.outputs import (
     InputError,
     Listing,
     list_images,
+    name_problem,
     prediction_path,
     read_prediction,
     read_settings,
@@ -41,7 +42,13 @@ from pretag.client.outputs import (
     written_predictions,
 )
 from pretag.client.report import Histogram, draw_debug_image, spread, write_histogram
-from pretag.client.storage import AnyPath, check_reachable, remove_tree
+from pretag.client.storage import (
+    DEFAULT_TIMEOUT_S,
+    AnyPath,
+    check_reachable,
+    remove_tree,
+    storage_outage,
+)
 from pretag.client.stream import Job, JobState, RunError, StreamSettings, Target
 from pretag.client.vectors import VectorStore, embeddings_dir
 from pretag.contract import threshold_problem
@@ -73,6 +80,7 @@ class RunConfig:
     overwrite: bool = False  # predict every image again, whatever is in output_dir
     embeddings: str | None = None  # none|image|objects|all; None: image if the model has them
     shard_images: int = 1024  # images per Parquet shard of vectors
+    storage_timeout_s: float = DEFAULT_TIMEOUT_S  # per object-storage request (storage.py)
 
     def with_servers(self, servers: tuple[str, ...]) -> RunConfig:
         return dataclasses.replace(self, servers=servers)
@@ -107,6 +115,11 @@ def _resume(config: RunConfig, items: list[ImageItem], hist: Histogram,
     seen: dict[str, str] = {}
     unique, found = [], []
     for item in items:
+        problem = name_problem(item.name)
+        if problem is not None:
+            errors.append({"path": str(item.path), "filename": item.name, "code": "NAME",
+                           "reason": problem})
+            continue
         target = str(prediction_path(config.output_dir, item.name))
         if target in seen:
             errors.append({"path": str(item.path), "filename": item.name, "code": "NAME",
@@ -253,7 +266,8 @@ def plan_job(config: RunConfig, listing: Listing, info: pb.ModelInfoResponse) ->
     hist = Histogram(class_names)
     mode = vector_mode(config, info)
     vectors = (None if mode == "none"
-               else VectorStore(config.output_dir, mode, config.shard_images))
+               else VectorStore(config.output_dir, mode, config.shard_images,
+                                info.object_embedding_dim))
     todo, name_errors = _resume(config, items, hist, vectors, written)
     state = JobState(hist, errors=listing.problems + name_errors)
     plan = Plan(config, info, todo, state, mode, vectors, len(items) + len(listing.problems),
@@ -278,8 +292,10 @@ def execute(plan: Plan, executor: Executor,
         finally:
             try:
                 write_errors(config.output_dir / "report" / "errors.jsonl", plan.state.errors)
-            except OSError as exc:
-                log.error("cannot write errors.jsonl: %s", exc)
+            except Exception as exc:
+                if storage_outage(exc) is None and not isinstance(exc, OSError):
+                    raise
+                log.error("cannot write errors.jsonl: %s", storage_outage(exc) or exc)
     return time.monotonic() - start
 
 

@@ -7,6 +7,13 @@ a temporary file renamed over the target, on object storage one PUT, so an objec
 visible complete or not at all. Credentials and endpoints come the usual way (``AWS_*``
 variables including ``AWS_ENDPOINT_URL`` for S3-compatible stores, ``AWS_PROFILE``,
 ``GOOGLE_APPLICATION_CREDENTIALS``).
+
+Every storage call is bounded (:func:`storage_options`): on S3, botocore's connect and
+read timeouts and its ``standard`` retry mode with :data:`ATTEMPTS` attempts (s3fs's own
+retry loop is set to one try, so the bound is botocore's alone); on GCS, gcsfs's
+``requests_timeout``. A call that still fails on the network is an outage of the store
+(:func:`storage_outage`): the job stops with exit 2 naming the store, instead of blaming
+an image or a detector.
 """
 
 from __future__ import annotations
@@ -14,25 +21,78 @@ from __future__ import annotations
 import os
 import shutil
 from pathlib import Path
-from typing import TypeAlias
+from typing import Any, TypeAlias
 
 from upath import UPath
 
 AnyPath: TypeAlias = Path | UPath
+
+#: Seconds a storage request may wait for an answer (botocore's read timeout); the
+#: connect timeout is the smaller of this and 10 s. ``pretag run --storage-timeout-s``.
+DEFAULT_TIMEOUT_S = 30.0
+#: Tries of one storage request (botocore's ``standard`` retry mode: exponential backoff
+#: with jitter, throttling and 5xx answers included). A frozen store thus fails a call
+#: after about ATTEMPTS x timeout seconds.
+ATTEMPTS = 3
 
 
 class StorageError(OSError):
     """A bucket or object that cannot be reached (missing, denied); exit code 2."""
 
 
-def location(text: str | os.PathLike[str]) -> AnyPath:
-    """A local path, or a UPath for a URL (``file://`` URLs are local paths)."""
+def storage_options(protocol: str, timeout_s: float = DEFAULT_TIMEOUT_S) -> dict[str, Any]:
+    """The fsspec options that bound every request to a store of ``protocol``."""
+    if protocol in ("s3", "s3a"):
+        return {"retries": 1,  # s3fs's loop: one try; botocore retries (below)
+                "config_kwargs": {"connect_timeout": min(timeout_s, 10.0),
+                                  "read_timeout": timeout_s,
+                                  "retries": {"max_attempts": ATTEMPTS, "mode": "standard"}}}
+    if protocol in ("gs", "gcs"):
+        return {"requests_timeout": timeout_s}
+    return {}
+
+
+def location(text: str | os.PathLike[str], timeout_s: float = DEFAULT_TIMEOUT_S) -> AnyPath:
+    """A local path, or a UPath for a URL (``file://`` URLs are local paths) whose
+    requests are bounded by ``timeout_s`` (see :func:`storage_options`)."""
     value = os.fspath(text)
     if value.startswith("file://"):
         return Path(value[len("file://"):])
     if "://" in value:
-        return UPath(value)
+        return UPath(value, **storage_options(value.split("://", 1)[0], timeout_s))
     return Path(value)
+
+
+def _network_errors() -> tuple[type[BaseException], ...]:
+    """Exception types that mean the store did not answer (not that an object is bad)."""
+    found: list[type[BaseException]] = [TimeoutError, ConnectionError]
+    try:
+        from fsspec.exceptions import FSTimeoutError
+
+        found.append(FSTimeoutError)
+    except ImportError:
+        pass
+    try:  # s3fs's stack: botocore, and aiohttp underneath aiobotocore
+        import aiohttp
+        from botocore import exceptions as boto
+
+        found += [boto.ConnectionError, boto.HTTPClientError, aiohttp.ClientConnectionError]
+    except ImportError:
+        pass
+    return tuple(found)
+
+
+def storage_outage(exc: BaseException) -> str | None:
+    """What to say when ``exc`` means a store that does not answer (connection refused
+    or reset, timeouts after the bounded retries), or None for any other error."""
+    if not isinstance(exc, _network_errors()):
+        return None
+    kwargs = getattr(exc, "kwargs", None)
+    endpoint = (kwargs.get("endpoint_url") if isinstance(kwargs, dict) else None) or \
+        os.environ.get("AWS_ENDPOINT_URL") or "the object store"
+    detail = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    return (f"the store at {endpoint} does not answer ({type(exc).__name__}: {detail}; "
+            f"{ATTEMPTS} attempts with a timeout each)")
 
 
 def write_whole(path: AnyPath, data: bytes) -> None:
@@ -93,5 +153,8 @@ def check_reachable(path: AnyPath) -> None:
                            ) from None
     except FileNotFoundError:
         raise StorageError(f"cannot use {path}: bucket {bucket} does not exist") from None
-    except OSError as exc:
-        raise StorageError(f"cannot use {path}: {exc}") from None
+    except Exception as exc:
+        problem = storage_outage(exc)
+        if problem is None and not isinstance(exc, OSError):
+            raise
+        raise StorageError(f"cannot use {path}: {problem or exc}") from None

@@ -18,10 +18,12 @@ from __future__ import annotations
 import asyncio
 import errno
 import logging
+import stat
 import time
 from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Protocol
 
 from tqdm import tqdm
@@ -30,8 +32,8 @@ from pretag.client.api import AsyncClient, Connection, Prediction, PretagError
 from pretag.client.backoff import Backoff
 from pretag.client.outputs import ImageItem, make_entry, write_prediction
 from pretag.client.report import Histogram
-from pretag.client.storage import AnyPath
-from pretag.client.vectors import VectorStore
+from pretag.client.storage import AnyPath, storage_outage
+from pretag.client.vectors import Shard, VectorStore
 from pretag.v1 import pretag_pb2 as pb
 
 log = logging.getLogger(__name__)
@@ -43,6 +45,7 @@ class RunError(RuntimeError):
 
 # Out of room or read-only: every later write would fail too, so the job stops.
 _DISK_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS})
+_RESUME = "what was written is kept: run the same command again to resume"
 # Bytes of a DetectRequest beside the image and its id (field tags, lengths, threshold).
 _REQUEST_OVERHEAD = 64
 
@@ -192,7 +195,18 @@ class Job:
                                  f"(the servers' --max-message-mb)", "TOO_LARGE")
                     continue
                 data = await loop.run_in_executor(self.pool, item.path.read_bytes)
-            except OSError as exc:
+            except NotAFile as exc:
+                self._finish(item, None, str(exc), "NOT_A_FILE")
+                continue
+            except Exception as exc:
+                problem = storage_outage(exc)
+                if problem is not None:  # the store, not this image: every read would fail
+                    self._stop(RunError(f"cannot read {item.path}: {problem}. Stopped with "
+                                        f"{self.state.written} of {len(self.todo)} images "
+                                        f"written; {_RESUME}"))
+                    return
+                if not isinstance(exc, OSError):
+                    raise
                 self._finish(item, None, f"cannot read file: {exc.strerror or exc}", "READ")
                 continue
             self.queue.put_nowait(Work(item, data))
@@ -300,14 +314,8 @@ class Job:
     async def _flush_vectors(self) -> None:
         """Write the vectors of the images finished so far, whatever ended the job."""
         shard = self.vectors.take() if self.vectors is not None else None
-        if shard is None or self.vectors is None:
-            return
-        try:
-            await asyncio.get_running_loop().run_in_executor(self.pool, self.vectors.write,
-                                                             shard)
-        except OSError as exc:
-            if self.fatal is None:
-                self.fatal = RunError(f"cannot write vectors to {self.vectors.root}: {exc}")
+        if shard is not None:
+            await self._write_shard(shard)
 
     def _stop(self, fatal: RunError) -> None:
         """End the job now: every later image would fail the same way."""
@@ -319,27 +327,7 @@ class Job:
         error = pred.error
         if error is None:
             backoff.ok()
-            entry = make_entry(work.item.name, pred.boxes, pred.labels, pred.scores)
-            try:  # vectors first: an answer without them leaves no prediction file behind
-                shard = None if self.vectors is None else self.vectors.add(work.item.name, pred)
-                await asyncio.get_running_loop().run_in_executor(
-                    self.pool, write_prediction, self.output_dir, entry)
-                if shard is not None and self.vectors is not None:
-                    await asyncio.get_running_loop().run_in_executor(
-                        self.pool, self.vectors.write, shard)
-            except ValueError as exc:  # the server left out the vectors asked for
-                self._finish(work.item, None, str(exc), "VECTORS")
-                return
-            except OSError as exc:
-                fatal, reason = write_failure(exc, self.output_dir)
-                if fatal:
-                    self._stop(RunError(f"{reason}. Stopped with {self.state.written} of "
-                                        f"{len(self.todo)} images written; free space and "
-                                        f"run the same command again to resume"))
-                else:
-                    self._finish(work.item, None, reason, "WRITE")
-                return
-            self._finish(work.item, entry, None)
+            await self._store(work.item, pred)
         elif error.retryable and work.attempts + 1 < self.settings.max_attempts:
             work.attempts += 1
             backoff.pause()  # this server is busy or going away: let the others take work
@@ -347,10 +335,56 @@ class Job:
         else:
             self._finish(work.item, None, str(error), error.code.name)
 
+    async def _store(self, item: ImageItem, pred: Prediction) -> None:
+        """The prediction file, then the vectors: an image is done only when all of it
+        is stored. A vector shard that cannot be written stops the job (it covers many
+        images already counted; the re-run redoes them)."""
+        loop = asyncio.get_running_loop()
+        entry = make_entry(item.name, pred.boxes, pred.labels, pred.scores)
+        try:  # checked first: an answer without its vectors leaves no prediction behind
+            if self.vectors is not None:
+                self.vectors.check(item.name, pred)
+            await loop.run_in_executor(self.pool, write_prediction, self.output_dir, entry)
+        except ValueError as exc:  # the server left out the vectors asked for
+            self._finish(item, None, str(exc), "VECTORS")
+            return
+        except Exception as exc:
+            fatal, reason = write_failure(exc, self.output_dir)
+            if not fatal:
+                self._finish(item, None, reason, "WRITE")
+                return
+            hint = (_RESUME if storage_outage(exc) else
+                    "free space and run the same command again to resume")
+            self._stop(RunError(f"{reason}. Stopped with {self.state.written} of "
+                                f"{len(self.todo)} images written; {hint}"))
+            return
+        shard = None if self.vectors is None else self.vectors.add(item.name, pred)
+        self._finish(item, entry, None)
+        if shard is not None:
+            await self._write_shard(shard)
 
-def write_failure(exc: OSError, output_dir: AnyPath) -> tuple[bool, str]:
-    """Whether a failed prediction write must stop the job (out of room or read-only:
-    every later write would fail too), and what to say of it."""
+    async def _write_shard(self, shard: Shard) -> None:
+        assert self.vectors is not None
+        try:
+            await asyncio.get_running_loop().run_in_executor(self.pool, self.vectors.write,
+                                                             shard)
+        except Exception as exc:
+            problem = storage_outage(exc)
+            if problem is None and not isinstance(exc, (OSError, ValueError)):
+                raise
+            self._stop(RunError(f"cannot write vectors to {self.vectors.root}: "
+                                f"{problem or exc}; {_RESUME}"))
+
+
+def write_failure(exc: BaseException, output_dir: AnyPath) -> tuple[bool, str]:
+    """Whether a failed prediction write must stop the job (out of room, read-only, or
+    an object store that does not answer: every later write would fail too), and what to
+    say of it. Anything else unexpected is raised again."""
+    problem = storage_outage(exc)
+    if problem is not None:
+        return True, f"cannot write predictions to {output_dir}: {problem}"
+    if not isinstance(exc, OSError):
+        raise exc
     if exc.errno in _DISK_ERRNOS:
         return True, f"cannot write predictions to {output_dir}: {exc.strerror}"
     return False, f"cannot write prediction: {exc}"
@@ -385,5 +419,12 @@ class _Attempt:
                                               else timeout_s / 4)))
 
 
+class NotAFile(OSError):
+    """A listed path that is not a regular file (a FIFO would block a read forever)."""
+
+
 def _file_size(path: AnyPath) -> int:
-    return int(path.stat().st_size)
+    info = path.stat()
+    if isinstance(path, Path) and not stat.S_ISREG(info.st_mode):
+        raise NotAFile(f"{path} is not a regular file")
+    return int(info.st_size)

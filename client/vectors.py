@@ -52,6 +52,8 @@ def embeddings_dir(output_dir: AnyPath) -> AnyPath:
 
 
 def _vectors(rows: list[np.ndarray], dim: int) -> pa.FixedSizeListArray:
+    if dim < 1:  # Arrow cannot make a list type of size 0
+        raise ValueError(f"vector size must be positive, not {dim}")
     flat = (np.concatenate(rows).astype(np.float16) if rows
             else np.zeros((0,), np.float16)).reshape(-1)
     return pa.FixedSizeListArray.from_arrays(pa.array(flat, pa.float16()), dim)
@@ -74,17 +76,23 @@ class Shard:
     """What one flush writes: the images it covers and their rows."""
 
     number: int
+    object_dim: int = 0  # the model's object vector size: a shard without objects needs it
     names: list[str] = field(default_factory=list)
     image_vectors: list[np.ndarray] = field(default_factory=list)
     objects: list[tuple[str, int, str, float, tuple[float, ...], np.ndarray]] = field(
         default_factory=list)
 
-    def add(self, name: str, pred: Prediction, images: bool, objects: bool) -> None:
-        """Take ``name``'s vectors; ValueError when the answer lacks those asked for."""
+    @staticmethod
+    def check(name: str, pred: Prediction, images: bool, objects: bool) -> None:
+        """ValueError when the answer lacks the vectors asked for."""
         if images and pred.embedding is None:
             raise ValueError(f"the server sent no image vector for {name}")
         if objects and pred.scores and pred.object_embeddings is None:
             raise ValueError(f"the server sent no object vectors for {name}")
+
+    def add(self, name: str, pred: Prediction, images: bool, objects: bool) -> None:
+        """Take ``name``'s vectors (:meth:`check` them first)."""
+        self.check(name, pred, images, objects)
         self.names.append(name)
         if images and pred.embedding is not None:
             self.image_vectors.append(pred.embedding.reshape(1, -1))
@@ -98,16 +106,20 @@ class Shard:
 class VectorStore:
     """Buffers the vectors of finished images and writes them in shards (see above)."""
 
-    def __init__(self, output_dir: AnyPath, mode: str, shard_images: int) -> None:
+    def __init__(self, output_dir: AnyPath, mode: str, shard_images: int,
+                 object_dim: int = 0) -> None:
         if mode not in MODES or mode == "none":
             raise ValueError(f"vector mode must be one of {MODES[1:]}, not {mode!r}")
         self.root = embeddings_dir(output_dir)
         self.images = mode in ("image", "all")
         self.objects = mode in ("objects", "all")
+        if self.objects and object_dim < 1:
+            raise ValueError("object vectors need the model's object vector size")
         self.shard_images = shard_images
+        self.object_dim = object_dim
         self.done = self._resume()
         numbers = [int(_number(p)) for p in self._files() if _SHARD.match(p.name)]
-        self.pending = Shard(max(numbers, default=0) + 1)
+        self.pending = Shard(max(numbers, default=0) + 1, object_dim)
 
     def _files(self) -> list[AnyPath]:
         return list(self.root.glob("*.parquet")) if self.root.is_dir() else []
@@ -136,8 +148,13 @@ class VectorStore:
     def needs(self, name: str) -> bool:
         return name not in self.done
 
+    def check(self, name: str, pred: Prediction) -> None:
+        """ValueError when ``pred`` lacks the vectors this store keeps."""
+        Shard.check(name, pred, self.images, self.objects)
+
     def add(self, name: str, pred: Prediction) -> Shard | None:
-        """Buffer ``name``'s vectors; returns a full shard to write, if this filled one."""
+        """Buffer ``name``'s vectors, once its prediction is stored (an image is done
+        only when all of it is); returns a full shard to write, if this filled one."""
         if name in self.done:
             return None
         self.pending.add(name, pred, self.images, self.objects)
@@ -151,7 +168,7 @@ class VectorStore:
         shard = self.pending
         if not shard.names:
             return None
-        self.pending = Shard(shard.number + 1)
+        self.pending = Shard(shard.number + 1, self.object_dim)
         return shard
 
     def write(self, shard: Shard) -> None:
@@ -161,8 +178,8 @@ class VectorStore:
 def write_shard(root: AnyPath, shard: Shard, images: bool, objects: bool) -> None:
     """Objects shard first, images shard last (it marks the images done)."""
     if objects:
-        rows = shard.objects
-        dim = rows[0][5].shape[0] if rows else 0
+        rows = shard.objects  # none when no image of the shard has a detection
+        dim = rows[0][5].shape[0] if rows else shard.object_dim
         table = pa.table({
             "filename": pa.array([r[0] for r in rows], pa.string()),
             "detection": pa.array([r[1] for r in rows], pa.int32()),

@@ -207,10 +207,12 @@ def ray_executor(model: bytes, settings: RaySettings) -> Executor:
         detector = DetectorConfig(config.score_threshold, settings.batch_size,
                                   settings.providers, settings.ort_threads)
         writing = WriteConfig(str(config.output_dir), tuple(plan.info.class_names), plan.mode,
-                              plan.vectors.pending.number if plan.vectors else 1)
+                              plan.vectors.pending.number if plan.vectors else 1,
+                              plan.info.object_embedding_dim, config.storage_timeout_s)
         data = (ray.data.from_items(_rows(plan))
                 .map_batches(partial(read_images, resize=resize,
-                                     max_pixels=settings.max_pixels),
+                                     max_pixels=settings.max_pixels,
+                                     timeout_s=config.storage_timeout_s),
                              batch_size=settings.read_images, batch_format="numpy",
                              num_cpus=settings.read_cpus if settings.read_cpus is not None
                              else settings.cpus_per_actor)

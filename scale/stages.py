@@ -28,7 +28,7 @@ import numpy as np
 
 from pretag.client.api import Prediction
 from pretag.client.outputs import make_entry, write_prediction
-from pretag.client.storage import location
+from pretag.client.storage import DEFAULT_TIMEOUT_S, location, storage_outage
 from pretag.client.stream import write_failure
 from pretag.client.vectors import Shard, embeddings_dir, write_shard
 from pretag.contract import ResizeSpec
@@ -61,11 +61,16 @@ def _column(values: list[Any]) -> np.ndarray:
     return out
 
 
-def _read_one(path: str, name: str, resize: ResizeSpec, max_pixels: int
+def _read_one(path: str, name: str, resize: ResizeSpec, max_pixels: int, timeout_s: float
               ) -> tuple[np.ndarray, tuple[int, int], str, str]:
     try:
-        data = location(path).read_bytes()
-    except OSError as exc:
+        data = location(path, timeout_s).read_bytes()
+    except Exception as exc:
+        problem = storage_outage(exc)
+        if problem is not None:  # the store, not this image: the driver stops the job
+            return _EMPTY, (0, 0), STOP, f"cannot read {path}: {problem}"
+        if not isinstance(exc, OSError):
+            raise
         return _EMPTY, (0, 0), "READ", f"cannot read file: {exc.strerror or exc}"
     try:
         image = decode_bgr(data, max_pixels, check_header(data, max_pixels))
@@ -74,9 +79,10 @@ def _read_one(path: str, name: str, resize: ResizeSpec, max_pixels: int
     return resize_image(image, resize), (image.shape[0], image.shape[1]), "", ""
 
 
-def read_images(batch: Batch, resize: ResizeSpec, max_pixels: int) -> Batch:
+def read_images(batch: Batch, resize: ResizeSpec, max_pixels: int,
+                timeout_s: float = DEFAULT_TIMEOUT_S) -> Batch:
     """Read, decode and resize each row's image (BGR, as the server's engine does)."""
-    read = [_read_one(str(p), str(n), resize, max_pixels)
+    read = [_read_one(str(p), str(n), resize, max_pixels, timeout_s)
             for p, n in zip(batch["path"], batch["name"], strict=True)]
     return {**batch,
             "image": _column([r[0] for r in read]),
@@ -159,6 +165,8 @@ class WriteConfig:
     class_names: tuple[str, ...]
     mode: str  # vectors: none|image|objects|all
     first_shard: int  # the block's shard number: this plus its first image's index
+    object_dim: int = 0  # the model's object vector size (mode objects or all)
+    timeout_s: float = DEFAULT_TIMEOUT_S  # per object-storage request
 
 
 def _prediction(batch: Batch, i: int, class_names: tuple[str, ...]) -> Prediction:
@@ -175,9 +183,9 @@ def _prediction(batch: Batch, i: int, class_names: tuple[str, ...]) -> Predictio
 def write_block(batch: Batch, config: WriteConfig) -> Batch:
     """Each image's prediction file, then the block's vector shard (which marks its
     images done); returns what the driver records: entry JSON, or code and reason."""
-    output_dir = location(config.output_dir)
+    output_dir = location(config.output_dir, config.timeout_s)
     images, objects = config.mode in ("image", "all"), config.mode in ("objects", "all")
-    shard = Shard(config.first_shard + int(min(batch["index"], default=0)))
+    shard = Shard(config.first_shard + int(min(batch["index"], default=0)), config.object_dim)
     codes, reasons = list(batch["code"]), list(batch["reason"])
     entries = [""] * len(codes)
     for i, code in enumerate(codes):
@@ -185,23 +193,30 @@ def write_block(batch: Batch, config: WriteConfig) -> Batch:
             continue
         pred = _prediction(batch, i, config.class_names)
         entry = make_entry(pred.id, pred.boxes, pred.labels, pred.scores)
-        try:
+        try:  # as the gRPC path: vectors checked, prediction stored, then vectors kept
             if config.mode != "none":
-                shard.add(pred.id, pred, images, objects)
+                shard.check(pred.id, pred, images, objects)
             write_prediction(output_dir, entry)
-            entries[i] = json.dumps(entry)
         except ValueError as exc:
             codes[i], reasons[i] = "VECTORS", str(exc)
-        except OSError as exc:
+            continue
+        except Exception as exc:
             fatal, reasons[i] = write_failure(exc, output_dir)
             codes[i] = STOP if fatal else "WRITE"
+            continue
+        if config.mode != "none":
+            shard.add(pred.id, pred, images, objects)
+        entries[i] = json.dumps(entry)
     if shard.names:
         try:
             write_shard(embeddings_dir(output_dir), shard, images, objects)
-        except OSError as exc:
+        except Exception as exc:
+            problem = storage_outage(exc)
+            if problem is None and not isinstance(exc, (OSError, ValueError)):
+                raise
             codes = [STOP] * len(codes)
-            reasons = [f"cannot write vectors to {embeddings_dir(output_dir)}: {exc}"] * \
-                len(codes)
+            reasons = [f"cannot write vectors to {embeddings_dir(output_dir)}: "
+                       f"{problem or exc}"] * len(codes)
     return {"index": batch["index"], "name": batch["name"],
             "entry": np.array(entries, dtype=object), "code": np.array(codes, dtype=object),
             "reason": np.array(reasons, dtype=object)}

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import pyarrow.parquet as pq
 
-from pretag.client.outputs import TASK, predictions_dir, write_atomic
+from pretag.client.outputs import RESERVED, TASK, predictions_dir, write_atomic
 from pretag.client.vectors import embeddings_dir, load_embeddings
 from pretag.selection.config import SelectionConfig, SelectionConfigError, Step
 from pretag.selection.greedy import Objective, Pick, greedy, normalise, passes
@@ -36,7 +36,7 @@ def _predictions(run_dir: Path) -> tuple[list[str], list[dict[str, Any]]]:
     root = Path(str(predictions_dir(run_dir))) / TASK  # selection reads local runs only
     classes = run_classes(run_dir)
     entries = [json.loads(p.read_text())[0] for p in sorted(root.rglob("*.json"))
-               if p.name != "schema.json"]
+               if p.relative_to(root).as_posix() not in RESERVED]
     return classes, entries
 
 
