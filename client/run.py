@@ -26,6 +26,7 @@ from typing import Any
 from tqdm import tqdm
 
 from pretag.client.api import AsyncClient, Connection, PretagError
+from pretag.client.lock import hold
 from pretag.client.outputs import (
     ImageItem,
     InputError,
@@ -394,6 +395,7 @@ def run_job(config: RunConfig, on_result: Callable[[str, bool], None] | None = N
     connections = _connections(config)
     check_reachable(config.output_dir)
     infos = asyncio.run(check_servers(connections, config.connect_timeout_s))
-    plan = plan_job(config, listing, infos[0])
-    seconds = execute(plan, _grpc_executor(connections, infos), on_result)
-    return report(plan, listing, seconds, config.servers)
+    with hold(config.output_dir):
+        plan = plan_job(config, listing, infos[0])
+        seconds = execute(plan, _grpc_executor(connections, infos), on_result)
+        return report(plan, listing, seconds, config.servers)

@@ -26,6 +26,7 @@ from typing import Any
 
 from tqdm import tqdm
 
+from pretag.client.lock import hold
 from pretag.client.outputs import Listing
 from pretag.client.run import (
     Executor,
@@ -115,6 +116,7 @@ def connected(settings: RaySettings) -> Iterator[str]:
     where it runs. A caller already connected (ray.is_initialized) keeps its own."""
     try:
         import ray
+        import ray.exceptions
     except ImportError as exc:  # ray is the `ray` extra
         raise RunError(f"--ray needs Ray Data: pip install 'pretag[ray]' ({exc})") from None
 
@@ -134,7 +136,7 @@ def connected(settings: RaySettings) -> Iterator[str]:
         _check_address(settings.address)
         try:
             ray.init(address=settings.address, runtime_env=runtime_env)
-        except (ConnectionError, RuntimeError, ValueError) as exc:
+        except (ConnectionError, RuntimeError, ValueError, ray.exceptions.RayError) as exc:
             raise RunError(f"cannot join the Ray cluster at {settings.address}: "
                            f"{str(exc).splitlines()[0]} (a cluster with token authentication "
                            f"needs RAY_AUTH_MODE=token here, and its token in RAY_AUTH_TOKEN "
@@ -253,7 +255,7 @@ def run_on_ray(config: RunConfig, model: Path, settings: RaySettings,
     info = model_info(spec, settings.providers or (),
                       BatchingConfig(max_batch_size=settings.batch_size), spec.score_threshold)
     check_reachable(config.output_dir)  # before a cluster is started or joined
-    with connected(settings) as where:
+    with hold(config.output_dir), connected(settings) as where:
         plan = plan_job(config, listing, info)
         seconds = execute(plan, ray_executor(data, settings), on_result)
     return report(plan, listing, seconds, (where,))

@@ -21,9 +21,13 @@ from pretag.cli.local import run_locally
 from pretag.client.run import RunConfig
 from pretag.client.vectors import load_embeddings
 
+# `ray start` enables token authentication when a token exists (~/.ray/auth_token);
+# drivers joining the cluster must then opt in
+RAY_ENV = {**os.environ, **({"RAY_AUTH_MODE": "token"}
+                            if (Path.home() / ".ray" / "auth_token").exists() else {})}
+
 pytestmark = pytest.mark.slow
-# ray start enabled token authentication (a token was in ~/.ray); joining drivers opt in
-ENV = {**os.environ, "RAY_AUTH_MODE": "token"}
+ENV = RAY_ENV
 SHARD = 16  # images per write block: predictions appear in steps the tests can catch
 BROKEN = "broken.jpg"
 
@@ -214,3 +218,32 @@ def test_object_vectors_too_equal_the_grpc_paths(ray_cluster: str, shared: Path,
         else:  # one row per detection: compare as sets of (filename, vector bytes)
             assert sorted(zip(got[0], map(bytes, got[1]), strict=True)) == \
                 sorted(zip(want[0], map(bytes, want[1]), strict=True))
+
+
+def test_ray_stores_shards_without_detections(ray_cluster: str, coco128: Path,
+                                              yolox_model: Path, tmp_path: Path):
+    """A write block whose images have no detections (issue 29): before, exit 2 with
+    Ray's retry text; now the gRPC path's files and every image's vector."""
+    import cv2
+
+    folder = tmp_path / "in"
+    folder.mkdir()
+    for path in sorted((coco128 / "images").glob("*.jpg"))[:6]:
+        (folder / path.name).symlink_to(path)
+    for i in range(5):
+        cv2.imwrite(str(folder / f"blank-{i}.png"), np.full((96, 128, 3), 60 + i, np.uint8))
+    reference = tmp_path / "grpc"
+    summary = run_locally(RunConfig(folder, reference, quiet=True, shard_images=4,
+                                    embeddings="all"), yolox_model)
+    assert (summary.written, summary.failed) == (11, 0)
+    out = tmp_path / "ray"
+    command = [sys.executable, "-m", "pretag.cli", "run", str(folder), "--output-dir",
+               str(out), "--model", str(yolox_model), "--quiet", "--shard-images", "4",
+               "--embeddings", "all", "--ray", ray_cluster]
+    done = _run(*command)
+    assert done.returncode == 0, done.stderr
+    assert_same_outputs(out, reference)
+    objects = load_embeddings(out, "objects")[0]
+    assert Counter(objects) == Counter(load_embeddings(reference, "objects")[0])
+    again = _run(*command)
+    assert again.returncode == 0 and "predicted now           0" in again.stdout, again.stderr
