@@ -12,6 +12,7 @@ exit 2, naming the holder (host, pid, command, since when).
   ``If-None-Match: *`` PUT, through s3fs's ``mode="create"``), rewritten with a fresh
   heartbeat every :data:`HEARTBEAT_S` seconds and deleted at the end. A lease whose
   heartbeat is older than :data:`STALE_S` belongs to a run that died and is taken over
+  (at once when it names a process of this host that is gone)
   (deleted, then created again conditionally: of two runs taking over at once, one
   wins). Guaranteed on stores with conditional PUTs (AWS S3, and moto's server in the
   tests); elsewhere pretag writes the lease, waits and reads it back, which narrows but
@@ -37,7 +38,7 @@ from typing import Any
 
 from upath import UPath
 
-from pretag.client.storage import AnyPath
+from pretag.client.storage import AnyPath, put
 from pretag.client.stream import RunError
 
 log = logging.getLogger(__name__)
@@ -117,14 +118,14 @@ def _create(path: UPath, data: bytes) -> bool:
     """Create ``path`` only if absent; False if it exists. Stores without conditional
     writes: write, wait, read back."""
     try:
-        path.fs.pipe_file(path.path, data, mode="create")
+        put(path, data, mode="create")
         return True
     except FileExistsError:
         return False
     except (TypeError, NotImplementedError):  # no exclusive create on this filesystem
         if path.exists():
             return False
-        path.write_bytes(data)
+        put(path, data)
         time.sleep(1.0)
         return bool(path.read_bytes() == data)
 
@@ -137,13 +138,14 @@ def _hold_remote(output_dir: UPath, what: str) -> Iterator[None]:
     if not _create(path, json.dumps(holder).encode()):
         text = path.read_text()
         try:
-            age = time.time() - float(json.loads(text)["heartbeat"])
+            left = json.loads(text)
+            age = time.time() - float(left["heartbeat"])
         except (ValueError, KeyError, TypeError):
-            age = STALE_S + 1
-        if age < STALE_S:
+            left, age = {}, STALE_S + 1
+        if age < STALE_S and not _gone(left):
             raise _busy(output_dir, text)
-        log.warning("taking over %s, left by %s (no heartbeat for %.0f s)", path,
-                    _describe(text), age)
+        log.warning("taking over %s, left by %s (no heartbeat for %.0f s%s)", path,
+                    _describe(text), age, "; that process is gone" if _gone(left) else "")
         path.unlink(missing_ok=True)
         if not _create(path, json.dumps(holder).encode()):
             raise _busy(output_dir, path.read_text())
@@ -159,13 +161,27 @@ def _hold_remote(output_dir: UPath, what: str) -> Iterator[None]:
         _release(path, holder)
 
 
+def _gone(holder: dict[str, Any]) -> bool:
+    """True when ``holder`` was a process of this host that no longer runs (a run that
+    stopped while the store was down could not delete its lease)."""
+    if holder.get("host") != socket.gethostname() or not isinstance(holder.get("pid"), int):
+        return False
+    try:
+        os.kill(holder["pid"], 0)
+    except ProcessLookupError:
+        return True
+    except OSError:  # alive, another user's
+        return False
+    return False
+
+
 def _heartbeat(path: UPath, holder: dict[str, Any], stop: threading.Event) -> None:
     while not stop.wait(HEARTBEAT_S):
         try:
             if json.loads(path.read_text()).get("owner") != holder["owner"]:
                 log.error("%s was taken over by another job; this one goes on", path)
                 return
-            path.write_text(json.dumps({**holder, "heartbeat": time.time()}))
+            put(path, json.dumps({**holder, "heartbeat": time.time()}).encode())
         except Exception as exc:  # the store is down: the job itself will say so
             log.warning("cannot refresh %s: %s", path, exc)
 

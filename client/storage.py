@@ -22,6 +22,7 @@ import os
 import shutil
 from pathlib import Path
 from typing import Any, TypeAlias
+from urllib.parse import urlsplit
 
 from upath import UPath
 
@@ -42,13 +43,15 @@ class StorageError(OSError):
 
 def storage_options(protocol: str, timeout_s: float = DEFAULT_TIMEOUT_S) -> dict[str, Any]:
     """The fsspec options that bound every request to a store of ``protocol``."""
+    # no listings cache: a job lists once, and a cache kept by fsspec's instance cache
+    # would show the next job in this process a listing from before its last writes
     if protocol in ("s3", "s3a"):
-        return {"retries": 1,  # s3fs's loop: one try; botocore retries (below)
+        return {"use_listings_cache": False,
                 "config_kwargs": {"connect_timeout": min(timeout_s, 10.0),
                                   "read_timeout": timeout_s,
                                   "retries": {"max_attempts": ATTEMPTS, "mode": "standard"}}}
     if protocol in ("gs", "gcs"):
-        return {"requests_timeout": timeout_s}
+        return {"use_listings_cache": False, "requests_timeout": timeout_s}
     return {}
 
 
@@ -59,7 +62,14 @@ def location(text: str | os.PathLike[str], timeout_s: float = DEFAULT_TIMEOUT_S)
     if value.startswith("file://"):
         return Path(value[len("file://"):])
     if "://" in value:
-        return UPath(value, **storage_options(value.split("://", 1)[0], timeout_s))
+        protocol = value.split("://", 1)[0]
+        path = UPath(value, **storage_options(protocol, timeout_s))
+        if protocol in ("s3", "s3a"):
+            # s3fs's own retry loop (a class attribute, not an option) around botocore's:
+            # one try, so that botocore's attempts are the bound (fsspec caches this
+            # instance for every path with the same options)
+            path.fs.retries = 1
+        return path
     return Path(value)
 
 
@@ -83,13 +93,19 @@ def _network_errors() -> tuple[type[BaseException], ...]:
 
 
 def storage_outage(exc: BaseException) -> str | None:
-    """What to say when ``exc`` means a store that does not answer (connection refused
-    or reset, timeouts after the bounded retries), or None for any other error."""
+    """What to say when ``exc`` means a store that cannot be used at all: it does not
+    answer (connection refused or reset, timeouts after the bounded retries) or there
+    are no credentials to sign for it; None for any other error."""
+    if type(exc).__name__ == "NoCredentialsError":  # botocore's, before any request
+        return ("no credentials for the object store: set AWS_ACCESS_KEY_ID and "
+                "AWS_SECRET_ACCESS_KEY, AWS_PROFILE, or give the machine a role")
     if not isinstance(exc, _network_errors()):
         return None
     kwargs = getattr(exc, "kwargs", None)
-    endpoint = (kwargs.get("endpoint_url") if isinstance(kwargs, dict) else None) or \
-        os.environ.get("AWS_ENDPOINT_URL") or "the object store"
+    url = (kwargs.get("endpoint_url") if isinstance(kwargs, dict) else None) or \
+        os.environ.get("AWS_ENDPOINT_URL") or ""
+    parts = urlsplit(str(url))
+    endpoint = f"{parts.scheme}://{parts.netloc}" if parts.netloc else "the object store"
     detail = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
     return (f"the store at {endpoint} does not answer ({type(exc).__name__}: {detail}; "
             f"{ATTEMPTS} attempts with a timeout each)")
@@ -104,7 +120,7 @@ def write_whole(path: AnyPath, data: bytes) -> None:
     """
     if not isinstance(path, Path):
         try:
-            path.write_bytes(data)
+            put(path, data)
         except PermissionError as exc:
             raise StorageError(f"cannot write {path}: access denied ({exc})") from None
         except FileNotFoundError as exc:
@@ -119,6 +135,25 @@ def write_whole(path: AnyPath, data: bytes) -> None:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def call_budget(path: UPath) -> float:
+    """Seconds one whole storage call on ``path`` may take: every attempt's connect and
+    read timeouts, plus slack for the backoff between them."""
+    options = path.storage_options
+    timeout = float(options.get("config_kwargs", {}).get("read_timeout")
+                    or options.get("requests_timeout") or DEFAULT_TIMEOUT_S)
+    return ATTEMPTS * (timeout + min(timeout, 10.0)) + 5.0
+
+
+def put(path: UPath, data: bytes, **kwargs: Any) -> None:
+    """One PUT of ``data``, over within :func:`call_budget`. The bound is fsspec's own
+    (``timeout`` of its sync bridge) because a PUT to a frozen store waits for botocore's
+    ``Expect: 100-continue`` answer outside botocore's read timeout (aiohttp)."""
+    if path.fs.async_impl:
+        path.fs.pipe_file(path.path, data, timeout=call_budget(path), **kwargs)
+    else:
+        path.fs.pipe_file(path.path, data, **kwargs)
 
 
 def find_under(path: UPath) -> list[str]:

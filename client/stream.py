@@ -275,7 +275,12 @@ class Job:
                 attempt.answered()
                 work = attempt.inflight.pop(pred.id, None)
                 if work is not None:
-                    await self._handle(work, pred, backoff)
+                    attempt.busy = True  # our own writes are not the server's silence
+                    try:
+                        await self._handle(work, pred, backoff)
+                    finally:
+                        attempt.busy = False
+                        attempt.progress_at = time.monotonic()
             return f"{address} closed the stream"
         except PretagError as exc:
             return f"{address}: {exc}"
@@ -359,9 +364,9 @@ class Job:
                                 f"{len(self.todo)} images written; {hint}"))
             return
         shard = None if self.vectors is None else self.vectors.add(item.name, pred)
+        if shard is not None:  # before _finish: the last image's ends the job, and a
+            await self._write_shard(shard)  # write not yet started would be cancelled
         self._finish(item, entry, None)
-        if shard is not None:
-            await self._write_shard(shard)
 
     async def _write_shard(self, shard: Shard) -> None:
         assert self.vectors is not None
@@ -398,6 +403,7 @@ class _Attempt:
     inflight: dict[str, Work] = field(default_factory=dict)
     stopped: bool = False  # the feed met the end-of-work marker
     closed: bool = False  # the call is over
+    busy: bool = False  # the job is storing an answer (storage calls are bounded apart)
     progress_at: float = field(default_factory=time.monotonic)  # last answer, or idle->busy
 
     def sent(self, work: Work) -> None:
@@ -413,7 +419,7 @@ class _Attempt:
         """Returns once images are in flight and nothing was answered for ``timeout_s``."""
         while True:
             silent = time.monotonic() - self.progress_at
-            if self.inflight and silent > timeout_s:
+            if self.inflight and not self.busy and silent > timeout_s:
                 return
             await asyncio.sleep(max(0.05, min(1.0, timeout_s - silent if self.inflight
                                               else timeout_s / 4)))

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -12,15 +13,16 @@ import time
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
+import pyarrow.parquet as pq
 import pytest
 
 from pretag.cli import main
 
 # `ray start` enables token authentication when a token exists (~/.ray/auth_token);
 # drivers joining the cluster must then opt in
-RAY_ENV = {**os.environ, **({"RAY_AUTH_MODE": "token"}
-                            if (Path.home() / ".ray" / "auth_token").exists() else {})}
+RAY_AUTH = {"RAY_AUTH_MODE": "token"} if (Path.home() / ".ray" / "auth_token").exists() else {}
 
 IMAGES = 12
 
@@ -181,7 +183,7 @@ def test_ray_job_on_s3_writes_what_the_grpc_path_writes(s3, ray_cluster: str,
          "s3://out/ray", "--model", str(yolox_model), "--quiet", "--ray", ray_cluster,
          "--ray-env", "AWS_ACCESS_KEY_ID", "--ray-env", "AWS_SECRET_ACCESS_KEY"],
         capture_output=True, text=True, timeout=300,
-        env=RAY_ENV)
+        env={**os.environ, **RAY_AUTH})
     assert done.returncode == 0, done.stderr
     ray, grpc = _predictions(s3, "out/ray"), _predictions(s3, "out/grpc")
     assert len(ray) == IMAGES and ray == grpc
@@ -190,3 +192,122 @@ def test_ray_job_on_s3_writes_what_the_grpc_path_writes(s3, ray_cluster: str,
         assert s3.cat_file(f"out/ray/{key}") == s3.cat_file(f"out/grpc/{key}"), key
     assert s3.find("out/ray/.lightly/embeddings/lightly_pretagging")
     assert not [p for p in s3.find("out/ray") if p.endswith(".tmp")]
+
+
+def _fill(server: MotoServer, coco128: Path, count: int) -> Any:
+    """A fresh bucket ``data`` with ``count`` coco128 images, and bucket ``out``."""
+    import s3fs
+
+    fs = s3fs.S3FileSystem(client_kwargs={"endpoint_url": server.url}, key="testing",
+                           secret="testing")
+    fs.mkdir("data")
+    fs.mkdir("out")
+    for i, path in enumerate(sorted((coco128 / "images").rglob("*.jpg"))[:count]):
+        fs.pipe_file(f"data/images/{i:03d}-{path.name}", path.read_bytes())
+    return fs
+
+
+def _job(server: MotoServer, yolox_model: Path) -> tuple[list[str], dict[str, str]]:
+    env = {**os.environ, "AWS_ENDPOINT_URL": server.url, "AWS_ACCESS_KEY_ID": "testing",
+           "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
+    return ([sys.executable, "-m", "pretag.cli", "run", "s3://data/images", "--output-dir",
+             "s3://out/run", "--model", str(yolox_model), "--quiet", "--shard-images", "4",
+             "--window", "4", "--storage-timeout-s", "2"], env)
+
+
+def _start_and_wait(command: list[str], env: dict[str, str], fs: Any,
+                    predictions: int) -> subprocess.Popen[str]:
+    """The job, once it has written ``predictions`` prediction files."""
+    proc = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    root = "out/run/.lightly/predictions/lightly_pretagging"
+    deadline = time.monotonic() + 120
+    while True:
+        fs.invalidate_cache()
+        found = [p for p in (fs.find(root) if fs.exists(root) else [])
+                 if not p.endswith("schema.json")]
+        if len(found) >= predictions:
+            return proc
+        assert proc.poll() is None, proc.communicate()
+        assert time.monotonic() < deadline, "no predictions written"
+        time.sleep(0.05)
+
+
+def test_a_frozen_store_ends_the_run_with_exit_2_and_a_rerun_finishes(
+        coco128: Path, yolox_model: Path):
+    """moto under SIGSTOP: before, `pretag run` blamed the detector and never exited."""
+    server = MotoServer()
+    try:
+        fs = _fill(server, coco128, 64)
+        command, env = _job(server, yolox_model)
+        proc = _start_and_wait(command, env, fs, 8)
+        os.kill(server.proc.pid, signal.SIGSTOP)
+        frozen = time.monotonic()
+        try:
+            _, stderr = proc.communicate(timeout=120)
+        finally:
+            proc.kill()
+            os.kill(server.proc.pid, signal.SIGCONT)
+        took = time.monotonic() - frozen
+        assert proc.returncode == 2, stderr
+        assert f"the store at {server.url} does not answer" in stderr
+        assert "run the same command again" in stderr and "Traceback" not in stderr
+        assert "giving up on" not in stderr and "no server answered" not in stderr
+        assert took < 60, f"{took:.0f} s"
+        again = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+        assert again.returncode == 0, again.stderr
+        fs.invalidate_cache()
+        predictions = _predictions(fs, "out/run")
+        assert len(predictions) == 64
+        shards = [p for p in fs.find("out/run/.lightly/embeddings") if "images-" in p]
+        names = [n for p in shards for n in pq.read_table(fs.open(p))["filename"].to_pylist()]
+        assert sorted(names) == sorted(p.rsplit("/", 1)[-1]
+                                       for p in fs.ls("data/images", detail=False))
+        assert not fs.exists("out/run/.lightly/pretag.lock")
+    finally:
+        server.proc.send_signal(signal.SIGCONT)
+        server.stop()
+
+
+def test_a_store_killed_mid_run_is_exit_2_without_a_traceback(coco128: Path,
+                                                              yolox_model: Path):
+    server = MotoServer()
+    try:
+        fs = _fill(server, coco128, 64)
+        command, env = _job(server, yolox_model)
+        proc = _start_and_wait(command, env, fs, 8)
+        server.stop()
+        try:
+            _, stderr = proc.communicate(timeout=120)
+        finally:
+            proc.kill()
+        assert proc.returncode == 2, stderr  # before: exit 1, four EndpointConnectionErrors
+        assert f"the store at {server.url} does not answer" in stderr, stderr
+        assert "Traceback" not in stderr
+    finally:
+        server.stop()
+
+
+def test_a_held_output_prefix_refuses_a_second_job_and_a_stale_lease_is_taken_over(
+        s3, yolox_model: Path, caplog: pytest.LogCaptureFixture):
+    from pretag.client.lock import STALE_S, FolderBusy, hold, lock_path
+    from pretag.client.storage import location
+
+    out = location("s3://out/held")
+    args = ["run", "s3://data/images", "--output-dir", "s3://out/held", "--model",
+            str(yolox_model), "--quiet"]
+    with hold(out, "pretag run"):
+        assert s3.exists("out/held/.lightly/pretag.lock")
+        with pytest.raises(FolderBusy, match=f"pid {os.getpid()}"), hold(out, "another run"):
+            pass
+        assert main(args) == 2
+        assert "is in use by pretag run" in caplog.text
+    assert not s3.exists("out/held/.lightly/pretag.lock")
+    stale = {"owner": "gone", "what": "pretag run", "host": "elsewhere", "pid": 1,
+             "command": "pretag run ...", "started": time.time() - 2 * STALE_S,
+             "heartbeat": time.time() - STALE_S - 5}
+    lock_path(out).write_text(json.dumps(stale))
+    caplog.clear()
+    assert main(args) == 0
+    assert "taking over" in caplog.text and "elsewhere" in caplog.text
+    assert not s3.exists("out/held/.lightly/pretag.lock")
