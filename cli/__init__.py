@@ -83,7 +83,7 @@ def _run_then_select(args: argparse.Namespace) -> int:
     try:
         images = args.input if isinstance(args.input, Path) and args.input.is_dir() else None
         run_selection(args.output_dir, config, images=images)
-    except (SelectionConfigError, OSError, ValueError) as exc:
+    except (SelectionConfigError, RunError, OSError, ValueError) as exc:
         log.error("%s", exc)
         return 2
     return int(code)

@@ -12,8 +12,9 @@ from pretag.client.api import (
     ServerError,
     Unauthenticated,
     Unavailable,
+    Unsupported,
 )
 
 __all__ = ["AsyncClient", "Client", "Connection", "DeadlineExceeded", "InvalidImage",
            "Overloaded", "Prediction", "PretagError", "ServerError", "Unauthenticated",
-           "Unavailable"]
+           "Unavailable", "Unsupported"]

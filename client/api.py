@@ -34,6 +34,10 @@ class InvalidImage(PretagError):
     """The image (or request) was refused: undecodable, empty, too large."""
 
 
+class Unsupported(PretagError):
+    """The server's model does not offer what was asked (e.g. vectors it does not give)."""
+
+
 class Overloaded(PretagError):
     """The server's queue is full; retry later or elsewhere."""
 
@@ -62,6 +66,7 @@ class ServerError(PretagError):
 
 _BY_CODE: dict[grpc.StatusCode, type[PretagError]] = {
     grpc.StatusCode.INVALID_ARGUMENT: InvalidImage,
+    grpc.StatusCode.UNIMPLEMENTED: Unsupported,
     grpc.StatusCode.RESOURCE_EXHAUSTED: Overloaded,
     grpc.StatusCode.UNAVAILABLE: Unavailable,
     grpc.StatusCode.DEADLINE_EXCEEDED: DeadlineExceeded,

@@ -19,6 +19,7 @@ re-run with other settings does not silently keep the old files.
 from __future__ import annotations
 
 import json
+import math
 import os
 import posixpath
 from collections.abc import Sequence
@@ -253,3 +254,55 @@ def read_prediction(output_dir: AnyPath, name: str) -> dict[str, Any] | None:
     if entry.get("filename") != name or not keys_ok:
         return None
     return entry
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and \
+        math.isfinite(value)
+
+
+def box_problem(box: Any) -> str | None:
+    """Why ``box`` is not a normalised x1, y1, x2, y2 box inside the image, or None."""
+    if not (isinstance(box, list) and len(box) == 4 and all(_number(v) for v in box)):
+        return f"box {box!r} is not four finite numbers"
+    x1, y1, x2, y2 = box
+    eps = 1e-6
+    if not (-eps <= x1 <= x2 <= 1 + eps and -eps <= y1 <= y2 <= 1 + eps):
+        return f"box {box!r} is inverted or outside the image (x1 <= x2, y1 <= y2, in [0, 1])"
+    return None
+
+
+def entry_problem(entry: Any) -> str | None:
+    """Why a prediction entry cannot be read at all (its shape), or None."""
+    if not isinstance(entry, dict) or not isinstance(entry.get("filename"), str):
+        return "the entry is not an object with a filename"
+    lists = [entry.get(k) for k in ("boxes", "labels", "scores")]
+    if not all(isinstance(v, list) for v in lists):
+        return "boxes, labels and scores must be lists"
+    if len({len(v) for v in lists if isinstance(v, list)}) != 1:
+        return "boxes, labels and scores differ in length"
+    return None
+
+
+def detection_problems(entry: dict[str, Any], classes: Sequence[str]) -> dict[int, str]:
+    """Each detection of a well-shaped entry that cannot be used, by index, with why: a
+    box that is not inside the image, a label that is not a class, a score that is not
+    a finite number. Readers skip these; exports and crops never write them."""
+    known = set(classes)
+    found: dict[int, str] = {}
+    for i, (box, label, score) in enumerate(zip(entry["boxes"], entry["labels"],
+                                                entry["scores"], strict=True)):
+        problem = box_problem(box)
+        if problem is None and label not in known:
+            problem = f"label {label!r} is not one of the run's classes"
+        if problem is None and not _number(score):
+            problem = f"score {score!r} is not a finite number"
+        if problem is not None:
+            found[i] = problem
+    return found
+
+
+def usable(entry: dict[str, Any], bad: dict[int, str]) -> dict[str, Any]:
+    """``entry`` without the detections in ``bad``."""
+    keep = [i for i in range(len(entry["boxes"])) if i not in bad]
+    return {**entry, **{k: [entry[k][i] for i in keep] for k in ("boxes", "labels", "scores")}}

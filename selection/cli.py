@@ -6,10 +6,12 @@ import argparse
 import json
 import logging
 from pathlib import Path
+from typing import Any
 
+from pretag.client.stream import RunError
 from pretag.selection.config import SelectionConfigError, load
-from pretag.selection.export import FORMATS, export_coco, export_lightly, write_crops
-from pretag.selection.run import run_classes, run_selection
+from pretag.selection.export import FORMATS
+from pretag.selection.run import run_selection
 
 log = logging.getLogger("pretag")
 
@@ -35,12 +37,25 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
              "under selection/crops/; needs --images")
 
 
+def _metadata(path: Path | None) -> dict[str, dict[str, Any]]:
+    if path is None:
+        return {}
+    try:
+        data = json.loads(path.read_text())
+    except ValueError as exc:
+        raise SelectionConfigError(f"--metadata {path} is not JSON ({exc})") from None
+    if not (isinstance(data, dict) and all(isinstance(v, dict) for v in data.values())):
+        raise SelectionConfigError(f"--metadata {path} must be a JSON object "
+                                   f"{{filename: {{key: value, ...}}, ...}}")
+    return data
+
+
 def run(args: argparse.Namespace) -> int:
     try:
         if args.n_samples is not None and args.n_samples < 0:
             raise SelectionConfigError("--n-samples must be at least 0")
         config = load(args.config, args.n_samples)
-        metadata = json.loads(args.metadata.read_text()) if args.metadata else {}
+        metadata = _metadata(args.metadata)
         if not (args.run_dir / ".lightly" / "predictions").is_dir():
             raise SelectionConfigError(f"{args.run_dir} holds no predictions (pretag run "
                                        f"writes them)")
@@ -50,17 +65,9 @@ def run(args: argparse.Namespace) -> int:
         if args.write_crops and (args.images is None or not config.object_level_task):
             raise SelectionConfigError("--write-crops needs --images and object-level "
                                        "selection (worker_config.object_level)")
-        names = run_selection(args.run_dir, config, args.output_dir, metadata, args.images)
-        out = (args.output_dir or args.run_dir) / "selection"
-        classes = run_classes(args.run_dir)
-        if "coco" in args.export:
-            export_coco(args.run_dir, args.images, names, classes, out / "coco.json")
-        if "lightly" in args.export:
-            export_lightly(args.run_dir, args.images, names, classes, out / "lightly")
-        if args.write_crops:
-            count = write_crops(args.run_dir, args.images, names, config.padding, out / "crops")
-            log.info("wrote %d crops to %s", count, out / "crops")
-    except (SelectionConfigError, OSError, ValueError) as exc:
+        run_selection(args.run_dir, config, args.output_dir, metadata, args.images,
+                      tuple(args.export), args.write_crops)
+    except (SelectionConfigError, RunError, OSError, ValueError) as exc:
         log.error("%s", exc)
         return 2
     return 0

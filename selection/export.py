@@ -15,20 +15,22 @@ import json
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-from pretag.client.outputs import TASK, read_prediction, write_atomic
+from pretag.client.outputs import TASK, write_atomic
 from pretag.preprocess import ImageError, image_size
 from pretag.selection.config import SelectionConfigError
+from pretag.selection.predictions import RunPredictions
 
 FORMATS = ("coco", "lightly")
 
 
-def _sized(run_dir: Path, images: Path, names: list[str]
+def _sized(run: RunPredictions, images: Path, names: list[str]
            ) -> list[tuple[str, dict[str, Any], int, int]]:
+    """Each picked image's usable detections and pixel size."""
     rows = []
     for name in names:
-        entry = read_prediction(run_dir, name)
-        if entry is None:
-            raise SelectionConfigError(f"no prediction for {name} in {run_dir}")
+        if name not in run.entries:
+            raise SelectionConfigError(f"no prediction for {name}")
+        entry = run.usable(name)
         try:
             width, height = image_size((images / name).read_bytes())
         except (OSError, ImageError) as exc:
@@ -44,11 +46,11 @@ def _pixels(box: list[float], width: int, height: int) -> list[float]:
             round((y2 - y1) * height, 2)]
 
 
-def export_coco(run_dir: Path, images: Path, names: list[str], classes: list[str],
-                path: Path) -> None:
+def export_coco(run: RunPredictions, images: Path, names: list[str], path: Path) -> None:
+    classes = run.classes
     coco: dict[str, Any] = {"images": [], "annotations": [], "categories": [
         {"id": i + 1, "name": c} for i, c in enumerate(classes)]}
-    for image_id, (name, entry, w, h) in enumerate(_sized(run_dir, images, names), start=1):
+    for image_id, (name, entry, w, h) in enumerate(_sized(run, images, names), start=1):
         coco["images"].append({"id": image_id, "file_name": name, "width": w, "height": h})
         for box, label, score in zip(entry["boxes"], entry["labels"], entry["scores"],
                                      strict=True):
@@ -60,14 +62,14 @@ def export_coco(run_dir: Path, images: Path, names: list[str], classes: list[str
     write_atomic(path, json.dumps(coco) + "\n")
 
 
-def export_lightly(run_dir: Path, images: Path, names: list[str], classes: list[str],
-                   root: Path) -> None:
+def export_lightly(run: RunPredictions, images: Path, names: list[str], root: Path) -> None:
+    classes = run.classes
     predictions = root / ".lightly" / "predictions"
     write_atomic(predictions / "tasks.json", json.dumps([TASK]) + "\n")
     schema = {"task_type": "object-detection",
               "categories": [{"id": i, "name": c} for i, c in enumerate(classes)]}
     write_atomic(predictions / TASK / "schema.json", json.dumps(schema, indent=1) + "\n")
-    for name, entry, w, h in _sized(run_dir, images, names):
+    for name, entry, w, h in _sized(run, images, names):
         record = {"file_name": name, "predictions": [
             {"category_id": classes.index(label), "bbox": _pixels(box, w, h), "score": score}
             for box, label, score in zip(entry["boxes"], entry["labels"], entry["scores"],
@@ -86,16 +88,19 @@ def crop_source(crop: str) -> tuple[str, int]:
 def padded_box(box: list[float], width: int, height: int, padding: float
                ) -> tuple[int, int, int, int]:
     """Pixel box widened by ``padding`` of its width and height (Lightly's object-level
-    padding: 0.1 adds 10%), centred, clipped to the image."""
+    padding: 0.1 adds 10%), centred, clipped to the image, at least one pixel."""
     x1, y1, x2, y2 = box[0] * width, box[1] * height, box[2] * width, box[3] * height
     grow_x, grow_y = (x2 - x1) * padding / 2, (y2 - y1) * padding / 2
-    return (max(0, int(x1 - grow_x)), max(0, int(y1 - grow_y)),
-            min(width, round(x2 + grow_x)), min(height, round(y2 + grow_y)))
+    left = min(max(0, int(x1 - grow_x)), width - 1)
+    top = min(max(0, int(y1 - grow_y)), height - 1)
+    return (left, top, max(left + 1, min(width, round(x2 + grow_x))),
+            max(top + 1, min(height, round(y2 + grow_y))))
 
 
-def write_crops(run_dir: Path, images: Path, crops: list[str], padding: float,
+def write_crops(run: RunPredictions, images: Path, crops: list[str], padding: float,
                 out: Path) -> int:
-    """Each picked crop as a PNG under ``out`` (``<crop name>.png``); returns how many."""
+    """Each picked crop as a PNG under ``out`` (``<crop name>.png``); returns how many.
+    Crops of unusable detections are never picked (see :mod:`.predictions`)."""
     import cv2
 
     from pretag.preprocess import decode_image
@@ -103,15 +108,18 @@ def write_crops(run_dir: Path, images: Path, crops: list[str], padding: float,
     written = 0
     for crop in crops:
         name, index = crop_source(crop)
-        entry = read_prediction(run_dir, name)
-        if entry is None or index >= len(entry["boxes"]):
-            raise SelectionConfigError(f"no detection {index} of {name} in {run_dir}")
-        rgb = decode_image((images / name).read_bytes())
+        entry = run.entries.get(name)
+        if entry is None or index >= len(entry["boxes"]) or index in run.bad.get(name, {}):
+            raise SelectionConfigError(f"no usable detection {index} of {name}")
+        try:
+            rgb = decode_image((images / name).read_bytes())
+        except (OSError, ImageError) as exc:
+            raise SelectionConfigError(f"cannot read {images / name}: {exc}") from None
         x1, y1, x2, y2 = padded_box(entry["boxes"][index], rgb.shape[1], rgb.shape[0],
                                     padding)
         target = out / f"{crop}.png"
         target.parent.mkdir(parents=True, exist_ok=True)
-        ok, data = cv2.imencode(".png", rgb[y1:max(y2, y1 + 1), x1:max(x2, x1 + 1), ::-1])
+        ok, data = cv2.imencode(".png", rgb[y1:y2, x1:x2, ::-1])
         if not ok:
             raise OSError(f"cannot encode the crop {crop}")
         target.write_bytes(data.tobytes())

@@ -14,12 +14,19 @@ import html
 import io
 import json
 import logging
+import shutil
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from pretag.client.outputs import read_prediction, write_atomic
+from pretag.client.outputs import (
+    detection_problems,
+    entry_problem,
+    read_prediction,
+    usable,
+    write_atomic,
+)
 from pretag.client.report import draw_debug_image
 from pretag.selection.greedy import normalise
 from pretag.selection.samples import Samples
@@ -116,12 +123,18 @@ def _img(data: bytes, kind: str, alt: str) -> str:
     return f'<img alt="{html.escape(alt)}" src="data:image/{kind};base64,{encoded}">'
 
 
-def _debug_images(run_dir: Path, images: Path | None, names: list[str], out: Path) -> list[str]:
+def _debug_images(run_dir: Path, images: Path | None, names: list[str], out: Path,
+                  classes: list[str]) -> list[str]:
+    """The first picks drawn with their usable boxes (an earlier selection's drawings
+    are removed first)."""
+    shutil.rmtree(out / "selected", ignore_errors=True)
     tags = []
     for name in names[:6]:
         entry = read_prediction(run_dir, name)
-        if images is None or entry is None or not (images / name).is_file():
+        if images is None or entry is None or entry_problem(entry) or \
+                not (images / name).is_file():
             continue
+        entry = usable(entry, detection_problems(entry, classes))
         target = out / "selected" / name.replace("/", "__")
         draw_debug_image(images / name, entry, target.with_suffix(".jpg"), [])
         tags.append(_img(target.with_suffix(".jpg").read_bytes(), "jpeg", name))
@@ -156,7 +169,8 @@ def write_report(run_dir: Path, out_dir: Path, samples: Samples, picked: list[in
         maps = (f"<h2>Embeddings</h2><div class=row>{_img(scatter, 'png', 'PCA map')}"
                 f"{_img(spread, 'png', 'nearest-neighbour distances')}</div>")
     write_atomic(report_dir / "report.json", json.dumps(record, indent=1) + "\n")
-    debug = _debug_images(run_dir, images, [samples.names[i] for i in picked], report_dir)
+    debug = _debug_images(run_dir, images, [samples.names[i] for i in picked], report_dir,
+                          samples.classes)
     write_atomic(report_dir / "report.html",
                  _page(run_dir, record, pngs, maps, debug))
     return record

@@ -17,34 +17,27 @@ from typing import Any
 import numpy as np
 import pyarrow.parquet as pq
 
-from pretag.client.outputs import RESERVED, TASK, predictions_dir, write_atomic
+from pretag.client.lock import hold
+from pretag.client.outputs import write_atomic
 from pretag.client.vectors import embeddings_dir, load_embeddings
 from pretag.selection.config import SelectionConfig, SelectionConfigError, Step
+from pretag.selection.export import export_coco, export_lightly, write_crops
 from pretag.selection.greedy import Objective, Pick, greedy, normalise, passes
+from pretag.selection.predictions import RunPredictions, read_run, staged
 from pretag.selection.report import write_report
 from pretag.selection.samples import Samples
 
 log = logging.getLogger(__name__)
 
 
-def run_classes(run_dir: Path) -> list[str]:
-    schema = predictions_dir(run_dir) / TASK / "schema.json"
-    return [c["name"] for c in json.loads(schema.read_text())["categories"]]
-
-
-def _predictions(run_dir: Path) -> tuple[list[str], list[dict[str, Any]]]:
-    root = Path(str(predictions_dir(run_dir))) / TASK  # selection reads local runs only
-    classes = run_classes(run_dir)
-    entries = [json.loads(p.read_text())[0] for p in sorted(root.rglob("*.json"))
-               if p.relative_to(root).as_posix() not in RESERVED]
-    return classes, entries
-
-
-def image_samples(run_dir: Path, metadata: dict[str, dict[str, Any]]) -> Samples:
-    classes, entries = _predictions(run_dir)
-    index = {c: i for i, c in enumerate(classes)}
-    names = [e["filename"] for e in entries]
-    counts = np.zeros((len(entries), len(classes)))
+def image_samples(run_dir: Path, metadata: dict[str, dict[str, Any]],
+                  run: RunPredictions | None = None) -> Samples:
+    """The run's images (``run``: its predictions, when already read)."""
+    run = run or read_run(run_dir)
+    index = {c: i for i, c in enumerate(run.classes)}
+    names = list(run.entries)
+    entries = [run.usable(n) for n in names]
+    counts = np.zeros((len(entries), len(run.classes)))
     for row, entry in enumerate(entries):
         for label in entry["labels"]:
             counts[row, index[label]] += 1
@@ -58,7 +51,7 @@ def image_samples(run_dir: Path, metadata: dict[str, dict[str, Any]]) -> Samples
                 raise SelectionConfigError(f"{len(missing)} images have no stored vector "
                                            f"(e.g. {missing[0]}); run pretag run again")
             vectors = array[[where[n] for n in names]]
-    return Samples(names, classes, counts, [np.array(e["scores"]) for e in entries],
+    return Samples(names, run.classes, counts, [np.array(e["scores"]) for e in entries],
                    vectors, metadata)
 
 
@@ -67,25 +60,33 @@ def crop_name(filename: str, index: int) -> str:
     return str(path.with_name(f"{path.stem}-{index}-{path.suffix.lstrip('.')}"))
 
 
-def object_samples(run_dir: Path, metadata: dict[str, dict[str, Any]]) -> Samples:
-    classes, _ = _predictions(run_dir)
+def object_samples(run_dir: Path, metadata: dict[str, dict[str, Any]],
+                   run: RunPredictions | None = None) -> Samples:
+    """Each stored object vector whose detection is usable in its image's prediction."""
+    run = run or read_run(run_dir)
     names: list[str] = []
     labels: list[str] = []
     scores: list[np.ndarray] = []
+    keep: list[int] = []
+    row = 0
     for path in sorted(embeddings_dir(run_dir).glob("objects-*.parquet")):
         table = pq.read_table(path, columns=["filename", "detection", "label", "score"])
         for f, d, label, s in zip(*(table[c].to_pylist() for c in table.column_names),
                                   strict=True):
-            names.append(crop_name(f, d))
-            labels.append(label)
-            scores.append(np.array([s]))
-    if not names:
+            entry = run.entries.get(f)
+            if entry is not None and d < len(entry["boxes"]) and d not in run.bad.get(f, {}):
+                names.append(crop_name(f, d))
+                labels.append(label)
+                scores.append(np.array([s]))
+                keep.append(row)
+            row += 1
+    if not row:
         raise SelectionConfigError("object level needs object vectors: pretag run "
                                    "--embeddings objects (or all)")
     _, vectors = load_embeddings(run_dir, "objects")
-    counts = np.zeros((len(names), len(classes)))
-    counts[np.arange(len(names)), [classes.index(label) for label in labels]] = 1
-    return Samples(names, classes, counts, scores, vectors, metadata)
+    counts = np.zeros((len(names), len(run.classes)))
+    counts[np.arange(len(names)), [run.classes.index(label) for label in labels]] = 1
+    return Samples(names, run.classes, counts, scores, vectors[keep], metadata)
 
 
 def _balance_target(step: Step, samples: Samples) -> tuple[np.ndarray, np.ndarray]:
@@ -176,25 +177,49 @@ def target_of(config: SelectionConfig) -> dict[str, float] | None:
 
 def run_selection(run_dir: Path, config: SelectionConfig, output_dir: Path | None = None,
                   metadata: dict[str, dict[str, Any]] | None = None,
-                  images: Path | None = None) -> list[str]:
+                  images: Path | None = None, exports: tuple[str, ...] = (),
+                  crops: bool = False) -> list[str]:
     """Select over ``run_dir`` and write the outputs and the report (see
     :mod:`pretag.selection.report`); returns the picked names in order. ``images``: the
-    run's input folder, for debug images of the picks."""
-    metadata = metadata or {}
-    samples = (object_samples(run_dir, metadata) if config.object_level_task
-               else image_samples(run_dir, metadata))
-    picks = select(config, samples)
-    out = (output_dir or run_dir) / "selection"
-    names = [samples.names[p.index] for p in picks]
+    run's input folder, for debug images of the picks, the ``exports`` (coco, lightly)
+    and the ``crops``. The folder is held (:mod:`pretag.client.lock`) and selection/ is
+    replaced as one set (:func:`~pretag.selection.predictions.staged`)."""
+    base = output_dir or run_dir
+    with hold(base, "pretag select"):
+        run = read_run(run_dir)
+        sample = object_samples if config.object_level_task else image_samples
+        samples = sample(run_dir, metadata or {}, run)
+        if not samples.names:
+            what = "usable detections" if config.object_level_task else "predicted images"
+            raise SelectionConfigError(f"{run_dir} holds no {what} to select from")
+        picks = select(config, samples)
+        names = [samples.names[p.index] for p in picks]
+        with staged(base) as out:
+            _write_picks(out, config, samples, picks, names, run)
+            if "coco" in exports and images is not None:
+                export_coco(run, images, names, out / "coco.json")
+            if "lightly" in exports and images is not None:
+                export_lightly(run, images, names, out / "lightly")
+            if crops and images is not None:
+                count = write_crops(run, images, names, config.padding, out / "crops")
+                log.info("wrote %d crops to %s", count, base / "selection" / "crops")
+        write_report(run_dir, base, samples, [p.index for p in picks], target_of(config),
+                     images)
+    log.info("selected %d of %d samples into %s", len(names), len(samples.names),
+             base / "selection")
+    return names
+
+
+def _write_picks(out: Path, config: SelectionConfig, samples: Samples, picks: list[Pick],
+                 names: list[str], run: RunPredictions) -> None:
+    """selected.txt (one name a line) and selection.json (config, picks, and the
+    detections left out as unusable)."""
     write_atomic(out / "selected.txt", "".join(n + "\n" for n in names))
     steps = [s for s in config.steps if s.strategy.type != "THRESHOLD"]
     record = {"config": asdict(config), "samples": len(samples.names), "picks": [
         {"rank": r, "name": n, "objectives": {f"{i}:{s.strategy.type}": v for i, (s, v)
                                               in enumerate(zip(steps, p.objectives,
                                                                strict=True))}}
-        for r, (n, p) in enumerate(zip(names, picks, strict=True))]}
+        for r, (n, p) in enumerate(zip(names, picks, strict=True))],
+        "rejected_detections": run.rejected()}
     write_atomic(out / "selection.json", json.dumps(record, indent=1) + "\n")
-    write_report(run_dir, output_dir or run_dir, samples, [p.index for p in picks],
-                 target_of(config), images)
-    log.info("selected %d of %d samples into %s", len(names), len(samples.names), out)
-    return names

@@ -22,6 +22,12 @@ class InvalidInput(ServeError):
     code = grpc.StatusCode.INVALID_ARGUMENT
 
 
+class Unsupported(ServeError):
+    """Something this model does not offer (vectors from a model without them)."""
+
+    code = grpc.StatusCode.UNIMPLEMENTED
+
+
 class QueueFull(ServeError):
     """The bounded queue is full; retry later or elsewhere."""
 

@@ -139,6 +139,12 @@ def check_outputs(request: kpb.ModelInferRequest, spec: ModelSpec) -> list[str]:
     unknown = [w for w in wanted if w not in known]
     if unknown:
         raise InvalidInput(f"unknown outputs {unknown}; this model has {known}")
+    for output in request.outputs:
+        if "classification" in output.parameters:
+            param = output.parameters["classification"]
+            if param.WhichOneof("parameter_choice") != "int64_param" or param.int64_param < 1:
+                raise InvalidInput(f"output {output.name!r}: classification (class_count) "
+                                   f"must be a positive integer")
     return wanted
 
 

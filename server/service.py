@@ -10,7 +10,7 @@ import grpc
 from pretag.contract import ModelSpec
 from pretag.server.config import BatchingConfig
 from pretag.server.engine import Engine, Result
-from pretag.server.errors import InvalidInput, ServeError, describe, grpc_code
+from pretag.server.errors import ServeError, Unsupported, describe, grpc_code
 from pretag.server.rpc import answer_concurrently, deadline_of, guarded_detect
 from pretag.v1 import pretag_pb2 as pb
 from pretag.v1 import pretag_pb2_grpc as pb_grpc
@@ -45,9 +45,9 @@ def check_embeddings(engine: Engine, request: pb.DetectRequest) -> None:
     """Refuse vectors the model does not give, before any work is done."""
     spec = engine.spec
     if request.embeddings in _IMAGE and spec.embedding_dim is None:
-        raise InvalidInput(f"model {spec.name} gives no image embeddings")
+        raise Unsupported(f"model {spec.name} gives no image embeddings")
     if request.embeddings in _OBJECTS and spec.object_embedding_dim is None:
-        raise InvalidInput(f"model {spec.name} gives no object embeddings")
+        raise Unsupported(f"model {spec.name} gives no object embeddings")
 
 
 def to_response(request: pb.DetectRequest, result: Result) -> pb.DetectResponse:

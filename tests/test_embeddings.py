@@ -191,3 +191,61 @@ def test_killed_run_with_vectors_resumes_to_the_rows_of_a_clean_run(coco128: Pat
         assert len(again) == len(set(r[:-1] for r in again))  # no row twice
         assert sorted(again) == sorted(fresh)
     assert not list(embeddings_dir(killed).glob(".*.tmp"))
+
+
+def _without_vectors(model: Path, out: Path) -> Path:
+    """The same contract model with its vector outputs removed (as an older export)."""
+    import onnx
+
+    proto = onnx.load(str(model))
+    keep = [o for o in proto.graph.output if o.name not in ("embeddings", "object_embeddings")]
+    del proto.graph.output[:]
+    proto.graph.output.extend(keep)
+    props = [p for p in proto.metadata_props
+             if p.key not in ("pretag.embeddings", "pretag.object_embeddings")]
+    del proto.metadata_props[:]
+    proto.metadata_props.extend(props)
+    onnx.save(proto, str(out))
+    return out
+
+
+def test_vectors_from_a_model_without_them_are_unsupported(yolox_model: Path, shared: Path,
+                                                           tmp_path: Path):
+    """Issue 29: this reached the Python client as InvalidImage, the bad-image class."""
+    from pretag.client import InvalidImage, Unsupported
+
+    bare = _without_vectors(yolox_model, tmp_path / "bare.onnx")
+    image = next((shared / "data" / "driving").iterdir()).read_bytes()
+    config = server_config(model=bare, host="127.0.0.1", port=0, metrics_port=None)
+    with BackgroundServer(config) as srv, Client(f"127.0.0.1:{srv.port}") as client:
+        assert client.detect(image).embedding is None
+        with pytest.raises(Unsupported, match="gives no image embeddings") as raised:
+            client.detect(image, embeddings="image")
+        assert not isinstance(raised.value, InvalidImage)
+        streamed = list(client.detect_stream([("a", image)], embeddings="objects"))
+        assert isinstance(streamed[0].error, Unsupported)
+
+
+def test_kserve_class_count_below_one_is_invalid(server: BackgroundServer, shared: Path):
+    """class_count=-1 answered OK with shape [1, -1] and lost a detection (issue 29)."""
+    import grpc
+
+    from pretag.kserve_v2 import grpc_service_pb2 as kpb
+    from pretag.kserve_v2 import grpc_service_pb2_grpc as kpb_grpc
+    from pretag.server.kserve import encode_bytes_tensor
+
+    image = next((shared / "data" / "driving").iterdir()).read_bytes()
+    with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+        stub = kpb_grpc.GRPCInferenceServiceStub(channel)
+        assert server.server is not None
+        name = server.server.engine.spec.name
+        for count in (-1, 0):
+            request = kpb.ModelInferRequest(model_name=name)
+            request.inputs.add(name="IMAGE", datatype="BYTES", shape=[1])
+            request.raw_input_contents.append(encode_bytes_tensor([image]))
+            output = request.outputs.add(name="labels")
+            output.parameters["classification"].int64_param = count
+            with pytest.raises(grpc.RpcError) as raised:
+                stub.ModelInfer(request)
+            assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            assert "class_count" in (raised.value.details() or "")
