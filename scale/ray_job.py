@@ -255,7 +255,7 @@ def run_on_ray(config: RunConfig, model: Path, settings: RaySettings,
     info = model_info(spec, settings.providers or (),
                       BatchingConfig(max_batch_size=settings.batch_size), spec.score_threshold)
     check_reachable(config.output_dir)  # before a cluster is started or joined
-    with hold(config.output_dir), connected(settings) as where:
+    with connected(settings) as where, hold(config.output_dir):
         plan = plan_job(config, listing, info)
         seconds = execute(plan, ray_executor(data, settings), on_result)
     return report(plan, listing, seconds, (where,))
