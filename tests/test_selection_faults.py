@@ -10,6 +10,9 @@ from __future__ import annotations
 import json
 import math
 import shutil
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import cv2
@@ -180,3 +183,30 @@ def test_a_garbled_prediction_file_is_named(run: Path, tmp_path: Path,
                                  "scores": []}]))
     assert _select(run, _config(tmp_path, DIVERSITY), 3) == 2
     assert path.name in caplog.text and "must be lists" in caplog.text
+
+
+def test_a_selection_killed_while_writing_crops_leaves_the_old_set(run: Path, images: Path,
+                                                                   tmp_path: Path):
+    """A real SIGKILL of `pretag select` in the middle of its crops."""
+    objects = _config(tmp_path, OBJECTS)
+    assert _select(run, objects, 5, "--images", str(images), "--write-crops") == 0
+    before = {p.relative_to(run).as_posix(): p.read_bytes()
+              for p in (run / "selection").rglob("*") if p.is_file()}
+    proc = subprocess.Popen([sys.executable, "-m", "pretag.cli", "select", str(run),
+                             "--config", str(objects), "--n-samples", "1000", "--images",
+                             str(images), "--write-crops"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    staging = run / ".selection.new" / "crops"
+    deadline = time.monotonic() + 120
+    while len(list(staging.glob("*.png"))) < 3:
+        assert proc.poll() is None, proc.communicate()
+        assert time.monotonic() < deadline
+        time.sleep(0.005)
+    proc.kill()
+    proc.wait(30)
+    after = {p.relative_to(run).as_posix(): p.read_bytes()
+             for p in (run / "selection").rglob("*") if p.is_file()}
+    assert after == before  # before the fix: a new selected.txt beside the old picks
+    assert _select(run, objects, 7, "--images", str(images), "--write-crops") == 0
+    assert len(list((run / "selection" / "crops").glob("*.png"))) == 7
+    assert not (run / ".selection.new").exists()
