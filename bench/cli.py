@@ -102,7 +102,7 @@ def _model(args: argparse.Namespace) -> tuple[dict[str, Any], str]:
 def _server(args: argparse.Namespace) -> tuple[dict[str, Any], str]:
     from pretag.bench.job import inprocess_ort
     from pretag.bench.server import ServerBench, bench_server
-    from pretag.client.outputs import list_images
+    from pretag.client.sources import list_images
     from pretag.server.backend import OrtBackend
 
     cfg = ServerBench(args.model, args.images, tuple(args.concurrency), tuple(args.modes),

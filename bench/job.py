@@ -15,8 +15,8 @@ from pathlib import Path
 from typing import Any
 
 from pretag.cli.local import run_locally
-from pretag.client.outputs import list_images
 from pretag.client.run import RunConfig
+from pretag.client.sources import list_images
 from pretag.client.storage import AnyPath
 from pretag.preprocess import preprocess
 from pretag.server.backend import OrtBackend

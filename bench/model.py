@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from pretag.bench.stats import best_rows, percentiles
-from pretag.client.outputs import list_images
+from pretag.client.sources import list_images
 from pretag.preprocess import Batch, decode_image, pad_batch, resize_image
 from pretag.server.backend import OrtBackend
 

@@ -26,8 +26,8 @@ from typing import Any
 import numpy as np
 
 from pretag.cli.local import run_locally
-from pretag.client.outputs import list_images
 from pretag.client.run import RunConfig, RunSummary
+from pretag.client.sources import list_images
 from pretag.scale.ray_job import RaySettings, run_on_ray
 from pretag.scale.stages import write_block
 

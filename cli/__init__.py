@@ -20,8 +20,8 @@ from pathlib import Path
 from pretag.bench import cli as bench_cli
 from pretag.cli import local
 from pretag.client import cli as run_cli
-from pretag.client.outputs import Listing
 from pretag.client.run import RunConfig, RunSummary
+from pretag.client.sources import Listing
 from pretag.client.stream import RunError
 from pretag.export import cli as export_cli
 from pretag.scale import cli as scale_cli

@@ -13,9 +13,9 @@ from collections.abc import Callable
 from contextlib import AbstractContextManager
 from pathlib import Path
 
-from pretag.client.outputs import Listing
 from pretag.client.report import summary_table
 from pretag.client.run import RunConfig, RunError, RunSummary, load_listing, run_job
+from pretag.client.sources import Listing
 from pretag.client.storage import ATTEMPTS, AnyPath, location, storage_outage
 from pretag.client.vectors import MODES, embeddings_dir, write_csv
 from pretag.token_file import TokenFileError, read_token_file

@@ -91,7 +91,7 @@ def hold(output_dir: AnyPath, what: str = "pretag run") -> Iterator[None]:
 def _hold_local(output_dir: Path, what: str) -> Iterator[None]:
     import fcntl
 
-    path = Path(lock_path(output_dir))
+    path = output_dir / ".lightly" / "pretag.lock"  # lock_path, as a local Path
     path.parent.mkdir(parents=True, exist_ok=True)
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     try:

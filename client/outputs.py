@@ -1,4 +1,4 @@
-"""Finding input images and writing Lightly-style prediction files.
+"""The run folder's layout: Lightly-style prediction files and what checks them.
 
 Layout under the output folder::
 
@@ -11,7 +11,8 @@ Every prediction file holds a list with one entry, ``{"filename", "boxes",
 Files are written whole (:func:`pretag.client.storage.write_whole`: a rename locally,
 one PUT on object storage), so a killed run never leaves a half-written one; a re-run
 skips images whose file exists and parses. Inputs and outputs may be local paths or
-object-storage URLs (:mod:`pretag.client.storage`).
+object-storage URLs (:mod:`pretag.client.storage`); inputs are listed by
+:mod:`pretag.client.sources`.
 ``report/run_settings.json`` records what made them (model, threshold), so that a
 re-run with other settings does not silently keep the old files.
 """
@@ -20,126 +21,13 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import posixpath
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-from upath import UPath
-
-from pretag.client.storage import AnyPath, StorageError, find_under, location, write_whole
+from pretag.client.storage import AnyPath, find_under, write_whole
 
 TASK = "lightly_pretagging"
-IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"})
-
-
-class InputError(ValueError):
-    """The INPUT argument names nothing usable."""
-
-
-@dataclass(frozen=True)
-class ImageItem:
-    path: AnyPath  # where to read it
-    name: str  # relative POSIX path: the "filename" written in its prediction
-
-
-@dataclass(frozen=True)
-class Listing:
-    """The images found, and the entries that look like images but cannot be read as files
-    (records for errors.jsonl: a directory named x.jpg, a broken symbolic link)."""
-
-    items: list[ImageItem]
-    problems: list[dict[str, Any]]
-
-
-def _not_a_file(path: Path, name: str, how: str = "has an image suffix") -> dict[str, Any]:
-    what = ("a broken symbolic link" if path.is_symlink() and not path.exists()
-            else "a directory" if path.is_dir()
-            else "not a regular file (a FIFO, socket or device)")
-    return {"path": str(path), "filename": name, "code": "NOT_A_FILE",
-            "reason": f"{how} but is {what}"}
-
-
-def list_name(line: str, list_dir: Path) -> str:
-    """The name of an image listed in a list file (its "filename" and prediction path).
-
-    An image inside the list file's folder is named by its path relative to that
-    folder; any other by its absolute path without the leading "/". ".." and "."
-    are resolved first, so a name never leaves the prediction folder:
-    ``../images/a.jpg`` in ``/data/lists/todo.txt`` is named ``data/images/a.jpg``.
-    """
-    base = Path(os.path.normpath(list_dir.absolute()))
-    full = Path(os.path.normpath(base / line))  # an absolute line replaces base
-    try:
-        return full.relative_to(base).as_posix()
-    except ValueError:
-        return PurePosixPath(*full.parts[1:]).as_posix()
-
-
-def list_images(source: AnyPath) -> Listing:
-    """Images under a folder or prefix (recursive, sorted) or listed in a text file (one
-    per line).
-
-    Relative paths in a list are relative to the list file's folder; see
-    :func:`list_name` for the names they get.
-    """
-    if not isinstance(source, Path):
-        return _list_remote(source)
-    if source.is_dir():
-        items, problems = [], []
-        for p in sorted(source.rglob("*")):
-            if p.suffix.lower() not in IMAGE_SUFFIXES:
-                continue
-            name = p.relative_to(source).as_posix()
-            if p.is_file():
-                items.append(ImageItem(p, name))
-            else:
-                problems.append(_not_a_file(p, name))
-        return Listing(items, problems)
-    if source.is_file():
-        items, problems = [], []
-        for line in source.read_text().splitlines():
-            line = line.strip()
-            if not line or line.startswith("#"):
-                continue
-            path = Path(line)
-            path = path if path.is_absolute() else source.parent / path
-            name = list_name(line, source.parent)
-            if path.exists() and not path.is_file():  # a FIFO would block its read forever
-                problems.append(_not_a_file(path, name, "is listed as an image"))
-            else:  # a missing file is a READ error when the job gets to it
-                items.append(ImageItem(path, name))
-        return Listing(items, problems)
-    raise InputError(f"input {source} does not exist")
-
-
-def _list_remote(source: UPath) -> Listing:
-    """Objects under a prefix (one listing call, names relative to the prefix), or the
-    lines of a list object (relative lines are relative to its prefix)."""
-    fs, root = source.fs, source.path.rstrip("/")
-    try:
-        if fs.isfile(root):
-            base = posixpath.dirname(root)
-            items = []
-            for line in source.read_text().splitlines():
-                line = line.strip()
-                if line and not line.startswith("#"):
-                    full = posixpath.normpath(line.split("://", 1)[1] if "://" in line
-                                              else posixpath.join(base, line))
-                    inside = full.startswith(base + "/")
-                    items.append(ImageItem(location(f"{source.protocol}://{full}"),
-                                           full[len(base) + 1:] if inside else full))
-            return Listing(items, [])
-        found = sorted(find_under(source))
-    except PermissionError as exc:
-        raise StorageError(f"cannot list {source}: access denied ({exc})") from None
-    items = [ImageItem(source / name, name) for name in found
-             if PurePosixPath(name).suffix.lower() in IMAGE_SUFFIXES]
-    if not items and not fs.exists(root):
-        raise InputError(f"input {source} does not exist")
-    return Listing(items, [])
 
 
 def predictions_dir(output_dir: AnyPath) -> AnyPath:

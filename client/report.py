@@ -11,11 +11,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import cv2
-import numpy as np
 
 from pretag.client.outputs import write_atomic
 from pretag.client.storage import AnyPath, write_whole
-from pretag.preprocess import decode_image
+from pretag.preprocess import decode_bgr
 
 log = logging.getLogger(__name__)
 
@@ -92,8 +91,7 @@ _COLORS = [(216, 125, 59), (60, 180, 75), (230, 25, 75), (245, 130, 48), (145, 3
 def draw_debug_image(image_path: AnyPath, entry: dict[str, Any], out_path: AnyPath,
                      class_names: Sequence[str]) -> None:
     """The image with its boxes, labels and scores drawn, saved as JPEG."""
-    rgb = decode_image(image_path.read_bytes())
-    img = np.ascontiguousarray(rgb[:, :, ::-1])
+    img = decode_bgr(image_path.read_bytes())  # OpenCV draws and encodes BGR
     h, w = img.shape[:2]
     thick = max(1, round(max(h, w) / 500))
     for box, label, score in zip(entry["boxes"], entry["labels"], entry["scores"], strict=True):

@@ -28,10 +28,6 @@ from tqdm import tqdm
 from pretag.client.api import AsyncClient, Connection, PretagError
 from pretag.client.lock import hold
 from pretag.client.outputs import (
-    ImageItem,
-    InputError,
-    Listing,
-    list_images,
     name_problem,
     prediction_path,
     read_prediction,
@@ -43,6 +39,7 @@ from pretag.client.outputs import (
     written_predictions,
 )
 from pretag.client.report import Histogram, draw_debug_image, spread, write_histogram
+from pretag.client.sources import ImageItem, InputError, Listing, list_images
 from pretag.client.storage import (
     DEFAULT_TIMEOUT_S,
     AnyPath,
@@ -53,6 +50,7 @@ from pretag.client.storage import (
 from pretag.client.stream import Job, JobState, RunError, StreamSettings, Target
 from pretag.client.vectors import VectorStore, embeddings_dir
 from pretag.contract import threshold_problem
+from pretag.model import ModelDescription
 from pretag.v1 import pretag_pb2 as pb
 
 log = logging.getLogger(__name__)
@@ -145,7 +143,7 @@ def _resume(config: RunConfig, items: list[ImageItem], hist: Histogram,
     return todo, errors
 
 
-def vector_mode(config: RunConfig, info: pb.ModelInfoResponse) -> str:
+def vector_mode(config: RunConfig, info: ModelDescription) -> str:
     """The vectors to store: as asked, or by default the image vectors when the model
     gives them. Asking for vectors the model does not give is an error."""
     if config.embeddings is None:
@@ -186,11 +184,9 @@ def write_errors(path: AnyPath, errors: list[dict[str, Any]]) -> None:
     write_atomic(path, "".join(json.dumps(record) + "\n" for record in errors))
 
 
-def run_settings(config: RunConfig, info: pb.ModelInfoResponse) -> dict[str, Any]:
+def run_settings(config: RunConfig, info: ModelDescription) -> dict[str, Any]:
     """What decides the predictions' content: the model and the threshold."""
-    return {"model": info.name, "source_sha256": info.source_sha256,
-            "precision": info.precision or "fp32", "class_names": list(info.class_names),
-            "score_threshold": config.score_threshold}
+    return info.run_settings(config.score_threshold)
 
 
 def _check_settings(config: RunConfig, settings: dict[str, Any], items: list[ImageItem],
@@ -219,7 +215,7 @@ def _connections(config: RunConfig) -> list[Connection]:
             for a in config.servers]
 
 
-def _effective_threshold(config: RunConfig, info: pb.ModelInfoResponse) -> RunConfig:
+def _effective_threshold(config: RunConfig, info: ModelDescription) -> RunConfig:
     """The threshold the model can honour: its in-graph floor drops lower scores."""
     floor = round(float(info.min_score_threshold), 6)
     if config.score_threshold < floor:
@@ -239,7 +235,7 @@ class Plan:
     """
 
     config: RunConfig  # with the threshold the model can honour
-    info: pb.ModelInfoResponse
+    info: ModelDescription  # the model, as the executor described it
     todo: list[ImageItem]
     state: JobState
     mode: str  # vectors stored: none|image|objects|all
@@ -253,7 +249,7 @@ class Plan:
 Executor = Callable[[Plan, tqdm, Callable[[str, bool], None] | None], None]
 
 
-def plan_job(config: RunConfig, listing: Listing, info: pb.ModelInfoResponse) -> Plan:
+def plan_job(config: RunConfig, listing: Listing, info: ModelDescription) -> Plan:
     """Check the output's settings against the model's, write the task files and find
     what is left to do. The caller has checked that the output can be reached."""
     config = _effective_threshold(config, info)
@@ -396,6 +392,6 @@ def run_job(config: RunConfig, on_result: Callable[[str, bool], None] | None = N
     check_reachable(config.output_dir)
     infos = asyncio.run(check_servers(connections, config.connect_timeout_s))
     with hold(config.output_dir):
-        plan = plan_job(config, listing, infos[0])
+        plan = plan_job(config, listing, ModelDescription.from_info(infos[0]))
         seconds = execute(plan, _grpc_executor(connections, infos), on_result)
         return report(plan, listing, seconds, config.servers)

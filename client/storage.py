@@ -156,15 +156,22 @@ def put(path: UPath, data: bytes, **kwargs: Any) -> None:
         path.fs.pipe_file(path.path, data, **kwargs)
 
 
+def find_sized(path: UPath) -> dict[str, int]:
+    """Every object under the prefix ``path`` (one listing) with its size in bytes, by
+    path relative to it; none when the prefix does not exist."""
+    root = path.path.rstrip("/")
+    try:
+        found = path.fs.find(root, detail=True)
+    except FileNotFoundError:
+        return {}
+    return {p[len(root) + 1:]: int(info.get("size") or 0) for p, info in found.items()
+            if p.startswith(root + "/")}
+
+
 def find_under(path: UPath) -> list[str]:
     """Every object under the prefix ``path`` (one listing), as paths relative to it;
     none when the prefix does not exist."""
-    root = path.path.rstrip("/")
-    try:
-        found = path.fs.find(root)
-    except FileNotFoundError:
-        return []
-    return [p[len(root) + 1:] for p in found if p.startswith(root + "/")]
+    return list(find_sized(path))
 
 
 def remove_tree(path: AnyPath) -> None:

@@ -30,8 +30,9 @@ from tqdm import tqdm
 
 from pretag.client.api import AsyncClient, Connection, Prediction, PretagError
 from pretag.client.backoff import Backoff
-from pretag.client.outputs import ImageItem, make_entry, write_prediction
+from pretag.client.outputs import make_entry, write_prediction
 from pretag.client.report import Histogram
+from pretag.client.sources import ImageItem
 from pretag.client.storage import AnyPath, storage_outage
 from pretag.client.vectors import Shard, VectorStore
 from pretag.v1 import pretag_pb2 as pb
@@ -188,7 +189,8 @@ class Job:
         for item in items:
             await self.memory.acquire()
             try:
-                size = await loop.run_in_executor(self.pool, _file_size, item.path)
+                size = item.size if item.size is not None else \
+                    await loop.run_in_executor(self.pool, _file_size, item.path)
                 if size + len(item.name.encode()) > self.max_image_bytes:
                     self._finish(item, None, f"file is {size / 2**20:.1f} MiB, over the "
                                  f"{self.max_image_bytes / 2**20:.1f} MiB a request may carry "

@@ -163,6 +163,20 @@ class DecodeBudget:
                 self._cond.notify_all()
 
 
+def prepare(data: bytes, resize: ResizeSpec, max_pixels: int = DEFAULT_MAX_PIXELS,
+            budget: DecodeBudget | None = None) -> tuple[np.ndarray, tuple[int, int]]:
+    """The one image-preparation step of every executor: header check (size limits before
+    any pixel is decoded), decode within ``budget``, resize to the model's canvas.
+    Returns the resized BGR image and the original (height, width); ImageError."""
+    header = check_header(data, max_pixels)
+    if budget is None:
+        image = decode_bgr(data, max_pixels, header)
+        return resize_image(image, resize), (image.shape[0], image.shape[1])
+    with budget.reserve(header.decode_bytes):
+        image = decode_bgr(data, max_pixels, header)
+        return resize_image(image, resize), (image.shape[0], image.shape[1])
+
+
 def target_size(height: int, width: int, spec: ResizeSpec) -> tuple[int, int]:
     """(height, width) an image of this size is resized to under ``spec``."""
     if spec.policy == "shortest_edge":

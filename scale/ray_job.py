@@ -27,7 +27,6 @@ from typing import Any
 from tqdm import tqdm
 
 from pretag.client.lock import hold
-from pretag.client.outputs import Listing
 from pretag.client.run import (
     Executor,
     Plan,
@@ -38,9 +37,11 @@ from pretag.client.run import (
     plan_job,
     report,
 )
+from pretag.client.sources import Listing
 from pretag.client.storage import check_reachable
 from pretag.client.stream import RunError
-from pretag.contract import ContractError, ResizeSpec, validate_model
+from pretag.contract import ContractError, validate_model
+from pretag.model import ModelDescription
 from pretag.preprocess import DEFAULT_MAX_PIXELS
 from pretag.scale.stages import (
     STOP,
@@ -51,7 +52,6 @@ from pretag.scale.stages import (
     write_block,
 )
 from pretag.server.config import BatchingConfig
-from pretag.server.service import model_info
 
 log = logging.getLogger(__name__)
 
@@ -205,7 +205,7 @@ def ray_executor(model: bytes, settings: RaySettings) -> Executor:
         context = ray.data.DataContext.get_current()
         context.enable_progress_bars = False  # the job's own bar counts the images
         config = plan.config
-        resize = ResizeSpec.from_json(plan.info.resize_json)
+        resize = plan.info.resize
         detector = DetectorConfig(config.score_threshold, settings.batch_size,
                                   settings.providers, settings.ort_threads)
         writing = WriteConfig(str(config.output_dir), tuple(plan.info.class_names), plan.mode,
@@ -252,8 +252,7 @@ def run_on_ray(config: RunConfig, model: Path, settings: RaySettings,
         data = model.read_bytes()
     except (ContractError, OSError) as exc:
         raise RunError(f"--model {model}: {exc}") from None
-    info = model_info(spec, settings.providers or (),
-                      BatchingConfig(max_batch_size=settings.batch_size), spec.score_threshold)
+    info = ModelDescription.from_spec(spec)
     check_reachable(config.output_dir)  # before a cluster is started or joined
     with connected(settings) as where, hold(config.output_dir):
         plan = plan_job(config, listing, info)

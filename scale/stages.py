@@ -32,16 +32,10 @@ from pretag.client.storage import DEFAULT_TIMEOUT_S, location, storage_outage
 from pretag.client.stream import write_failure
 from pretag.client.vectors import Shard, embeddings_dir, write_shard
 from pretag.contract import ResizeSpec
-from pretag.preprocess import (
-    ImageError,
-    canvas_size,
-    check_header,
-    decode_bgr,
-    pad_batch,
-    resize_image,
-)
+from pretag.preprocess import DecodeBudget, ImageError, canvas_size, pad_batch, prepare
 from pretag.server.backend import OrtBackend
 from pretag.server.batcher import BatchInfo
+from pretag.server.config import EngineConfig
 from pretag.server.engine import Raw, split_outputs, to_result
 from pretag.server.errors import InvalidInput, describe
 
@@ -52,6 +46,8 @@ Batch = dict[str, np.ndarray]
 #: driver stops the job with its reason.
 STOP = "STOP"
 _EMPTY = np.zeros((0, 0, 3), np.uint8)
+#: Decodes at once in one worker process stay under the server's default budget.
+_BUDGET = DecodeBudget(EngineConfig.decode_memory_mb * 2**20)
 
 
 def _column(values: list[Any]) -> np.ndarray:
@@ -72,11 +68,11 @@ def _read_one(path: str, name: str, resize: ResizeSpec, max_pixels: int, timeout
         if not isinstance(exc, OSError):
             raise
         return _EMPTY, (0, 0), "READ", f"cannot read file: {exc.strerror or exc}"
-    try:
-        image = decode_bgr(data, max_pixels, check_header(data, max_pixels))
+    try:  # the server's own step, under a decode budget of the same default size
+        image, original = prepare(data, resize, max_pixels, _BUDGET)
     except ImageError as exc:  # what the server answers for the same bytes
         return _EMPTY, (0, 0), "INVALID_ARGUMENT", describe(InvalidInput(str(exc)), name)
-    return resize_image(image, resize), (image.shape[0], image.shape[1]), "", ""
+    return image, original, "", ""
 
 
 def read_images(batch: Batch, resize: ResizeSpec, max_pixels: int,

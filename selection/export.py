@@ -103,7 +103,7 @@ def write_crops(run: RunPredictions, images: Path, crops: list[str], padding: fl
     Crops of unusable detections are never picked (see :mod:`.predictions`)."""
     import cv2
 
-    from pretag.preprocess import decode_image
+    from pretag.preprocess import decode_bgr
 
     written = 0
     for crop in crops:
@@ -112,14 +112,14 @@ def write_crops(run: RunPredictions, images: Path, crops: list[str], padding: fl
         if entry is None or index >= len(entry["boxes"]) or index in run.bad.get(name, {}):
             raise SelectionConfigError(f"no usable detection {index} of {name}")
         try:
-            rgb = decode_image((images / name).read_bytes())
+            bgr = decode_bgr((images / name).read_bytes())  # as OpenCV encodes it
         except (OSError, ImageError) as exc:
             raise SelectionConfigError(f"cannot read {images / name}: {exc}") from None
-        x1, y1, x2, y2 = padded_box(entry["boxes"][index], rgb.shape[1], rgb.shape[0],
+        x1, y1, x2, y2 = padded_box(entry["boxes"][index], bgr.shape[1], bgr.shape[0],
                                     padding)
         target = out / f"{crop}.png"
         target.parent.mkdir(parents=True, exist_ok=True)
-        ok, data = cv2.imencode(".png", rgb[y1:y2, x1:x2, ::-1])
+        ok, data = cv2.imencode(".png", bgr[y1:y2, x1:x2])
         if not ok:
             raise OSError(f"cannot encode the crop {crop}")
         target.write_bytes(data.tobytes())

@@ -22,10 +22,9 @@ from pretag.preprocess import (
     DecodeBudget,
     ImageError,
     canvas_size,
-    check_header,
-    decode_bgr,
     normalize_boxes,
     pad_batch,
+    prepare,
     resize_image,
 )
 from pretag.server.backend import Backend, Outputs
@@ -196,11 +195,8 @@ class Engine:
 
     def _prepare(self, data: bytes) -> Prepared:
         try:
-            header = check_header(data, self.config.max_pixels)
-            with self.decode_budget.reserve(header.decode_bytes):
-                image = decode_bgr(data, self.config.max_pixels, header)
-                return Prepared(resize_image(image, self.spec.resize),
-                                (image.shape[0], image.shape[1]))
+            return Prepared(*prepare(data, self.spec.resize, self.config.max_pixels,
+                                     self.decode_budget))
         except ImageError as exc:
             raise InvalidInput(str(exc)) from None
 

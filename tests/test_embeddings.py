@@ -24,6 +24,8 @@ from pretag.client.vectors import embeddings_dir, load_embeddings
 from pretag.server.app import BackgroundServer
 from pretag.server.config import server_config
 
+pytestmark = pytest.mark.slow  # see the README: pytest -m "not slow"
+
 
 @pytest.fixture(scope="module")
 def server(yolox_model: Path) -> Iterator[BackgroundServer]:

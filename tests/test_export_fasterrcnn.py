@@ -33,6 +33,8 @@ from pretag.export.fasterrcnn import (
 from pretag.export.weights import load_fasterrcnn
 from pretag.preprocess import Batch, preprocess
 
+pytestmark = pytest.mark.slow  # see the README: pytest -m "not slow"
+
 SMALL = ResizeSpec("shortest_edge", min_size=224, max_size=320)
 
 

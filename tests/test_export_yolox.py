@@ -20,6 +20,8 @@ from pretag.preprocess import normalize_boxes, preprocess
 from pretag.server.app import BackgroundServer
 from pretag.server.config import server_config
 
+pytestmark = pytest.mark.slow  # see the README: pytest -m "not slow"
+
 SCORE, NMS, TOP_K = 0.05, 0.45, 100
 
 

@@ -26,6 +26,8 @@ from pretag.client.lock import FolderBusy, hold, lock_path
 from pretag.client.outputs import MAX_STEM_BYTES, TASK
 from pretag.client.vectors import embeddings_dir, load_embeddings
 
+pytestmark = pytest.mark.slow  # see the README: pytest -m "not slow"
+
 
 def _blank(folder: Path, count: int, start: int = 0) -> list[str]:
     """Flat grey images: YOLOX finds nothing in them."""
@@ -206,3 +208,33 @@ def test_two_runs_started_together_one_is_refused(tmp_path: Path, yolox_model: P
     names, _ = load_embeddings(tmp_path / "out")
     assert Counter(names) == Counter(p.name for p in folder.iterdir())
     assert max(Counter(_object_rows(tmp_path / "out")).values()) == 1
+
+
+def test_a_new_source_plugs_into_the_job_without_edits(tmp_path: Path, yolox_model: Path,
+                                                       monkeypatch: pytest.MonkeyPatch):
+    """The input seam: a source added to SOURCES is listed, predicted and resumed."""
+    from dataclasses import dataclass
+
+    from pretag.client import sources
+
+    folder = tmp_path / "frames"
+    names = _blank(folder, 3)
+
+    @dataclass(frozen=True)
+    class Numbered:
+        """Claims inputs named `*.frames`: each file under it as `take-N.png`."""
+
+        root: Path
+
+        def list(self) -> sources.Listing:
+            return sources.Listing([sources.ImageItem(self.root / n, f"take-{i}.png")
+                                    for i, n in enumerate(names)], [])
+
+    def numbered(path: Any) -> sources.Source | None:
+        return Numbered(folder) if str(path).endswith(".frames") else None
+
+    monkeypatch.setattr(sources, "SOURCES", (numbered, *sources.SOURCES))
+    out = tmp_path / "out"
+    assert _run(tmp_path / "camera.frames", out, yolox_model) == 0
+    assert sorted(_predictions(out)) == ["take-0.json", "take-1.json", "take-2.json"]
+    assert _run(folder, tmp_path / "plain", yolox_model) == 0  # the others still claim theirs

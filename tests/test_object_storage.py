@@ -20,6 +20,8 @@ import pytest
 
 from pretag.cli import main
 
+pytestmark = pytest.mark.slow  # see the README: pytest -m "not slow"
+
 # `ray start` enables token authentication when a token exists (~/.ray/auth_token);
 # drivers joining the cluster must then opt in
 RAY_AUTH = {"RAY_AUTH_MODE": "token"} if (Path.home() / ".ray" / "auth_token").exists() else {}
@@ -141,12 +143,17 @@ def test_resume_and_overwrite_on_s3(s3, yolox_model: Path, capsys: pytest.Captur
                         lambda out, name: reads.append(name) or real_read(out, name))
     assert main(args) == 0
     assert len(reads) == 7  # one listing, then a GET only for each prediction it found
+    from pretag.client import stream
+
+    stats: list[object] = []
+    monkeypatch.setattr(stream, "_file_size", lambda path: stats.append(path) or 0)
     summary = capsys.readouterr().out
     assert "already done (skipped)  7" in summary and "predicted now           5" in summary
     assert _predictions(s3, "out/job") == first
     assert main([*args, "--score-threshold", "0.6"]) == 2  # other settings: refused
     assert main([*args, "--score-threshold", "0.6", "--overwrite"]) == 0
     assert "predicted now           12" in capsys.readouterr().out
+    assert stats == []  # the listing gave every size: no stat per object
     assert all(min(e[0]["scores"], default=1) >= 0.6 for e in _predictions(s3, "out/job")
                .values())
 

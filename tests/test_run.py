@@ -28,6 +28,8 @@ from pretag.evaluate import ImagePrediction, coco_ap
 from pretag.server.app import BackgroundServer
 from pretag.server.config import server_config
 
+pytestmark = pytest.mark.slow  # see the README: pytest -m "not slow"
+
 # Measured: AP@[.5:.95] over the seven classes of the files written at --score-threshold 0.05
 # was 0.3510 (the exporter test's figure); at the default 0.5 it was 0.3156.
 AP_FLOOR_005 = 0.34

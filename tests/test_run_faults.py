@@ -28,6 +28,8 @@ from pretag.client.stream import RunError
 from pretag.server.app import BackgroundServer
 from pretag.server.config import server_config
 
+pytestmark = pytest.mark.slow  # see the README: pytest -m "not slow"
+
 StartServe = Callable[..., Any]
 
 

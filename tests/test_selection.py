@@ -160,6 +160,7 @@ def _gap(counts: np.ndarray, target: np.ndarray) -> float:
     return float(np.abs(counts / counts.sum() - target).sum())
 
 
+@pytest.mark.slow
 def test_both_seed_examples_run_on_coco128(coco_run: Path, tmp_path: Path):
     config = tmp_path / "balance.json"
     config.write_text(json.dumps(BALANCE_EXAMPLE))
@@ -205,6 +206,7 @@ def _chromium() -> str:
     return path
 
 
+@pytest.mark.slow
 def test_report_renders_in_a_real_browser(coco_run: Path, coco128: Path, tmp_path: Path):
     """Headless Chromium loads report.html with no console message, every image renders,
     and the page is not blank; report.json holds the before/after figures."""
@@ -240,6 +242,7 @@ def test_report_renders_in_a_real_browser(coco_run: Path, coco128: Path, tmp_pat
     assert pixels is not None and pixels.std() > 20  # a blank page has none
 
 
+@pytest.mark.slow
 def test_exports_for_labelling(coco_run: Path, coco128: Path, tmp_path: Path):
     from pycocotools.coco import COCO
 
@@ -273,6 +276,7 @@ def test_exports_for_labelling(coco_run: Path, coco128: Path, tmp_path: Path):
     assert main(["select", str(coco_run), "--config", str(config), "--export", "coco"]) == 2
 
 
+@pytest.mark.slow
 def test_run_with_a_selection_config_predicts_then_selects(coco128: Path, yolox_model: Path,
                                                            tmp_path: Path,
                                                            caplog: pytest.LogCaptureFixture):
@@ -295,6 +299,7 @@ def test_run_with_a_selection_config_predicts_then_selects(coco128: Path, yolox_
     assert (out / "report" / "report.html").is_file()
 
 
+@pytest.mark.slow
 def test_diversity_covers_coco128_better_than_random_picks(coco_run: Path):
     from pretag.selection.run import image_samples
 
@@ -329,6 +334,7 @@ def test_metadata_drives_weights_and_balance(skewed: Samples):
     assert rainy == 30  # a third of the input is rainy; UNIFORM picks half and half
 
 
+@pytest.mark.slow
 def test_object_level_picks_are_written_as_padded_crops(coco_run: Path, coco128: Path,
                                                         tmp_path: Path):
     from pretag.selection.export import crop_source, padded_box

@@ -22,6 +22,8 @@ from pycocotools.coco import COCO
 from pretag.cli import main
 from pretag.client.outputs import TASK
 
+pytestmark = pytest.mark.slow  # see the README: pytest -m "not slow"
+
 DIVERSITY = {"strategies": [{"input": {"type": "EMBEDDINGS"},
                              "strategy": {"type": "DIVERSITY"}}]}
 OBJECTS = {"worker_config": {"object_level": {"task_name": "lightly_pretagging"}},

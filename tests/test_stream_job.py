@@ -18,8 +18,9 @@ import pytest
 from tqdm import tqdm
 
 from pretag.client.api import Connection, Overloaded, Prediction, Unavailable
-from pretag.client.outputs import ImageItem, read_prediction
+from pretag.client.outputs import read_prediction
 from pretag.client.report import Histogram
+from pretag.client.sources import ImageItem
 from pretag.client.stream import Job, JobState, RunError, StreamSettings, Target
 from pretag.client.vectors import VectorStore
 
