@@ -102,8 +102,8 @@ def _model(args: argparse.Namespace) -> tuple[dict[str, Any], str]:
 def _server(args: argparse.Namespace) -> tuple[dict[str, Any], str]:
     from pretag.bench.job import inprocess_ort
     from pretag.bench.server import ServerBench, bench_server
-    from pretag.client.sources import list_images
-    from pretag.server.backend import OrtBackend
+    from pretag.job.sources import list_images
+    from pretag.runtime.backend import OrtBackend
 
     cfg = ServerBench(args.model, args.images, tuple(args.concurrency), tuple(args.modes),
                       Stability(window_s=args.window_s, max_windows=args.max_windows),

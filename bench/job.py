@@ -14,12 +14,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pretag.cli.local import run_locally
-from pretag.client.run import RunConfig
-from pretag.client.sources import list_images
-from pretag.client.storage import AnyPath
+from pretag.job.run import RunConfig
+from pretag.job.sources import list_images
+from pretag.job.storage import AnyPath
+from pretag.local import run_locally
 from pretag.preprocess import preprocess
-from pretag.server.backend import OrtBackend
+from pretag.runtime.backend import OrtBackend
 from pretag.server.config import BatchingConfig
 
 log = logging.getLogger(__name__)

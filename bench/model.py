@@ -19,9 +19,9 @@ from typing import Any
 import numpy as np
 
 from pretag.bench.stats import best_rows, percentiles
-from pretag.client.sources import list_images
+from pretag.job.sources import list_images
 from pretag.preprocess import Batch, decode_image, pad_batch, resize_image
-from pretag.server.backend import OrtBackend
+from pretag.runtime.backend import OrtBackend
 
 log = logging.getLogger(__name__)
 

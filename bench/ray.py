@@ -25,9 +25,9 @@ from typing import Any
 
 import numpy as np
 
-from pretag.cli.local import run_locally
-from pretag.client.run import RunConfig, RunSummary
-from pretag.client.sources import list_images
+from pretag.job.run import RunConfig, RunSummary
+from pretag.job.sources import list_images
+from pretag.local import run_locally
 from pretag.scale.ray_job import RaySettings, run_on_ray
 from pretag.scale.stages import write_block
 
@@ -113,8 +113,8 @@ def stage_rates(model: Path, data: Path, images: int = 256) -> dict[str, float]:
     """Images per second of each pipeline stage run alone in this process, one CPU
     thread unless said otherwise: what an actor, a read task, a write task and the
     driver can each sustain (the inputs of the N-node estimate in RESULTS.md)."""
-    from pretag.client.report import Histogram
-    from pretag.client.stream import JobState
+    from pretag.job.report import Histogram
+    from pretag.job.stream import JobState
     from pretag.scale.stages import Detector, DetectorConfig, WriteConfig, read_images
 
     items = list_images(data).items[:images]

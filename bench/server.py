@@ -26,7 +26,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from pretag.bench.stats import Stability, best_rows, measure_until_stable, percentiles
 from pretag.client.api import AsyncClient
-from pretag.client.sources import list_images
+from pretag.job.sources import list_images
 from pretag.server.app import wait_ready
 from pretag.server.config import BatchingConfig
 

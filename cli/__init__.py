@@ -1,11 +1,11 @@
 """The ``pretag`` command: one parser per subcommand, each built beside its layer.
 
     export -> pretag.export.cli     serve -> pretag.server.cli
-    run, embeddings -> pretag.client.cli (--ray: pretag.scale.cli)
+    run, embeddings -> pretag.job.cli (--ray: pretag.scale.cli)
     bench -> pretag.bench.cli     select -> pretag.selection.cli
 
 Each subcommand's handler is set on its parser; ``run`` is given the local server
-of :mod:`pretag.cli.local` for when no ``--server`` is named, and the Ray executor
+of :mod:`pretag.local` for when no ``--server`` is named, and the Ray executor
 of :mod:`pretag.scale` with ``--ray``.
 """
 
@@ -17,13 +17,13 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from pretag import local
 from pretag.bench import cli as bench_cli
-from pretag.cli import local
-from pretag.client import cli as run_cli
-from pretag.client.run import RunConfig, RunSummary
-from pretag.client.sources import Listing
-from pretag.client.stream import RunError
 from pretag.export import cli as export_cli
+from pretag.job import cli as run_cli
+from pretag.job.run import RunConfig, RunSummary
+from pretag.job.sources import Listing
+from pretag.job.stream import RunError
 from pretag.scale import cli as scale_cli
 from pretag.scale.ray_job import run_on_ray
 from pretag.selection import cli as select_cli

@@ -22,6 +22,8 @@ from PIL import Image, UnidentifiedImageError
 from pretag.contract import ResizeSpec
 
 DEFAULT_MAX_PIXELS = 100_000_000
+#: Memory that decodes running at once may take (the server's --decode-memory-mb).
+DEFAULT_DECODE_MEMORY_MB = 1024
 
 # cv2 refuses larger images itself; our own, configurable guard runs before it.
 Image.MAX_IMAGE_PIXELS = None

@@ -1,7 +1,7 @@
 """``pretag run INPUT --ray [ADDRESS]``: the pretagging job as a Ray Data pipeline.
 
 The driver lists the inputs and resumes exactly as the gRPC path does
-(:func:`pretag.client.run.plan_job`); the pipeline (:mod:`pretag.scale.stages`) reads
+(:func:`pretag.job.run.plan_job`); the pipeline (:mod:`pretag.scale.stages`) reads
 and decodes in CPU tasks, detects in a pool of actors with one ONNX Runtime session
 each, and writes each block's prediction files and vector shard from CPU tasks; the
 driver records what comes back and writes the same report and errors.jsonl.
@@ -26,8 +26,9 @@ from typing import Any
 
 from tqdm import tqdm
 
-from pretag.client.lock import hold
-from pretag.client.run import (
+from pretag.contract import ContractError, validate_model
+from pretag.job.lock import hold
+from pretag.job.run import (
     Executor,
     Plan,
     RunConfig,
@@ -37,12 +38,12 @@ from pretag.client.run import (
     plan_job,
     report,
 )
-from pretag.client.sources import Listing
-from pretag.client.storage import check_reachable
-from pretag.client.stream import RunError
-from pretag.contract import ContractError, validate_model
+from pretag.job.sources import Listing
+from pretag.job.storage import check_reachable
+from pretag.job.stream import RunError
 from pretag.model import ModelDescription
 from pretag.preprocess import DEFAULT_MAX_PIXELS
+from pretag.runtime.backend import DEFAULT_MAX_BATCH_SIZE
 from pretag.scale.stages import (
     STOP,
     Detector,
@@ -51,7 +52,6 @@ from pretag.scale.stages import (
     read_images,
     write_block,
 )
-from pretag.server.config import BatchingConfig
 
 log = logging.getLogger(__name__)
 
@@ -69,7 +69,7 @@ class RaySettings:
     cpus_per_actor: float = 1.0  # Ray CPUs each actor holds
     gpus_per_actor: float = 0.0  # 1 on GPU nodes
     threads: int | None = None  # ONNX Runtime threads per actor; None: cpus_per_actor
-    batch_size: int = BatchingConfig.max_batch_size  # images per model call
+    batch_size: int = DEFAULT_MAX_BATCH_SIZE  # images per model call
     read_images: int = 16  # images per read-and-decode task
     # Ray CPUs of a read task; None: the actors' own, so that on CPU-only actors Ray Data
     # fuses reading into them (decoded images then skip the object store: faster on one
@@ -193,7 +193,7 @@ def _rows(plan: Plan) -> list[dict[str, Any]]:
 
 
 def ray_executor(model: bytes, settings: RaySettings) -> Executor:
-    """The job's :data:`~pretag.client.run.Executor` on the connected Ray cluster."""
+    """The job's :data:`~pretag.job.run.Executor` on the connected Ray cluster."""
 
     def run(plan: Plan, progress: tqdm, on_result: Callable[[str, bool], None] | None
             ) -> None:

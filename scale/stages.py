@@ -26,18 +26,21 @@ from typing import Any
 
 import numpy as np
 
-from pretag.client.api import Prediction
-from pretag.client.outputs import make_entry, write_prediction
-from pretag.client.storage import DEFAULT_TIMEOUT_S, location, storage_outage
-from pretag.client.stream import write_failure
-from pretag.client.vectors import Shard, embeddings_dir, write_shard
 from pretag.contract import ResizeSpec
-from pretag.preprocess import DecodeBudget, ImageError, canvas_size, pad_batch, prepare
-from pretag.server.backend import OrtBackend
-from pretag.server.batcher import BatchInfo
-from pretag.server.config import EngineConfig
-from pretag.server.engine import Raw, split_outputs, to_result
-from pretag.server.errors import InvalidInput, describe
+from pretag.job.outputs import Detections, make_entry, write_prediction
+from pretag.job.storage import DEFAULT_TIMEOUT_S, location, storage_outage
+from pretag.job.stream import write_failure
+from pretag.job.vectors import Shard, embeddings_dir, write_shard
+from pretag.preprocess import (
+    DEFAULT_DECODE_MEMORY_MB,
+    DecodeBudget,
+    ImageError,
+    canvas_size,
+    pad_batch,
+    prepare,
+)
+from pretag.runtime.backend import OrtBackend
+from pretag.runtime.detections import BatchInfo, Raw, request_message, split_outputs, to_result
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +50,7 @@ Batch = dict[str, np.ndarray]
 STOP = "STOP"
 _EMPTY = np.zeros((0, 0, 3), np.uint8)
 #: Decodes at once in one worker process stay under the server's default budget.
-_BUDGET = DecodeBudget(EngineConfig.decode_memory_mb * 2**20)
+_BUDGET = DecodeBudget(DEFAULT_DECODE_MEMORY_MB * 2**20)
 
 
 def _column(values: list[Any]) -> np.ndarray:
@@ -71,7 +74,7 @@ def _read_one(path: str, name: str, resize: ResizeSpec, max_pixels: int, timeout
     try:  # the server's own step, under a decode budget of the same default size
         image, original = prepare(data, resize, max_pixels, _BUDGET)
     except ImageError as exc:  # what the server answers for the same bytes
-        return _EMPTY, (0, 0), "INVALID_ARGUMENT", describe(InvalidInput(str(exc)), name)
+        return _EMPTY, (0, 0), "INVALID_ARGUMENT", request_message(name, str(exc))
     return image, original, "", ""
 
 
@@ -165,10 +168,10 @@ class WriteConfig:
     timeout_s: float = DEFAULT_TIMEOUT_S  # per object-storage request
 
 
-def _prediction(batch: Batch, i: int, class_names: tuple[str, ...]) -> Prediction:
+def _prediction(batch: Batch, i: int, class_names: tuple[str, ...]) -> Detections:
     embedding = np.asarray(batch["embedding"][i], np.float32)
     objects = np.asarray(batch["objects"][i], np.float32)
-    return Prediction(str(batch["name"][i]),
+    return Detections(str(batch["name"][i]),
                       [tuple(box) for box in np.asarray(batch["boxes"][i]).tolist()],
                       [class_names[j] for j in np.asarray(batch["label_ids"][i]).tolist()],
                       np.asarray(batch["scores"][i]).tolist(),

@@ -8,7 +8,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from pretag.client.stream import RunError
+from pretag.job.stream import RunError
 from pretag.selection.config import SelectionConfigError, load
 from pretag.selection.export import FORMATS
 from pretag.selection.run import run_selection

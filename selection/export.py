@@ -15,7 +15,7 @@ import json
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-from pretag.client.outputs import TASK, write_atomic
+from pretag.job.outputs import TASK, write_atomic
 from pretag.preprocess import ImageError, image_size
 from pretag.selection.config import SelectionConfigError
 from pretag.selection.predictions import RunPredictions

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pretag.client.outputs import (
+from pretag.job.outputs import (
     RESERVED,
     TASK,
     detection_problems,

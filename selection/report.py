@@ -20,14 +20,14 @@ from typing import Any
 
 import numpy as np
 
-from pretag.client.outputs import (
+from pretag.job.outputs import (
     detection_problems,
     entry_problem,
     read_prediction,
     usable,
     write_atomic,
 )
-from pretag.client.report import draw_debug_image
+from pretag.job.report import draw_debug_image
 from pretag.selection.greedy import normalise
 from pretag.selection.samples import Samples
 

@@ -17,9 +17,9 @@ from typing import Any
 import numpy as np
 import pyarrow.parquet as pq
 
-from pretag.client.lock import hold
-from pretag.client.outputs import write_atomic
-from pretag.client.vectors import embeddings_dir, load_embeddings
+from pretag.job.lock import hold
+from pretag.job.outputs import write_atomic
+from pretag.job.vectors import embeddings_dir, load_embeddings
 from pretag.selection.config import SelectionConfig, SelectionConfigError, Step
 from pretag.selection.export import export_coco, export_lightly, write_crops
 from pretag.selection.greedy import Objective, Pick, greedy, normalise, passes
@@ -182,7 +182,7 @@ def run_selection(run_dir: Path, config: SelectionConfig, output_dir: Path | Non
     """Select over ``run_dir`` and write the outputs and the report (see
     :mod:`pretag.selection.report`); returns the picked names in order. ``images``: the
     run's input folder, for debug images of the picks, the ``exports`` (coco, lightly)
-    and the ``crops``. The folder is held (:mod:`pretag.client.lock`) and selection/ is
+    and the ``crops``. The folder is held (:mod:`pretag.job.lock`) and selection/ is
     replaced as one set (:func:`~pretag.selection.predictions.staged`)."""
     base = output_dir or run_dir
     with hold(base, "pretag select"):

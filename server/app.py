@@ -25,8 +25,8 @@ from grpc_reflection.v1alpha import reflection
 
 from pretag.kserve_v2 import grpc_service_pb2 as kpb
 from pretag.kserve_v2 import grpc_service_pb2_grpc as kpb_grpc
+from pretag.runtime.backend import Backend, OrtBackend
 from pretag.server.auth import TokenAuth
-from pretag.server.backend import Backend, OrtBackend
 from pretag.server.config import ServerConfig
 from pretag.server.engine import Engine
 from pretag.server.kserve import KServeService
@@ -187,7 +187,7 @@ async def serve(config: ServerConfig, backend: Backend | None = None,
 class BackgroundServer:
     """A :class:`PretagServer` on its own event loop in a daemon thread.
 
-    Used by :mod:`pretag.cli.local` (``pretag run`` without ``--server``) and by tests;
+    Used by :mod:`pretag.local` (``pretag run`` without ``--server``) and by tests;
     ``with`` starts it (after warm-up) and drains it on exit.
     """
 

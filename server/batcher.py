@@ -23,6 +23,7 @@ from collections.abc import Awaitable, Callable, Hashable, Sequence
 from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 
+from pretag.runtime.detections import BatchInfo
 from pretag.server.errors import DeadlineExceeded, QueueFull, Unavailable
 
 log = logging.getLogger(__name__)
@@ -36,15 +37,6 @@ RunBatch = Callable[[Sequence[T]], Awaitable[Sequence[R]]]
 def _now() -> float:
     """The event loop's clock: time.monotonic() in production, a fake one in tests."""
     return asyncio.get_running_loop().time()
-
-
-@dataclass(frozen=True)
-class BatchInfo:
-    """What a caller learns about the batch its item ran in."""
-
-    queue_s: float
-    compute_s: float
-    batch_size: int
 
 
 @dataclass

@@ -10,7 +10,7 @@ import asyncio
 import logging
 from pathlib import Path
 
-from pretag.server.backend import BackendError
+from pretag.runtime.backend import BackendError
 from pretag.server.config import (
     KNOWN,
     BatchingConfig,

@@ -16,7 +16,8 @@ from pathlib import Path
 from typing import Any
 
 from pretag.contract import threshold_problem
-from pretag.preprocess import DEFAULT_MAX_PIXELS
+from pretag.preprocess import DEFAULT_DECODE_MEMORY_MB, DEFAULT_MAX_PIXELS
+from pretag.runtime.backend import DEFAULT_MAX_BATCH_SIZE
 
 
 class ConfigError(ValueError):
@@ -30,7 +31,7 @@ def _refuse(problems: list[str]) -> None:
 
 @dataclass(frozen=True)
 class BatchingConfig:
-    max_batch_size: int = 8
+    max_batch_size: int = DEFAULT_MAX_BATCH_SIZE
     max_queue_delay_ms: float = 2.0
     max_queue: int = 256  # images accepted and not yet computing; more get RESOURCE_EXHAUSTED
     instances: int = 1  # model sessions running batches at once
@@ -49,7 +50,8 @@ class EngineConfig:
     batching: BatchingConfig = field(default_factory=BatchingConfig)
     max_pixels: int = DEFAULT_MAX_PIXELS
     decode_threads: int = 0  # 0: one per core
-    decode_memory_mb: int = 1024  # decodes running at once stay under this (one may exceed)
+    # decodes running at once stay under this (one may exceed)
+    decode_memory_mb: int = DEFAULT_DECODE_MEMORY_MB
     score_threshold: float | None = None  # None: the model's own
     warmup: bool = True
 

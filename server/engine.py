@@ -22,13 +22,13 @@ from pretag.preprocess import (
     DecodeBudget,
     ImageError,
     canvas_size,
-    normalize_boxes,
     pad_batch,
     prepare,
     resize_image,
 )
-from pretag.server.backend import Backend, Outputs
-from pretag.server.batcher import BatchInfo, DynamicBatcher
+from pretag.runtime.backend import Backend
+from pretag.runtime.detections import BatchInfo, Raw, Result, split_outputs, to_result
+from pretag.server.batcher import DynamicBatcher
 from pretag.server.config import EngineConfig
 from pretag.server.errors import InvalidInput, QueueFull, Unavailable
 from pretag.server.metrics import Metrics
@@ -47,33 +47,6 @@ class Reservation:
 class Prepared:
     image: np.ndarray  # resized BGR [h, w, 3]; pad_batch flips it to RGB
     original: tuple[int, int]  # (height, width) before resizing
-
-
-@dataclass(frozen=True)
-class Raw:
-    """One image's slice of the batch outputs (valid detections only)."""
-
-    boxes: np.ndarray
-    scores: np.ndarray
-    labels: np.ndarray
-    valid: tuple[int, int]
-    embedding: np.ndarray | None
-    object_embeddings: np.ndarray | None  # [n, E], one row per valid detection
-
-
-@dataclass(frozen=True)
-class Result:
-    """Detections for one image, boxes normalised to [0, 1] of the original."""
-
-    boxes: np.ndarray  # float32 [n, 4]
-    scores: np.ndarray  # float32 [n]
-    labels: tuple[str, ...]
-    label_ids: np.ndarray  # int64 [n]
-    width: int
-    height: int
-    info: BatchInfo
-    embedding: np.ndarray | None = None  # [D]
-    object_embeddings: np.ndarray | None = None  # [n, E], aligned with boxes
 
 
 class Engine:
@@ -213,31 +186,3 @@ class Engine:
         if self.metrics is not None:
             self.metrics.observe_request(info)
         return to_result(raw, prepared.original, info, threshold, self.spec.class_names)
-
-
-def split_outputs(out: Outputs, valid: Sequence[tuple[int, int]]) -> list[Raw]:
-    """Each image's valid detections (and vectors) from one batch's outputs; ``valid``:
-    the (height, width) of each resized image inside the padded canvas."""
-    raws = []
-    for i, size in enumerate(valid):
-        n = int(out.num_detections[i])
-        raws.append(Raw(out.boxes[i, :n], out.scores[i, :n], out.labels[i, :n],
-                        (int(size[0]), int(size[1])),
-                        None if out.embeddings is None else out.embeddings[i],
-                        None if out.object_embeddings is None
-                        else out.object_embeddings[i, :n]))
-    return raws
-
-
-def to_result(raw: Raw, original: tuple[int, int], info: BatchInfo, threshold: float,
-              class_names: Sequence[str]) -> Result:
-    """The detections at or above ``threshold``, boxes normalised to the original image
-    of ``original`` (height, width). Every executor (server, Ray) answers through this."""
-    keep = raw.scores >= threshold
-    ids = raw.labels[keep].astype(np.int64)
-    height, width = original
-    objects = None if raw.object_embeddings is None else raw.object_embeddings[keep]
-    return Result(normalize_boxes(raw.boxes[keep], raw.valid),
-                  raw.scores[keep].astype(np.float32),
-                  tuple(class_names[i] for i in ids), ids, width, height, info, raw.embedding,
-                  objects)

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import grpc
 
+from pretag.runtime.detections import request_message
+
 
 class ServeError(Exception):
     """A request failed for a reason the caller should be told about."""
@@ -72,5 +74,5 @@ def grpc_code(exc: BaseException) -> grpc.StatusCode:
 def describe(exc: BaseException, request_id: str) -> str:
     """The message sent to the caller: the request id and, for known errors, the reason."""
     if isinstance(exc, ServeError) and not isinstance(exc, Internal):
-        return f"request {request_id!r}: {exc}"
+        return request_message(request_id, str(exc))
     return f"request {request_id!r}: internal error (see the server log for this id)"

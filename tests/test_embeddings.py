@@ -20,7 +20,7 @@ import pytest
 
 from pretag.cli import main
 from pretag.client import Client
-from pretag.client.vectors import embeddings_dir, load_embeddings
+from pretag.job.vectors import embeddings_dir, load_embeddings
 from pretag.server.app import BackgroundServer
 from pretag.server.config import server_config
 

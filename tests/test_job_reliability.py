@@ -22,9 +22,9 @@ import pyarrow.parquet as pq
 import pytest
 
 from pretag.cli import main
-from pretag.client.lock import FolderBusy, hold, lock_path
-from pretag.client.outputs import MAX_STEM_BYTES, TASK
-from pretag.client.vectors import embeddings_dir, load_embeddings
+from pretag.job.lock import FolderBusy, hold, lock_path
+from pretag.job.outputs import MAX_STEM_BYTES, TASK
+from pretag.job.vectors import embeddings_dir, load_embeddings
 
 pytestmark = pytest.mark.slow  # see the README: pytest -m "not slow"
 
@@ -166,7 +166,7 @@ def test_a_lock_left_by_a_killed_job_is_taken_over(tmp_path: Path, yolox_model: 
     out = tmp_path / "out"
     holder = subprocess.Popen(
         [sys.executable, "-c", "import sys, time\nfrom pathlib import Path\n"
-         "from pretag.client.lock import hold\n"
+         "from pretag.job.lock import hold\n"
          "with hold(Path(sys.argv[1])):\n    print('held', flush=True)\n    time.sleep(600)\n",
          str(out)], stdout=subprocess.PIPE, text=True)
     try:
@@ -215,7 +215,7 @@ def test_a_new_source_plugs_into_the_job_without_edits(tmp_path: Path, yolox_mod
     """The input seam: a source added to SOURCES is listed, predicted and resumed."""
     from dataclasses import dataclass
 
-    from pretag.client import sources
+    from pretag.job import sources
 
     folder = tmp_path / "frames"
     names = _blank(folder, 3)

@@ -1,13 +1,17 @@
 """The layers' dependency direction, read from every import statement (function-level too).
 
-    core    contract, preprocessing, shared types      imports no other layer
-    export  model -> contract ONNX                      core only
-    server  gRPC inference server                       core only
-    client  client API and the pretag run job           core only (meets servers over gRPC)
-    selection  Lightly's selection_config over a run      core and client
-    scale   the job on Ray Data                          core, client and server (its actors
-                                                         run the server's backend in-process)
-    cli, bench                                           compose every layer
+    core      contract, preprocessing, ModelDescription, evaluation  imports no other layer
+    export    model -> contract ONNX                                 core only
+    runtime   ONNX Runtime backend, detections of a batch            core only
+    server    gRPC inference server (engine, batcher, services)      core, runtime
+    client    the SDK: sync and asyncio clients over gRPC            core only
+    job       the pretag run job and its gRPC executor               core, client (the SDK)
+    local     the embedded server and the default model              core, export, runtime,
+                                                                     server, job
+    selection Lightly's selection_config over a run folder           core, job (its layout)
+    scale     the job on Ray Data                                    core, job, runtime
+    cli, bench                                                       compose the others
+                                                                     (bench never imports cli)
 """
 
 from __future__ import annotations
@@ -16,15 +20,20 @@ import ast
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-LAYERS = {"core": "pretag", "export": "pretag.export", "server": "pretag.server",
-          "client": "pretag.client", "selection": "pretag.selection", "cli": "pretag.cli",
+LAYERS = {"core": "pretag", "export": "pretag.export", "runtime": "pretag.runtime",
+          "server": "pretag.server", "client": "pretag.client", "job": "pretag.job",
+          "local": "pretag.local", "selection": "pretag.selection", "cli": "pretag.cli",
           "bench": "pretag.bench", "scale": "pretag.scale"}
 ALLOWED = {  # layer -> the other layers it may import
-    "core": set(), "export": {"core"}, "server": {"core"}, "client": {"core"},
-    "selection": {"core", "client"},  # reads a run's outputs through the client's readers
-    "scale": {"core", "client", "server"},
-    "cli": {"core", "export", "server", "client", "selection", "bench", "scale"},
-    "bench": {"core", "export", "server", "client", "selection", "cli", "scale"},
+    "core": set(), "export": {"core"}, "runtime": {"core"}, "server": {"core", "runtime"},
+    "client": {"core"}, "job": {"core", "client"},
+    "local": {"core", "export", "runtime", "server", "job"},  # exports the default model
+    "selection": {"core", "job"},  # reads a run folder through the job's layout
+    "scale": {"core", "job", "runtime"},
+    "cli": {"core", "export", "runtime", "server", "client", "job", "local", "selection",
+            "bench", "scale"},
+    "bench": {"core", "export", "runtime", "server", "client", "job", "local", "selection",
+              "scale"},
 }
 GENERATED = {"v1", "kserve_v2"}  # protobuf modules generated into core/ at build time
 
@@ -54,6 +63,7 @@ def test_layer_of_names_the_longest_package():
     assert layer_of("pretag.contract") == "core"
     assert layer_of("pretag.server.engine") == "server"
     assert layer_of("pretag.cli.local") == "cli"
+    assert layer_of("pretag.local") == "local" and layer_of("pretag.job.run") == "job"
     assert layer_of("numpy") is None
 
 
@@ -82,3 +92,13 @@ def test_the_readme_layout_table_names_every_folder():
                and any(p.rglob("*.py")) and p.name not in {"build"}}
     assert folders <= rows, f"folders missing from the README layout: {folders - rows}"
     assert rows <= folders | {"protos", "docs", "examples", "benchmarks"}
+
+
+def test_the_allowed_arrows_have_no_loop():
+    """No two layers import each other, directly or through others."""
+    def reaches(start: str, goal: str, seen: set[str]) -> bool:
+        return any(nxt == goal or (nxt not in seen and reaches(nxt, goal, seen | {nxt}))
+                   for nxt in ALLOWED[start] - {"core"} | ({"core"} & ALLOWED[start]))
+
+    loops = [layer for layer in ALLOWED if reaches(layer, layer, {layer})]
+    assert loops == []

@@ -21,5 +21,6 @@ def test_ruff_clean():
 
 def test_mypy_clean():
     proc = _run("mypy", "core", "export", "server", "client", "selection", "cli", "bench",
+                "job", "local", "runtime",
                 "scale")
     assert proc.returncode == 0, proc.stdout + proc.stderr

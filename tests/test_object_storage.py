@@ -135,7 +135,7 @@ def test_resume_and_overwrite_on_s3(s3, yolox_model: Path, capsys: pytest.Captur
     gone = sorted(s3.find(root))[:5]
     s3.rm(gone)  # as if the job had been killed before writing them
     capsys.readouterr()
-    from pretag.client import run
+    from pretag.job import run
 
     reads: list[str] = []
     real_read = run.read_prediction
@@ -143,7 +143,7 @@ def test_resume_and_overwrite_on_s3(s3, yolox_model: Path, capsys: pytest.Captur
                         lambda out, name: reads.append(name) or real_read(out, name))
     assert main(args) == 0
     assert len(reads) == 7  # one listing, then a GET only for each prediction it found
-    from pretag.client import stream
+    from pretag.job import stream
 
     stats: list[object] = []
     monkeypatch.setattr(stream, "_file_size", lambda path: stats.append(path) or 0)
@@ -297,8 +297,8 @@ def test_a_store_killed_mid_run_is_exit_2_without_a_traceback(coco128: Path,
 
 def test_a_held_output_prefix_refuses_a_second_job_and_a_stale_lease_is_taken_over(
         s3, yolox_model: Path, caplog: pytest.LogCaptureFixture):
-    from pretag.client.lock import STALE_S, FolderBusy, hold, lock_path
-    from pretag.client.storage import location
+    from pretag.job.lock import STALE_S, FolderBusy, hold, lock_path
+    from pretag.job.storage import location
 
     out = location("s3://out/held")
     args = ["run", "s3://data/images", "--output-dir", "s3://out/held", "--model",

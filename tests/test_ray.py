@@ -17,9 +17,9 @@ import numpy as np
 import psutil
 import pytest
 
-from pretag.cli.local import run_locally
-from pretag.client.run import RunConfig
-from pretag.client.vectors import load_embeddings
+from pretag.job.run import RunConfig
+from pretag.job.vectors import load_embeddings
+from pretag.local import run_locally
 
 # `ray start` enables token authentication when a token exists (~/.ray/auth_token);
 # drivers joining the cluster must then opt in

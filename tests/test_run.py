@@ -19,12 +19,12 @@ import numpy as np
 import pytest
 
 from pretag.cli import main
-from pretag.cli.local import run_locally
-from pretag.client.outputs import TASK
-from pretag.client.run import RunConfig, expand_servers, run_job
-from pretag.client.stream import RunError
 from pretag.contract import DRIVING_CLASSES
 from pretag.evaluate import ImagePrediction, coco_ap
+from pretag.job.outputs import TASK
+from pretag.job.run import RunConfig, expand_servers, run_job
+from pretag.job.stream import RunError
+from pretag.local import run_locally
 from pretag.server.app import BackgroundServer
 from pretag.server.config import server_config
 

@@ -22,9 +22,9 @@ import numpy as np
 import pytest
 
 from pretag.cli import main
-from pretag.client.outputs import TASK
-from pretag.client.run import RunConfig, run_job
-from pretag.client.stream import RunError
+from pretag.job.outputs import TASK
+from pretag.job.run import RunConfig, run_job
+from pretag.job.stream import RunError
 from pretag.server.app import BackgroundServer
 from pretag.server.config import server_config
 

@@ -9,7 +9,7 @@ import cv2
 import numpy as np
 import pytest
 
-from pretag.client.outputs import prediction_path
+from pretag.job.outputs import prediction_path
 from pretag.scale.stages import Detector, DetectorConfig, WriteConfig, read_images, write_block
 
 

@@ -20,7 +20,7 @@ import pytest
 from pycocotools.coco import COCO
 
 from pretag.cli import main
-from pretag.client.outputs import TASK
+from pretag.job.outputs import TASK
 
 pytestmark = pytest.mark.slow  # see the README: pytest -m "not slow"
 

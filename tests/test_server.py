@@ -21,8 +21,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from pretag.client import Client, InvalidImage, Prediction
 from pretag.preprocess import normalize_boxes, preprocess
+from pretag.runtime.backend import OrtBackend
 from pretag.server.app import BackgroundServer
-from pretag.server.backend import OrtBackend
 from pretag.server.config import server_config
 
 MAX_PIXELS = 2_000_000

@@ -184,7 +184,7 @@ PEAK_SCRIPT = textwrap.dedent("""
     def status_mb(key):  # this process's own figures (ru_maxrss keeps the parent's peak)
         line = [l for l in open("/proc/self/status") if l.startswith(key + ":")][0]
         return int(line.split()[1]) / 1024
-    from pretag.server.backend import OrtBackend
+    from pretag.runtime.backend import OrtBackend
     from pretag.server.config import BatchingConfig, EngineConfig
     from pretag.server.engine import Engine
     model, image, budget_mb, count = sys.argv[1], Path(sys.argv[2]), *map(int, sys.argv[3:])

@@ -227,7 +227,7 @@ class SlowBackend:
         self.batches: list[int] = []
 
     def run(self, batch: object) -> object:
-        from pretag.server.backend import Outputs
+        from pretag.runtime.backend import Outputs
 
         n = batch.images.shape[0]  # type: ignore[attr-defined]
         self.batches.append(n)
@@ -296,7 +296,7 @@ def test_config_file_can_switch_metrics_off(tmp_path: Path, yolox_model: Path):
 
 
 def test_providers_are_resolved_and_a_silent_fallback_is_caught(caplog: pytest.LogCaptureFixture):
-    from pretag.server.backend import BackendError, check_started, resolve_providers
+    from pretag.runtime.backend import BackendError, check_started, resolve_providers
 
     trt, cuda, cpu = "TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"
     assert resolve_providers(None, [cpu, cuda, trt]) == [trt, cuda, cpu]
@@ -306,7 +306,7 @@ def test_providers_are_resolved_and_a_silent_fallback_is_caught(caplog: pytest.L
         resolve_providers(["cuda"], [cpu])
     with pytest.raises(BackendError, match="did not start"):  # asked for, fell back
         check_started([cuda, cpu], [cpu], explicit=True)
-    with caplog.at_level("WARNING", logger="pretag.server.backend"):
+    with caplog.at_level("WARNING", logger="pretag.runtime.backend"):
         check_started([trt, cuda, cpu], [cuda, cpu], explicit=False)  # CUDA is fine
         assert not caplog.records
         check_started([trt, cuda, cpu], [cpu], explicit=False)  # TensorRT -> CPU

@@ -18,11 +18,11 @@ import pytest
 from tqdm import tqdm
 
 from pretag.client.api import Connection, Overloaded, Prediction, Unavailable
-from pretag.client.outputs import read_prediction
-from pretag.client.report import Histogram
-from pretag.client.sources import ImageItem
-from pretag.client.stream import Job, JobState, RunError, StreamSettings, Target
-from pretag.client.vectors import VectorStore
+from pretag.job.outputs import read_prediction
+from pretag.job.report import Histogram
+from pretag.job.sources import ImageItem
+from pretag.job.stream import Job, JobState, RunError, StreamSettings, Target
+from pretag.job.vectors import VectorStore
 
 
 @dataclass

@@ -28,9 +28,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pretag.client.api import Prediction
-from pretag.client.outputs import TASK
-from pretag.client.storage import AnyPath, write_whole
+from pretag.job.outputs import TASK, Answer
+from pretag.job.storage import AnyPath, write_whole
 
 log = logging.getLogger(__name__)
 
@@ -83,14 +82,14 @@ class Shard:
         default_factory=list)
 
     @staticmethod
-    def check(name: str, pred: Prediction, images: bool, objects: bool) -> None:
+    def check(name: str, pred: Answer, images: bool, objects: bool) -> None:
         """ValueError when the answer lacks the vectors asked for."""
         if images and pred.embedding is None:
             raise ValueError(f"the server sent no image vector for {name}")
         if objects and pred.scores and pred.object_embeddings is None:
             raise ValueError(f"the server sent no object vectors for {name}")
 
-    def add(self, name: str, pred: Prediction, images: bool, objects: bool) -> None:
+    def add(self, name: str, pred: Answer, images: bool, objects: bool) -> None:
         """Take ``name``'s vectors (:meth:`check` them first)."""
         self.check(name, pred, images, objects)
         self.names.append(name)
@@ -148,11 +147,11 @@ class VectorStore:
     def needs(self, name: str) -> bool:
         return name not in self.done
 
-    def check(self, name: str, pred: Prediction) -> None:
+    def check(self, name: str, pred: Answer) -> None:
         """ValueError when ``pred`` lacks the vectors this store keeps."""
         Shard.check(name, pred, self.images, self.objects)
 
-    def add(self, name: str, pred: Prediction) -> Shard | None:
+    def add(self, name: str, pred: Answer) -> Shard | None:
         """Buffer ``name``'s vectors, once its prediction is stored (an image is done
         only when all of it is); returns a full shard to write, if this filled one."""
         if name in self.done:

@@ -13,8 +13,8 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from pretag.client.run import RunConfig, RunSummary, run_job
-from pretag.client.stream import RunError
+from pretag.job.run import RunConfig, RunSummary, run_job
+from pretag.job.stream import RunError
 
 log = logging.getLogger(__name__)
 

@@ -12,8 +12,8 @@ from typing import Any
 
 import cv2
 
-from pretag.client.outputs import write_atomic
-from pretag.client.storage import AnyPath, write_whole
+from pretag.job.outputs import write_atomic
+from pretag.job.storage import AnyPath, write_whole
 from pretag.preprocess import decode_bgr
 
 log = logging.getLogger(__name__)

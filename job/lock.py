@@ -38,8 +38,8 @@ from typing import Any
 
 from upath import UPath
 
-from pretag.client.storage import AnyPath, put
-from pretag.client.stream import RunError
+from pretag.job.storage import AnyPath, put
+from pretag.job.stream import RunError
 
 log = logging.getLogger(__name__)
 

@@ -29,12 +29,12 @@ from typing import Any, Protocol
 from tqdm import tqdm
 
 from pretag.client.api import AsyncClient, Connection, Prediction, PretagError
-from pretag.client.backoff import Backoff
-from pretag.client.outputs import make_entry, write_prediction
-from pretag.client.report import Histogram
-from pretag.client.sources import ImageItem
-from pretag.client.storage import AnyPath, storage_outage
-from pretag.client.vectors import Shard, VectorStore
+from pretag.job.backoff import Backoff
+from pretag.job.outputs import make_entry, write_prediction
+from pretag.job.report import Histogram
+from pretag.job.sources import ImageItem
+from pretag.job.storage import AnyPath, storage_outage
+from pretag.job.vectors import Shard, VectorStore
 from pretag.v1 import pretag_pb2 as pb
 
 log = logging.getLogger(__name__)

@@ -1,7 +1,7 @@
 """``pretag run``: flags over :class:`RunConfig`.
 
 Without ``--server``, the handler opens a local server through the ``local_server``
-function it is given (the CLI passes :func:`pretag.cli.local.local_server`).
+function it is given (the CLI passes :func:`pretag.local.local_server`).
 """
 
 from __future__ import annotations
@@ -13,11 +13,11 @@ from collections.abc import Callable
 from contextlib import AbstractContextManager
 from pathlib import Path
 
-from pretag.client.report import summary_table
-from pretag.client.run import RunConfig, RunError, RunSummary, load_listing, run_job
-from pretag.client.sources import Listing
-from pretag.client.storage import ATTEMPTS, AnyPath, location, storage_outage
-from pretag.client.vectors import MODES, embeddings_dir, write_csv
+from pretag.job.report import summary_table
+from pretag.job.run import RunConfig, RunError, RunSummary, load_listing, run_job
+from pretag.job.sources import Listing
+from pretag.job.storage import ATTEMPTS, AnyPath, location, storage_outage
+from pretag.job.vectors import MODES, embeddings_dir, write_csv
 from pretag.token_file import TokenFileError, read_token_file
 
 log = logging.getLogger("pretag")

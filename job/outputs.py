@@ -8,11 +8,11 @@ Layout under the output folder::
 
 Every prediction file holds a list with one entry, ``{"filename", "boxes",
 "labels", "scores"}``, boxes x1, y1, x2, y2 normalised to [0, 1], in score order.
-Files are written whole (:func:`pretag.client.storage.write_whole`: a rename locally,
+Files are written whole (:func:`pretag.job.storage.write_whole`: a rename locally,
 one PUT on object storage), so a killed run never leaves a half-written one; a re-run
 skips images whose file exists and parses. Inputs and outputs may be local paths or
-object-storage URLs (:mod:`pretag.client.storage`); inputs are listed by
-:mod:`pretag.client.sources`.
+object-storage URLs (:mod:`pretag.job.storage`); inputs are listed by
+:mod:`pretag.job.sources`.
 ``report/run_settings.json`` records what made them (model, threshold), so that a
 re-run with other settings does not silently keep the old files.
 """
@@ -22,10 +22,11 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import Any
+from typing import Any, Protocol
 
-from pretag.client.storage import AnyPath, find_under, write_whole
+from pretag.job.storage import AnyPath, find_under, write_whole
 
 TASK = "lightly_pretagging"
 
@@ -85,7 +86,7 @@ def written_name(name: str) -> str:
 
 
 def write_atomic(path: AnyPath, text: str) -> None:
-    """Write ``text`` to ``path`` whole (see :func:`pretag.client.storage.write_whole`)."""
+    """Write ``text`` to ``path`` whole (see :func:`pretag.job.storage.write_whole`)."""
     write_whole(path, text.encode())
 
 
@@ -112,6 +113,38 @@ def write_task_files(output_dir: AnyPath, class_names: Sequence[str]) -> None:
     schema = {"task_type": "object-detection",
               "categories": [{"id": i, "name": n} for i, n in enumerate(class_names)]}
     write_atomic(root / TASK / "schema.json", json.dumps(schema, indent=2) + "\n")
+
+
+class Answer(Protocol):
+    """What the job stores of one image's answer: :class:`Detections`, or the SDK's
+    ``Prediction``, which has the same attributes."""
+
+    @property
+    def id(self) -> str: ...
+    @property
+    def boxes(self) -> Sequence[Sequence[float]]: ...
+    @property
+    def labels(self) -> Sequence[str]: ...
+    @property
+    def scores(self) -> Sequence[float]: ...
+    @property
+    def embedding(self) -> Any: ...
+    @property
+    def object_embeddings(self) -> Any: ...
+
+
+@dataclass(frozen=True)
+class Detections:
+    """One image's answer as the job stores it, whatever executor made it: the prediction
+    entry's content and, when asked for, its vectors (``object_embeddings``: a row per
+    detection). The SDK's ``Prediction`` has the same attributes."""
+
+    id: str  # the image's name
+    boxes: Sequence[Sequence[float]]
+    labels: Sequence[str]
+    scores: Sequence[float]
+    embedding: Any = None  # numpy [D] or None
+    object_embeddings: Any = None  # numpy [n, E] or None
 
 
 def make_entry(name: str, boxes: Sequence[Sequence[float]], labels: Sequence[str],

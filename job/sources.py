@@ -21,7 +21,7 @@ from typing import Any, Protocol
 
 from upath import UPath
 
-from pretag.client.storage import AnyPath, StorageError, find_sized
+from pretag.job.storage import AnyPath, StorageError, find_sized
 
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"})
 

@@ -3,9 +3,9 @@
 One job, two executors: :func:`plan_job` (settings, task files, resume), :func:`execute`
 (progress, errors.jsonl) and :func:`report` (histograms, debug images, summary) are shared;
 the executor in between predicts the images left. Here it streams to gRPC servers, by
-address only (:mod:`pretag.cli.local` starts one locally when the command names none);
+address only (:mod:`pretag.local` starts one locally when the command names none);
 :mod:`pretag.scale` runs a Ray Data pipeline instead. Outputs: DIR/.lightly/predictions/...
-(see :mod:`pretag.client.outputs`) and DIR/report/{class_histogram.json,
+(see :mod:`pretag.job.outputs`) and DIR/report/{class_histogram.json,
 class_histogram.png, errors.jsonl, debug/}.
 """
 
@@ -26,8 +26,9 @@ from typing import Any
 from tqdm import tqdm
 
 from pretag.client.api import AsyncClient, Connection, PretagError
-from pretag.client.lock import hold
-from pretag.client.outputs import (
+from pretag.contract import threshold_problem
+from pretag.job.lock import hold
+from pretag.job.outputs import (
     name_problem,
     prediction_path,
     read_prediction,
@@ -38,18 +39,17 @@ from pretag.client.outputs import (
     written_name,
     written_predictions,
 )
-from pretag.client.report import Histogram, draw_debug_image, spread, write_histogram
-from pretag.client.sources import ImageItem, InputError, Listing, list_images
-from pretag.client.storage import (
+from pretag.job.report import Histogram, draw_debug_image, spread, write_histogram
+from pretag.job.sources import ImageItem, InputError, Listing, list_images
+from pretag.job.storage import (
     DEFAULT_TIMEOUT_S,
     AnyPath,
     check_reachable,
     remove_tree,
     storage_outage,
 )
-from pretag.client.stream import Job, JobState, RunError, StreamSettings, Target
-from pretag.client.vectors import VectorStore, embeddings_dir
-from pretag.contract import threshold_problem
+from pretag.job.stream import Job, JobState, RunError, StreamSettings, Target
+from pretag.job.vectors import VectorStore, embeddings_dir
 from pretag.model import ModelDescription
 from pretag.v1 import pretag_pb2 as pb
 
@@ -61,7 +61,7 @@ _RESUME_READERS = 16  # predictions read at once when resuming (I/O bound)
 
 @dataclass(frozen=True)
 class RunConfig:
-    input: AnyPath  # a local path or an object-storage URL (pretag.client.storage)
+    input: AnyPath  # a local path or an object-storage URL (pretag.job.storage)
     output_dir: AnyPath
     servers: tuple[str, ...] = ()  # addresses; run_job needs at least one
     score_threshold: float = 0.5

@@ -23,6 +23,9 @@ from pretag.preprocess import Batch
 
 log = logging.getLogger(__name__)
 
+#: Images per model call unless told otherwise (the server's --max-batch-size).
+DEFAULT_MAX_BATCH_SIZE = 8
+
 DEFAULT_PROVIDERS = ("TensorrtExecutionProvider", "CUDAExecutionProvider",
                      "CPUExecutionProvider")
 PROVIDER_ALIASES = {"tensorrt": "TensorrtExecutionProvider", "trt": "TensorrtExecutionProvider",

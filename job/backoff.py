@@ -1,4 +1,4 @@
-"""The retry clock of :mod:`pretag.client.stream`'s workers."""
+"""The retry clock of :mod:`pretag.job.stream`'s workers."""
 
 from __future__ import annotations
 
