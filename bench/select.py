@@ -26,17 +26,9 @@ import numpy as np
 
 from pretag.contract import DRIVING_CLASSES
 from pretag.selection.config import Strategy
-from pretag.selection.cover import LEAF, distances
-from pretag.selection.greedy import (
-    TINY,
-    Objective,
-    Pick,
-    _Search,
-    balance_gain,
-    balance_values,
-    greedy,
-    weight_values,
-)
+from pretag.selection.cover import LEAF
+from pretag.selection.greedy import Objective, Search, greedy
+from pretag.selection.reference import plain_greedy
 
 log = logging.getLogger(__name__)
 
@@ -93,63 +85,6 @@ def objectives_for(vectors: np.ndarray, counts: np.ndarray) -> list[Objective]:
             Objective(Strategy("BALANCE"), "balance", counts, TARGET)]
 
 
-def plain_greedy(objectives: list[Objective], candidates: np.ndarray, count: int
-                 ) -> list[Pick]:
-    """The rules of :func:`pretag.selection.greedy.greedy`, computed the plain way."""
-    available = candidates.copy()
-    rows = np.flatnonzero(candidates)
-    d = np.zeros(len(candidates))
-    diversity = [o for o in objectives if o.kind == "diversity"]
-    x = diversity[0].data if diversity else None
-    sq = np.einsum("ij,ij->i", x, x, dtype=np.float64) if x is not None else None
-    if x is not None and sq is not None:
-        d[rows] = distances(x, sq, x[rows].mean(axis=0, dtype=np.float64)
-                             .astype(np.float32))[rows]
-    states = [np.zeros(o.data.shape[1]) for o in objectives if o.kind == "balance"]
-    limit = next((o.strategy.minimum_distance for o in diversity
-                  if o.strategy.minimum_distance is not None), None)
-    picks: list[Pick] = []
-    first = True
-    while len(picks) < min(count, len(rows)):
-        if limit is not None and d[available].max() < limit:
-            break
-        values = _plain_values(objectives, d, available, states)
-        score = sum((o.strategy.strength * np.log(np.maximum(v, TINY))
-                     for o, v in zip(objectives, values, strict=True)),
-                    start=np.zeros(len(available)))
-        index = int(np.argmax(np.where(available, score, -np.inf)))
-        picks.append(Pick(index, tuple(float(v[index]) for v in values)))
-        available[index] = False
-        balance = iter(states)
-        for o in objectives:
-            if o.kind == "balance":
-                next(balance)[:] += o.data[index]
-        if x is not None and sq is not None:
-            new = distances(x, sq, x[index])
-            new[index] = 0.0
-            d = new if first else np.minimum(d, new)
-            d[~candidates] = 0.0
-            first = False
-    return picks
-
-
-def _plain_values(objectives: list[Objective], d: np.ndarray, available: np.ndarray,
-                  states: list[np.ndarray]) -> list[np.ndarray]:
-    values = []
-    balance = iter(states)
-    for o in objectives:
-        if o.kind == "diversity":
-            values.append(np.maximum(d, TINY) / max(float(d[available].max()), TINY))
-        elif o.kind == "balance":
-            assert o.target is not None
-            empty = o.data.sum(axis=1) == 0
-            values.append(balance_values(balance_gain(next(balance), o.data, o.target),
-                                         empty, available))
-        else:
-            values.append(weight_values(o.data))
-    return values
-
-
 @dataclass(frozen=True)
 class SelectBench:
     sizes: tuple[int, ...] = (100_000, 1_000_000)
@@ -180,7 +115,7 @@ def _one_size(n: int, bench: SelectBench, baseline: bool) -> dict[str, Any]:
     objectives = objectives_for(vectors, counts)
     everyone = np.ones(n, dtype=bool)
     t0 = time.perf_counter()
-    search = _Search(objectives, everyone.nonzero()[0], LEAF)
+    search = Search(objectives, everyone.nonzero()[0], LEAF)
     picks = greedy(objectives, everyone, bench.picks, search=search)
     seconds = time.perf_counter() - t0
     row: dict[str, Any] = {

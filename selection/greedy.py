@@ -19,7 +19,7 @@ recomputes the cells a new pick can reach. A balance objective depends on a samp
 through its class-count row, so it is computed once per distinct row (a *group*), not per
 sample. The argmax runs over blocks of at most ``_BLOCK`` samples of one group, each
 holding its best ``diversity x weights`` term; a pick refreshes only the blocks of samples
-whose distance dropped. ``pretag.bench.select.plain_greedy`` is the same rules computed
+whose distance dropped. ``pretag.selection.reference.plain_greedy`` is the same rules computed
 the plain way (every sample, every pick); the tests check the two pick the same samples.
 """
 
@@ -56,14 +56,14 @@ class Pick:
 
 
 def greedy(objectives: list[Objective], candidates: np.ndarray, count: int,
-           leaf: int = LEAF, search: _Search | None = None) -> list[Pick]:
+           leaf: int = LEAF, search: Search | None = None) -> list[Pick]:
     """Pick up to ``count`` of the ``candidates`` (a bool mask over all samples);
     ``search``: the loop's state made beforehand (the benchmark reads its counters)."""
     rows = np.flatnonzero(candidates)
     count = min(count, len(rows))
     if count <= 0:
         return []
-    search = search or _Search(objectives, rows, leaf)
+    search = search or Search(objectives, rows, leaf)
     picks: list[Pick] = []
     while len(picks) < count:
         if search.too_close():
@@ -124,7 +124,7 @@ def l1_to(counts: np.ndarray, target: np.ndarray) -> float:
     return float(np.abs(shares - target).sum())
 
 
-class _Search:
+class Search:
     """The loop's state; positions are those of the Cover's order."""
 
     def __init__(self, objectives: list[Objective], rows: np.ndarray, leaf: int):

@@ -9,11 +9,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pretag.bench.select import Synthetic, objectives_for, plain_greedy, synthetic
+from pretag.bench.select import Synthetic, objectives_for, synthetic
 from pretag.cli import main
 from pretag.selection.config import Strategy
 from pretag.selection.cover import Cover
 from pretag.selection.greedy import Objective, greedy, normalise
+from pretag.selection.reference import plain_greedy
 
 
 def _indices(picks: list) -> list[int]:
