@@ -229,11 +229,12 @@ class Job:
 
     async def _worker(self, target: Target) -> None:
         """Keeps one stream to one server busy; reconnects with backoff on failure."""
-        backoff = Backoff(self.settings.backoff_first_s, self.settings.backoff_max_s)
+        clock = asyncio.get_running_loop().time  # the loop's clock (a fake one in tests)
+        backoff = Backoff(self.settings.backoff_first_s, self.settings.backoff_max_s, clock)
         address = target.connection.address
         async with self.connect(target.connection) as client:
             while not self.done.is_set():
-                attempt = _Attempt(asyncio.Semaphore(target.window))
+                attempt = _Attempt(asyncio.Semaphore(target.window), clock)
                 try:
                     error = await self._attempt(client, attempt, backoff, address)
                 finally:
@@ -282,7 +283,7 @@ class Job:
                         await self._handle(work, pred, backoff)
                     finally:
                         attempt.busy = False
-                        attempt.progress_at = time.monotonic()
+                        attempt.progress_at = attempt.clock()
             return f"{address} closed the stream"
         except PretagError as exc:
             return f"{address}: {exc}"
@@ -402,25 +403,29 @@ class _Attempt:
     """One stream to one server: its window and the images it has in flight."""
 
     slots: asyncio.Semaphore
+    clock: Callable[[], float] = time.monotonic
     inflight: dict[str, Work] = field(default_factory=dict)
     stopped: bool = False  # the feed met the end-of-work marker
     closed: bool = False  # the call is over
     busy: bool = False  # the job is storing an answer (storage calls are bounded apart)
-    progress_at: float = field(default_factory=time.monotonic)  # last answer, or idle->busy
+    progress_at: float = -1.0  # last answer, or idle->busy (the clock's time)
+
+    def __post_init__(self) -> None:
+        self.progress_at = self.clock()
 
     def sent(self, work: Work) -> None:
         if not self.inflight:  # the silence that counts starts when work is outstanding
-            self.progress_at = time.monotonic()
+            self.progress_at = self.clock()
         self.inflight[work.item.name] = work
 
     def answered(self) -> None:
         self.slots.release()
-        self.progress_at = time.monotonic()
+        self.progress_at = self.clock()
 
     async def stalled(self, timeout_s: float) -> None:
         """Returns once images are in flight and nothing was answered for ``timeout_s``."""
         while True:
-            silent = time.monotonic() - self.progress_at
+            silent = self.clock() - self.progress_at
             if self.inflight and not self.busy and silent > timeout_s:
                 return
             await asyncio.sleep(max(0.05, min(1.0, timeout_s - silent if self.inflight

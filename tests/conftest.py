@@ -12,6 +12,7 @@ import sys
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -49,6 +50,32 @@ def yolox_model(tmp_path_factory: pytest.TempPathFactory, yolox_original: Path) 
     out = tmp_path_factory.mktemp("models") / "yolox_driving.onnx"
     export_yolox(YoloxExport(onnx=yolox_original, output=out))
     return out
+
+
+#: What a test server gets unless a test says otherwise.
+SERVER_DEFAULTS = {"host": "127.0.0.1", "port": 0, "metrics_port": None}
+
+
+@pytest.fixture(scope="module")
+def start_server(yolox_model: Path) -> Iterator[Callable[..., Any]]:
+    """Starts in-process servers (``BackgroundServer``) on free ports with the YOLOX
+    contract model and :data:`SERVER_DEFAULTS`, settings overridden by keyword; stops them
+    when the module is done. The one server factory of the suite."""
+    from pretag.server.app import BackgroundServer
+    from pretag.server.config import server_config
+
+    started: list[Any] = []
+
+    def start(**settings: Any) -> Any:
+        server = BackgroundServer(server_config(**{"model": yolox_model, **SERVER_DEFAULTS,
+                                                   **settings}))
+        server.__enter__()
+        started.append(server)
+        return server
+
+    yield start
+    for server in reversed(started):
+        server.__exit__(None, None, None)
 
 
 class ServeProcess:

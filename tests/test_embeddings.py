@@ -10,7 +10,7 @@ import subprocess
 import sys
 import textwrap
 import time
-from collections.abc import Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import cv2
@@ -28,10 +28,8 @@ pytestmark = pytest.mark.slow  # see the README: pytest -m "not slow"
 
 
 @pytest.fixture(scope="module")
-def server(yolox_model: Path) -> Iterator[BackgroundServer]:
-    with BackgroundServer(server_config(model=yolox_model, host="127.0.0.1", port=0,
-                                        metrics_port=None)) as srv:
-        yield srv
+def server(start_server: Callable[..., BackgroundServer]) -> BackgroundServer:
+    return start_server()
 
 
 @pytest.fixture(scope="module")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import io
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import cv2
@@ -23,18 +23,14 @@ from pretag.client import Client, InvalidImage, Prediction
 from pretag.preprocess import normalize_boxes, preprocess
 from pretag.runtime.backend import OrtBackend
 from pretag.server.app import BackgroundServer
-from pretag.server.config import server_config
 
 MAX_PIXELS = 2_000_000
 
 
 @pytest.fixture(scope="module")
-def server(yolox_model: Path) -> Iterator[BackgroundServer]:
+def server(start_server: Callable[..., BackgroundServer]) -> BackgroundServer:
     # CPU named explicitly: the answers do not depend on which onnxruntime is installed
-    config = server_config(model=yolox_model, host="127.0.0.1", port=0, metrics_port=0,
-                          max_pixels=MAX_PIXELS, providers=("cpu",))
-    with BackgroundServer(config) as srv:
-        yield srv
+    return start_server(metrics_port=0, max_pixels=MAX_PIXELS, providers=("cpu",))
 
 
 @pytest.fixture(scope="module")

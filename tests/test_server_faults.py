@@ -10,7 +10,7 @@ import sys
 import textwrap
 import threading
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import cv2
@@ -22,7 +22,6 @@ from pretag.cli import main
 from pretag.kserve_v2 import grpc_service_pb2 as kpb
 from pretag.preprocess import DecodeBudget, decode_image, read_header
 from pretag.server.app import BackgroundServer
-from pretag.server.config import server_config
 from pretag.v1 import pretag_pb2 as pb
 
 GARBAGE = b"\xff" * 20
@@ -30,15 +29,12 @@ MODEL = "yolox_nano-driving"
 
 
 @pytest.fixture(scope="module")
-def server(yolox_model: Path, tmp_path_factory: pytest.TempPathFactory
-           ) -> Iterator[BackgroundServer]:
+def server(start_server: Callable[..., BackgroundServer],
+           tmp_path_factory: pytest.TempPathFactory) -> BackgroundServer:
     token = tmp_path_factory.mktemp("token") / "token"
     token.write_text("s3cret\n")
     token.chmod(0o600)
-    with BackgroundServer(server_config(model=yolox_model, host="127.0.0.1", port=0,
-                                       metrics_port=None, max_queue=8, max_batch_size=4,
-                                       token_file=token)) as srv:
-        yield srv
+    return start_server(max_queue=8, max_batch_size=4, token_file=token)
 
 
 AUTH = (("authorization", "Bearer s3cret"),)

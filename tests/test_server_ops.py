@@ -52,10 +52,8 @@ TRITON_SCRIPT = textwrap.dedent("""
 
 
 @pytest.fixture(scope="module")
-def server(yolox_model: Path) -> Iterator[BackgroundServer]:
-    with BackgroundServer(server_config(model=yolox_model, host="127.0.0.1", port=0,
-                                       metrics_port=None)) as srv:
-        yield srv
+def server(start_server: Callable[..., BackgroundServer]) -> BackgroundServer:
+    return start_server()
 
 
 def test_tritonclient_gives_the_same_detections_as_detect(server: BackgroundServer,

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+import looptime
 import pytest
 from tqdm import tqdm
 
@@ -66,7 +67,7 @@ class FakeClient:
                             score_threshold: float | None = None, *,
                             embeddings: str = "none") -> AsyncIterator[Prediction]:
         server = self.server
-        server.streams.append(time.monotonic())
+        server.streams.append(asyncio.get_running_loop().time())  # the fake clock
         if server.down:
             raise Unavailable("connection refused", grpc.StatusCode.UNAVAILABLE)
         async for item_id, _data in items:
@@ -83,7 +84,7 @@ class FakeClient:
 
 
 def run_job(tmp_path: Path, servers: list[FakeServer], count: int = 40,
-            vectors: VectorStore | None = None,
+            vectors: VectorStore | None = None, fake_clock: bool = True,
             **settings: Any) -> tuple[JobState, Counter[str], list[ImageItem]]:
     folder = tmp_path / "in"
     folder.mkdir(parents=True, exist_ok=True)
@@ -101,7 +102,14 @@ def run_job(tmp_path: Path, servers: list[FakeServer], count: int = 40,
     job = Job(targets, items, tmp_path / "out", state, StreamSettings(0.5, **options),
               tqdm(disable=True), on_result=lambda name, ok: finished.update([name]),
               connect=lambda c: FakeClient(by_address[c.address]), vectors=vectors)
-    asyncio.run(asyncio.wait_for(job.run(), 60))
+    # the loop's fake clock drives the backoff and the stall watchdog (the job reads it):
+    # waits cost no real time. Real time where a test measures the delays themselves.
+    loop = (looptime.new_event_loop(start=0.0, _enabled=True) if fake_clock
+            else asyncio.new_event_loop())
+    try:
+        loop.run_until_complete(asyncio.wait_for(job.run(), 60))
+    finally:
+        loop.close()
     return state, finished, items
 
 
@@ -169,7 +177,8 @@ def test_an_image_that_keeps_breaking_streams_ends_in_errors(tmp_path: Path):
 
 def test_a_failing_server_is_retried_with_growing_delays_then_given_up(tmp_path: Path):
     down, healthy = FakeServer("a", down=True), FakeServer("b", delay_s=0.01)
-    state, _, _ = run_job(tmp_path, [down, healthy], count=200, server_timeout_s=1.0)
+    state, _, _ = run_job(tmp_path, [down, healthy], count=200, server_timeout_s=1.0,
+                          fake_clock=False)
     assert state.written == 200
     gaps = [b - a for a, b in zip(down.streams, down.streams[1:], strict=False)]
     assert len(gaps) >= 3
