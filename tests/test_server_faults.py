@@ -60,11 +60,13 @@ async def _garbage_mid_stream(port: int, method: str, good: bytes) -> tuple[int,
         call = channel.stream_stream(method, request_serializer=lambda b: b,
                                      response_deserializer=lambda b: b)
 
+        answered, ended = asyncio.Event(), asyncio.Event()
+
         async def requests() -> AsyncIterator[bytes]:
             yield good
-            await asyncio.sleep(0.3)
+            await answered.wait()  # the garbage comes after the first answer
             yield GARBAGE
-            await asyncio.sleep(0.3)
+            await ended.wait()  # never sent: the server ends the stream on the garbage
             yield good
 
         answers = 0
@@ -72,6 +74,8 @@ async def _garbage_mid_stream(port: int, method: str, good: bytes) -> tuple[int,
         with pytest.raises(grpc.aio.AioRpcError) as failed:
             async for _ in stream:
                 answers += 1
+                answered.set()
+        ended.set()
         return answers, failed.value.code().name
 
 

@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -223,12 +224,14 @@ class SlowBackend:
         self.providers = ("FakeProvider",)
         self.seconds = seconds
         self.batches: list[int] = []
+        self.started = threading.Event()  # set once a batch is inside the model
 
     def run(self, batch: object) -> object:
         from pretag.runtime.backend import Outputs
 
         n = batch.images.shape[0]  # type: ignore[attr-defined]
         self.batches.append(n)
+        self.started.set()
         time.sleep(self.seconds)
         return Outputs(np.zeros((n, 1, 4), np.float32), np.zeros((n, 1), np.float32),
                        np.full((n, 1), -1, np.int64), np.zeros((n,), np.int64))
@@ -246,22 +249,28 @@ def test_expired_deadline_is_dropped_before_compute(yolox_model: Path, coco128: 
     async def scenario(port: int) -> None:
         async with AsyncClient(f"127.0.0.1:{port}") as client:
             busy = asyncio.ensure_future(client.detect(data, id="busy"))
-            await asyncio.sleep(0.3)  # "busy" is in the model for 1 s
+            # "busy" is in the model for 1 s once this returns
+            await asyncio.get_running_loop().run_in_executor(None, backend.started.wait, 10)
             with pytest.raises(DeadlineExceeded):
                 await client.detect(data, id="late", timeout=0.3)
             assert (await busy).error is None
-            await asyncio.sleep(0.2)
 
     with BackgroundServer(config, backend=backend) as srv:  # type: ignore[arg-type]
         asyncio.run(scenario(srv.port))
         assert backend.batches == [1]  # "late" never reached the model
         registry = srv.server.metrics.registry  # type: ignore[union-attr]
-        # gRPC cancels the handler when the deadline passes (counted CANCELLED); had the
-        # batch been formed first, the batcher would have refused it (DEADLINE_EXCEEDED)
-        dropped = sum(registry.get_sample_value(
-            "pretag_requests_total", {"method": "Detect", "code": code}) or 0
-            for code in ("CANCELLED", "DEADLINE_EXCEEDED"))
-        assert dropped == 1
+
+        def dropped() -> float:
+            # gRPC cancels the handler when the deadline passes (counted CANCELLED); had
+            # the batch been formed first, the batcher would have refused it (DEADLINE_...)
+            return sum(registry.get_sample_value(
+                "pretag_requests_total", {"method": "Detect", "code": code}) or 0
+                for code in ("CANCELLED", "DEADLINE_EXCEEDED"))
+
+        deadline = time.monotonic() + 5  # the cancelled handler is counted as it unwinds
+        while dropped() < 1 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert dropped() == 1
 
 
 def test_example_config_file_is_valid(yolox_model: Path):
