@@ -27,6 +27,7 @@ from tqdm import tqdm
 
 from pretag.client.api import AsyncClient, Connection, PretagError
 from pretag.contract import threshold_problem
+from pretag.job.errors import Code, record
 from pretag.job.lock import hold
 from pretag.job.outputs import (
     name_problem,
@@ -116,14 +117,13 @@ def _resume(config: RunConfig, items: list[ImageItem], hist: Histogram,
     for item in items:
         problem = name_problem(item.name)
         if problem is not None:
-            errors.append({"path": str(item.path), "filename": item.name, "code": "NAME",
-                           "reason": problem})
+            errors.append(record(item.path, item.name, Code.NAME, problem))
             continue
         target = str(prediction_path(config.output_dir, item.name))
         if target in seen:
-            errors.append({"path": str(item.path), "filename": item.name, "code": "NAME",
-                           "reason": f"its prediction file {target.rsplit('/', 1)[-1]} would "
-                                     f"overwrite that of {seen[target]}"})
+            errors.append(record(item.path, item.name, Code.NAME,
+                                 f"its prediction file {target.rsplit('/', 1)[-1]} would "
+                                 f"overwrite that of {seen[target]}"))
             continue
         seen[target] = item.name
         unique.append(item)

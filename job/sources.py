@@ -21,6 +21,7 @@ from typing import Any, Protocol
 
 from upath import UPath
 
+from pretag.job.errors import Code, record
 from pretag.job.storage import AnyPath, StorageError, find_sized
 
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"})
@@ -56,8 +57,7 @@ def _not_a_file(path: Path, name: str, how: str = "has an image suffix") -> dict
     what = ("a broken symbolic link" if path.is_symlink() and not path.exists()
             else "a directory" if path.is_dir()
             else "not a regular file (a FIFO, socket or device)")
-    return {"path": str(path), "filename": name, "code": "NOT_A_FILE",
-            "reason": f"{how} but is {what}"}
+    return record(path, name, Code.NOT_A_FILE, f"{how} but is {what}")
 
 
 def list_name(line: str, list_dir: Path) -> str:

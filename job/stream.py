@@ -30,6 +30,7 @@ from tqdm import tqdm
 
 from pretag.client.api import AsyncClient, Connection, Prediction, PretagError
 from pretag.job.backoff import Backoff
+from pretag.job.errors import Code, record
 from pretag.job.outputs import make_entry, write_prediction
 from pretag.job.report import Histogram
 from pretag.job.sources import ImageItem
@@ -113,8 +114,7 @@ class JobState:
             self.hist.add(entry)
             self.written += 1
         else:
-            self.errors.append({"path": str(item.path), "filename": item.name,
-                                "code": code, "reason": error})
+            self.errors.append(record(item.path, item.name, code, error))
         self.finished += 1
 
 
@@ -194,11 +194,11 @@ class Job:
                 if size + len(item.name.encode()) > self.max_image_bytes:
                     self._finish(item, None, f"file is {size / 2**20:.1f} MiB, over the "
                                  f"{self.max_image_bytes / 2**20:.1f} MiB a request may carry "
-                                 f"(the servers' --max-message-mb)", "TOO_LARGE")
+                                 f"(the servers' --max-message-mb)", Code.TOO_LARGE)
                     continue
                 data = await loop.run_in_executor(self.pool, item.path.read_bytes)
             except NotAFile as exc:
-                self._finish(item, None, str(exc), "NOT_A_FILE")
+                self._finish(item, None, str(exc), Code.NOT_A_FILE)
                 continue
             except Exception as exc:
                 problem = storage_outage(exc)
@@ -209,7 +209,7 @@ class Job:
                     return
                 if not isinstance(exc, OSError):
                     raise
-                self._finish(item, None, f"cannot read file: {exc.strerror or exc}", "READ")
+                self._finish(item, None, f"cannot read file: {exc.strerror or exc}", Code.READ)
                 continue
             self.queue.put_nowait(Work(item, data))
 
@@ -294,7 +294,7 @@ class Job:
         for work in attempt.inflight.values():
             work.attempts += 1
             if work.attempts >= self.settings.max_attempts:
-                self._finish(work.item, None, f"{error_text} {work.attempts} times", "STREAM")
+                self._finish(work.item, None, f"{error_text} {work.attempts} times", Code.STREAM)
             else:
                 self.queue.put_nowait(work)
         attempt.inflight.clear()
@@ -354,12 +354,12 @@ class Job:
                 self.vectors.check(item.name, pred)
             await loop.run_in_executor(self.pool, write_prediction, self.output_dir, entry)
         except ValueError as exc:  # the server left out the vectors asked for
-            self._finish(item, None, str(exc), "VECTORS")
+            self._finish(item, None, str(exc), Code.VECTORS)
             return
         except Exception as exc:
             fatal, reason = write_failure(exc, self.output_dir)
             if not fatal:
-                self._finish(item, None, reason, "WRITE")
+                self._finish(item, None, reason, Code.WRITE)
                 return
             hint = (_RESUME if storage_outage(exc) else
                     "free space and run the same command again to resume")

@@ -16,8 +16,10 @@ files are those the gRPC path writes.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
+import os
 import tempfile
 from collections import defaultdict
 from dataclasses import dataclass
@@ -27,6 +29,7 @@ from typing import Any
 import numpy as np
 
 from pretag.contract import ResizeSpec
+from pretag.job.errors import Code
 from pretag.job.outputs import Detections, make_entry, write_prediction
 from pretag.job.storage import DEFAULT_TIMEOUT_S, location, storage_outage
 from pretag.job.stream import write_failure
@@ -47,7 +50,7 @@ log = logging.getLogger(__name__)
 Batch = dict[str, np.ndarray]
 #: ``code`` of a failure that every later image would meet too (a full disk): the
 #: driver stops the job with its reason.
-STOP = "STOP"
+STOP = Code.STOP
 _EMPTY = np.zeros((0, 0, 3), np.uint8)
 #: Decodes at once in one worker process stay under the server's default budget.
 _BUDGET = DecodeBudget(DEFAULT_DECODE_MEMORY_MB * 2**20)
@@ -70,11 +73,11 @@ def _read_one(path: str, name: str, resize: ResizeSpec, max_pixels: int, timeout
             return _EMPTY, (0, 0), STOP, f"cannot read {path}: {problem}"
         if not isinstance(exc, OSError):
             raise
-        return _EMPTY, (0, 0), "READ", f"cannot read file: {exc.strerror or exc}"
+        return _EMPTY, (0, 0), Code.READ, f"cannot read file: {exc.strerror or exc}"
     try:  # the server's own step, under a decode budget of the same default size
         image, original = prepare(data, resize, max_pixels, _BUDGET)
     except ImageError as exc:  # what the server answers for the same bytes
-        return _EMPTY, (0, 0), "INVALID_ARGUMENT", request_message(name, str(exc))
+        return _EMPTY, (0, 0), Code.INVALID_ARGUMENT, request_message(name, str(exc))
     return image, original, "", ""
 
 
@@ -100,17 +103,29 @@ class DetectorConfig:
     threads: int | None = None  # ONNX Runtime intra-op threads; None: all the node's cores
 
 
+def model_file(model: bytes, folder: Path | None = None) -> Path:
+    """The model's bytes as ``<folder>/<sha256>.onnx`` (default: the node's temporary
+    folder, ``pretag-models/``): written once per node and content, atomically, so actors
+    that restart or share a node load the same file (and an engine cache keyed by it, such
+    as TensorRT's, can survive restarts)."""
+    folder = folder or Path(tempfile.gettempdir()) / "pretag-models"
+    path = folder / f"{hashlib.sha256(model).hexdigest()}.onnx"
+    if not path.is_file() or path.stat().st_size != len(model):
+        folder.mkdir(parents=True, exist_ok=True)
+        tmp = folder / f".{path.name}.{os.getpid()}.tmp"
+        tmp.write_bytes(model)
+        os.replace(tmp, path)
+    return path
+
+
 class Detector:
     """One ONNX Runtime session; detects every decoded image of a batch, in model
     batches of at most ``batch_size`` images that share a canvas (as the server's
     batcher groups them)."""
 
     def __init__(self, model: bytes, config: DetectorConfig) -> None:
-        with tempfile.TemporaryDirectory(prefix="pretag-model-") as folder:
-            path = Path(folder) / "model.onnx"  # ONNX Runtime holds it once loaded
-            path.write_bytes(model)
-            self.backend = OrtBackend(path, providers=config.providers,
-                                      threads=config.threads)
+        self.backend = OrtBackend(model_file(model), providers=config.providers,
+                                  threads=config.threads)
         self.spec = self.backend.spec
         self.config = config
         # the threshold travels as a float32 in a DetectRequest: compare with the same value
@@ -197,11 +212,11 @@ def write_block(batch: Batch, config: WriteConfig) -> Batch:
                 shard.check(pred.id, pred, images, objects)
             write_prediction(output_dir, entry)
         except ValueError as exc:
-            codes[i], reasons[i] = "VECTORS", str(exc)
+            codes[i], reasons[i] = Code.VECTORS, str(exc)
             continue
         except Exception as exc:
             fatal, reasons[i] = write_failure(exc, output_dir)
-            codes[i] = STOP if fatal else "WRITE"
+            codes[i] = STOP if fatal else Code.WRITE
             continue
         if config.mode != "none":
             shard.add(pred.id, pred, images, objects)

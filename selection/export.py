@@ -15,7 +15,7 @@ import json
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-from pretag.job.outputs import TASK, write_atomic
+from pretag.job.outputs import TASK, write_atomic, write_task_files
 from pretag.preprocess import ImageError, image_size
 from pretag.selection.config import SelectionConfigError
 from pretag.selection.predictions import RunPredictions
@@ -65,10 +65,7 @@ def export_coco(run: RunPredictions, images: Path, names: list[str], path: Path)
 def export_lightly(run: RunPredictions, images: Path, names: list[str], root: Path) -> None:
     classes = run.classes
     predictions = root / ".lightly" / "predictions"
-    write_atomic(predictions / "tasks.json", json.dumps([TASK]) + "\n")
-    schema = {"task_type": "object-detection",
-              "categories": [{"id": i, "name": c} for i, c in enumerate(classes)]}
-    write_atomic(predictions / TASK / "schema.json", json.dumps(schema, indent=1) + "\n")
+    write_task_files(root, classes)  # the run's own layout: tasks.json and schema.json
     for name, entry, w, h in _sized(run, images, names):
         record = {"file_name": name, "predictions": [
             {"category_id": classes.index(label), "bbox": _pixels(box, w, h), "score": score}

@@ -3,6 +3,7 @@ images, unreadable and broken files, and an output it cannot write to."""
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
 import cv2
@@ -59,3 +60,13 @@ def test_an_output_that_cannot_be_written_fails_each_image_not_the_task(
                                           "none", 1))
     assert list(done["code"]) == ["WRITE", "WRITE"]
     assert all("cannot write prediction" in r for r in done["reason"])
+
+
+def test_the_model_file_is_named_by_its_content(tmp_path: Path):
+    from pretag.scale.stages import model_file
+
+    first = model_file(b"model bytes", tmp_path)
+    assert first.name == f"{hashlib.sha256(b'model bytes').hexdigest()}.onnx"
+    mtime = first.stat().st_mtime_ns
+    assert model_file(b"model bytes", tmp_path) == first and first.stat().st_mtime_ns == mtime
+    assert model_file(b"other", tmp_path) != first and len(list(tmp_path.iterdir())) == 2
