@@ -113,7 +113,7 @@ def stage_rates(model: Path, data: Path, images: int = 256) -> dict[str, float]:
     """Images per second of each pipeline stage run alone in this process, one CPU
     thread unless said otherwise: what an actor, a read task, a write task and the
     driver can each sustain (the inputs of the N-node estimate in RESULTS.md)."""
-    from pretag.job.report import Histogram
+    from pretag.job.stats import Histogram
     from pretag.job.stream import JobState
     from pretag.scale.stages import Detector, DetectorConfig, WriteConfig, read_images
 

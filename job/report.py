@@ -2,75 +2,32 @@
 
 from __future__ import annotations
 
-import io
 import json
 import logging
-from collections import Counter
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from typing import Any
 
 import cv2
 
 from pretag.job.outputs import write_atomic
+from pretag.job.stats import Histogram, bar_chart
 from pretag.job.storage import AnyPath, write_whole
 from pretag.preprocess import decode_bgr
 
 log = logging.getLogger(__name__)
 
 
-@dataclass
-class Histogram:
-    """Objects per class and images containing each class, over prediction entries."""
-
-    class_names: Sequence[str]
-    objects: Counter[str] = field(default_factory=Counter)
-    images_with: Counter[str] = field(default_factory=Counter)
-    images: int = 0
-    empty_images: int = 0
-
-    def add(self, entry: dict[str, Any]) -> None:
-        labels = entry["labels"]
-        self.images += 1
-        self.objects.update(labels)
-        self.images_with.update(set(labels))
-        if not labels:
-            self.empty_images += 1
-
-    def to_json(self) -> dict[str, Any]:
-        total = sum(self.objects.values())
-        return {
-            "images": self.images,
-            "objects": total,
-            "objects_per_class": {n: self.objects.get(n, 0) for n in self.class_names},
-            "images_per_class": {n: self.images_with.get(n, 0) for n in self.class_names},
-            "average_objects_per_image": total / self.images if self.images else 0.0,
-            "images_without_detections": self.empty_images,
-        }
-
-
 def write_histogram(report_dir: AnyPath, hist: Histogram, threshold: float) -> None:
     """class_histogram.json and class_histogram.png (a bar chart of objects per class)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     data = hist.to_json() | {"score_threshold": threshold}
     write_atomic(report_dir / "class_histogram.json", json.dumps(data, indent=2) + "\n")
     names = list(hist.class_names)
-    counts = [data["objects_per_class"][n] for n in names]
-    fig, ax = plt.subplots(figsize=(max(6.0, 0.9 * len(names)), 4.5), layout="constrained")
-    bars = ax.bar(names, counts, color="#3b7dd8")
-    ax.bar_label(bars, labels=[str(c) for c in counts], fontsize=9)
-    ax.set_ylabel("objects")
-    ax.set_title(f"{data['images']} images, {data['average_objects_per_image']:.2f} objects per "
-                 f"image (score >= {threshold:g})")
-    ax.tick_params(axis="x", rotation=30 if len(names) > 8 else 0)
-    png = io.BytesIO()
-    fig.savefig(png, format="png", dpi=120)
-    plt.close(fig)
-    write_whole(report_dir / "class_histogram.png", png.getvalue())
+    png = bar_chart(names, [data["objects_per_class"][n] for n in names],
+                    f"{data['images']} images, {data['average_objects_per_image']:.2f} objects "
+                    f"per image (score >= {threshold:g})",
+                    size=(max(6.0, 0.9 * len(names)), 4.5), dpi=120, fontsize=9,
+                    rotation=30 if len(names) > 8 else 0)
+    write_whole(report_dir / "class_histogram.png", png)
 
 
 def spread(count: int, total: int) -> list[int]:

@@ -40,8 +40,9 @@ from pretag.job.outputs import (
     written_name,
     written_predictions,
 )
-from pretag.job.report import Histogram, draw_debug_image, spread, write_histogram
+from pretag.job.report import draw_debug_image, spread, write_histogram
 from pretag.job.sources import ImageItem, InputError, Listing, list_images
+from pretag.job.stats import Histogram
 from pretag.job.storage import (
     DEFAULT_TIMEOUT_S,
     AnyPath,

@@ -32,8 +32,8 @@ from pretag.client.api import AsyncClient, Connection, Prediction, PretagError
 from pretag.job.backoff import Backoff
 from pretag.job.errors import Code, record
 from pretag.job.outputs import make_entry, write_prediction
-from pretag.job.report import Histogram
 from pretag.job.sources import ImageItem
+from pretag.job.stats import Histogram
 from pretag.job.storage import AnyPath, storage_outage
 from pretag.job.vectors import Shard, VectorStore
 from pretag.v1 import pretag_pb2 as pb

@@ -28,6 +28,7 @@ from pretag.job.outputs import (
     write_atomic,
 )
 from pretag.job.report import draw_debug_image
+from pretag.job.stats import bar_chart, class_stats
 from pretag.selection.greedy import normalise
 from pretag.selection.samples import Samples
 
@@ -36,18 +37,8 @@ log = logging.getLogger(__name__)
 _MAX_POINTS = 4000  # nearest-neighbour distances and the map use at most this many
 
 
-def class_stats(samples: Samples, rows: np.ndarray) -> dict[str, Any]:
-    counts = samples.counts[rows]
-    objects = counts.sum(axis=0)
-    total = float(objects.sum())
-    return {"samples": len(rows), "objects": int(total),
-            "objects_per_class": dict(zip(samples.classes, map(int, objects), strict=True)),
-            "samples_per_class": dict(zip(samples.classes, map(int, (counts > 0).sum(axis=0)),
-                                          strict=True)),
-            "average_objects_per_sample": total / len(rows) if len(rows) else 0.0,
-            "class_distribution": dict(zip(samples.classes,
-                                           (objects / total if total else objects).tolist(),
-                                           strict=True))}
+def class_stats_of(samples: Samples, rows: np.ndarray) -> dict[str, Any]:
+    return class_stats(samples.classes, samples.counts[rows])
 
 
 def _plot(draw: Any, size: tuple[float, float] = (6.4, 3.6)) -> bytes:
@@ -65,16 +56,10 @@ def _plot(draw: Any, size: tuple[float, float] = (6.4, 3.6)) -> bytes:
 
 
 def _histogram(stats: dict[str, Any], title: str) -> bytes:
-    def draw(ax: Any) -> None:
-        names, values = list(stats["objects_per_class"]), list(stats["objects_per_class"]
-                                                                .values())
-        bars = ax.bar(names, values, color="#3b7dd8")
-        ax.bar_label(bars, labels=[str(v) for v in values], fontsize=8)
-        ax.set_ylabel("objects")
-        ax.set_title(f"{title}: {stats['samples']} samples, "
+    objects = stats["objects_per_class"]
+    return bar_chart(list(objects), list(objects.values()),
+                     f"{title}: {stats['samples']} samples, "
                      f"{stats['average_objects_per_sample']:.2f} objects each")
-        ax.tick_params(axis="x", rotation=30)
-    return _plot(draw)
 
 
 def _subset(n: int) -> np.ndarray:
@@ -148,8 +133,8 @@ def write_report(run_dir: Path, out_dir: Path, samples: Samples, picked: list[in
     report_dir = out_dir / "report"
     report_dir.mkdir(parents=True, exist_ok=True)
     rows = np.array(picked, dtype=int)
-    before = class_stats(samples, np.arange(len(samples.names)))
-    after = class_stats(samples, rows)
+    before = class_stats_of(samples, np.arange(len(samples.names)))
+    after = class_stats_of(samples, rows)
     record: dict[str, Any] = {"before": before, "after": after}
     if target:  # over the same buckets as BALANCE: listed classes, then all the others
         wanted = np.array([*target.values(), max(0.0, 1.0 - sum(target.values()))])

@@ -20,8 +20,8 @@ from tqdm import tqdm
 
 from pretag.client.api import Connection, Overloaded, Prediction, Unavailable
 from pretag.job.outputs import read_prediction
-from pretag.job.report import Histogram
 from pretag.job.sources import ImageItem
+from pretag.job.stats import Histogram
 from pretag.job.stream import Job, JobState, RunError, StreamSettings, Target
 from pretag.job.vectors import VectorStore
 
