@@ -11,14 +11,13 @@ exit 2, naming the holder (host, pid, command, since when).
 * **Object storage**: a lease object. It is created only if absent (S3's conditional
   ``If-None-Match: *`` PUT, through s3fs's ``mode="create"``), rewritten with a fresh
   heartbeat every :data:`HEARTBEAT_S` seconds and deleted at the end. A lease whose
-  heartbeat is older than :data:`STALE_S` belongs to a run that died and is taken over
-  (at once when it names a process of this host that is gone)
-  (deleted, then created again conditionally: of two runs taking over at once, one
-  wins). Guaranteed on stores with conditional PUTs (AWS S3, and moto's server in the
-  tests); elsewhere pretag writes the lease, waits and reads it back, which narrows but
-  cannot close the window in which two runs starting within a second both proceed. The
-  heartbeat uses each machine's clock: clocks apart by more than STALE_S - HEARTBEAT_S
-  could take over a live lease.
+  heartbeat is older than :data:`STALE_S` (or that names a process of this host that is
+  gone) belongs to a run that died and is taken over: deleted, then created again
+  conditionally, so that of two runs taking over at once one wins. Guaranteed on stores
+  with conditional PUTs (AWS S3, and moto's server in the tests); elsewhere pretag writes
+  the lease, waits and reads it back, which narrows but cannot close the window in which
+  two runs starting within a second both proceed. The heartbeat uses each machine's
+  clock: clocks apart by more than STALE_S - HEARTBEAT_S could take over a live lease.
 """
 
 from __future__ import annotations

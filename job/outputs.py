@@ -168,11 +168,8 @@ def read_prediction(output_dir: AnyPath, name: str) -> dict[str, Any] | None:
         data = json.loads(path.read_text())
     except (OSError, ValueError):
         return None
-    if not (isinstance(data, list) and len(data) == 1 and isinstance(data[0], dict)):
-        return None
-    entry = data[0]
-    keys_ok = all(isinstance(entry.get(k), list) for k in ("boxes", "labels", "scores"))
-    if entry.get("filename") != name or not keys_ok:
+    entry, problem = entry_of(data)
+    if entry is None or problem is not None or entry["filename"] != name:
         return None
     return entry
 
@@ -191,6 +188,14 @@ def box_problem(box: Any) -> str | None:
     if not (-eps <= x1 <= x2 <= 1 + eps and -eps <= y1 <= y2 <= 1 + eps):
         return f"box {box!r} is inverted or outside the image (x1 <= x2, y1 <= y2, in [0, 1])"
     return None
+
+
+def entry_of(data: Any) -> tuple[dict[str, Any] | None, str | None]:
+    """The entry of a parsed prediction file (a list of one entry), and why it cannot be
+    read (:func:`entry_problem`), if it cannot."""
+    entry = data[0] if isinstance(data, list) and len(data) == 1 else None
+    problem = entry_problem(entry)
+    return (entry if problem is None else None), problem
 
 
 def entry_problem(entry: Any) -> str | None:

@@ -15,7 +15,7 @@ from pretag.job.outputs import (
     RESERVED,
     TASK,
     detection_problems,
-    entry_problem,
+    entry_of,
     predictions_dir,
     usable,
 )
@@ -67,9 +67,8 @@ def read_run(run_dir: Path) -> RunPredictions:
             data = json.loads(path.read_text())
         except (OSError, ValueError) as exc:
             raise SelectionConfigError(f"{path} is not a prediction file ({exc})") from None
-        entry = data[0] if isinstance(data, list) and len(data) == 1 else None
-        problem = entry_problem(entry)
-        if problem is not None or entry is None:
+        entry, problem = entry_of(data)
+        if entry is None:
             raise SelectionConfigError(f"{path} is not a prediction file: {problem}")
         entries[entry["filename"]] = entry
         found = detection_problems(entry, classes)

@@ -22,7 +22,6 @@ import numpy as np
 
 from pretag.job.outputs import (
     detection_problems,
-    entry_problem,
     read_prediction,
     usable,
     write_atomic,
@@ -116,8 +115,7 @@ def _debug_images(run_dir: Path, images: Path | None, names: list[str], out: Pat
     tags = []
     for name in names[:6]:
         entry = read_prediction(run_dir, name)
-        if images is None or entry is None or entry_problem(entry) or \
-                not (images / name).is_file():
+        if images is None or entry is None or not (images / name).is_file():
             continue
         entry = usable(entry, detection_problems(entry, classes))
         target = out / "selected" / name.replace("/", "__")
