@@ -17,6 +17,7 @@ from typing import Any
 from pretag.job.run import RunConfig
 from pretag.job.sources import list_images
 from pretag.job.storage import AnyPath
+from pretag.job.stream import StreamSettings
 from pretag.local import run_locally
 from pretag.preprocess import preprocess
 from pretag.runtime.backend import OrtBackend
@@ -60,7 +61,8 @@ def bench_job(cfg: JobBench) -> dict[str, Any]:
         out = Path(tempfile.mkdtemp(prefix="pretag-bench-"))
         try:
             start = time.perf_counter()
-            summary = run_locally(RunConfig(cfg.images, out, quiet=True, window=cfg.window),
+            summary = run_locally(RunConfig(cfg.images, out, quiet=True,
+                                            stream=StreamSettings(window=cfg.window)),
                                   cfg.model, max_batch_size=cfg.batch_size)
             run_walls.append(time.perf_counter() - start)
         finally:

@@ -21,7 +21,7 @@ import numpy as np
 from pretag.bench.stats import best_rows, percentiles
 from pretag.job.sources import list_images
 from pretag.preprocess import Batch, decode_image, pad_batch, resize_image
-from pretag.runtime.backend import OrtBackend
+from pretag.runtime.backend import BackendConfig, OrtBackend
 
 log = logging.getLogger(__name__)
 
@@ -103,7 +103,7 @@ def _row(engine: str, batch: Batch, times: list[float], cfg: ModelBench) -> dict
 
 
 def bench_model(cfg: ModelBench) -> dict[str, Any]:
-    backend = OrtBackend(cfg.model, providers=list(cfg.providers), threads=cfg.threads)
+    backend = OrtBackend(cfg.model, BackendConfig(providers=cfg.providers, threads=cfg.threads))
     images = load_resized(cfg.images, backend)
     engines: dict[str, Callable[[Batch], Any]] = {"onnxruntime": backend.run}
     if cfg.torch_weights is not None:

@@ -28,6 +28,7 @@ import numpy as np
 from pretag.job.run import RunConfig, RunSummary
 from pretag.job.sources import list_images
 from pretag.local import run_locally
+from pretag.runtime.backend import BackendConfig
 from pretag.scale.ray_job import RaySettings, run_on_ray
 from pretag.scale.stages import write_block
 
@@ -82,7 +83,7 @@ def ray_settings(actors: int) -> RaySettings:
     """Every core busy: the actors share the cores but one Ray CPU, kept for writing."""
     cores = os.cpu_count() or 1
     return RaySettings(actors=actors, cpus_per_actor=max(cores - 1, 1) / actors,
-                       threads=max(1, cores // actors))
+                       backend=BackendConfig(threads=max(1, cores // actors)))
 
 
 def bench_ray(cfg: RayBench) -> dict[str, Any]:
@@ -120,7 +121,7 @@ def stage_rates(model: Path, data: Path, images: int = 256) -> dict[str, float]:
     items = list_images(data).items[:images]
     rows = {"index": np.arange(len(items)), "name": np.array([i.name for i in items], object),
             "path": np.array([str(i.path) for i in items], object)}
-    detector = Detector(model.read_bytes(), DetectorConfig(0.5, 8, threads=1))
+    detector = Detector(model.read_bytes(), DetectorConfig(0.5, 8, BackendConfig(threads=1)))
     resize = detector.spec.resize
     chunks = [{k: v[i:i + 16] for k, v in rows.items()} for i in range(0, len(items), 16)]
     out: dict[str, float] = {}
@@ -129,7 +130,7 @@ def stage_rates(model: Path, data: Path, images: int = 256) -> dict[str, float]:
         read_images(c, resize, 100_000_000) for c in chunks))
     found: list[dict[str, np.ndarray]] = []
     out["detect_1_thread"] = _rate(len(items), lambda: found.extend(map(detector, read)))
-    two = Detector(model.read_bytes(), DetectorConfig(0.5, 8, threads=2))
+    two = Detector(model.read_bytes(), DetectorConfig(0.5, 8, BackendConfig(threads=2)))
     out["detect_2_threads"] = _rate(len(items), lambda: list(map(two, read)))
     folder = Path(tempfile.mkdtemp(prefix="pretag-bench-write-"))
     try:

@@ -93,9 +93,8 @@ def _ray_runner(args: argparse.Namespace) -> run_cli.Runner | None:
     """With ``--ray``: the job on Ray."""
     if args.ray is None:
         return None
-    settings = scale_cli.settings_from_args(args)
-
     def runner(config: RunConfig, listing: Listing) -> RunSummary:
+        settings = scale_cli.settings_from_args(args)
         if config.servers:
             raise RunError("--ray and --server are two ways to run the job: give one")
         model = args.model if args.model is not None else local.default_model()

@@ -227,11 +227,57 @@ def _check_io(kind: str, actual: dict[str, Any], expected: IOSpec, optional: IOS
 
 def validate_session(session: Any) -> ModelSpec:
     """Check an ``onnxruntime.InferenceSession`` against the contract."""
-    inputs = {a.name: a for a in session.get_inputs()}
-    outputs = {a.name: a for a in session.get_outputs()}
+    return _validate({a.name: a for a in session.get_inputs()},
+                     {a.name: a for a in session.get_outputs()},
+                     dict(session.get_modelmeta().custom_metadata_map))
+
+
+@dataclass(frozen=True)
+class _Declared:
+    """A graph input or output as ONNX Runtime describes one (name, type, shape)."""
+
+    name: str
+    type: str  # "tensor(float)"
+    shape: list[int | str | None]
+
+
+def _declared(value: Any) -> _Declared:
+    import onnx
+
+    tensor = value.type.tensor_type
+    dtype = onnx.TensorProto.DataType.Name(tensor.elem_type).lower()
+    shape: list[int | str | None] = [
+        d.dim_value if d.HasField("dim_value") else d.dim_param or None
+        for d in tensor.shape.dim]
+    return _Declared(value.name, f"tensor({dtype})", shape)
+
+
+def read_model_spec(path: str | Path) -> ModelSpec:
+    """:func:`validate_model` from the file's declarations alone: the onnx package parses
+    the graph's inputs, outputs and metadata; no session is built (no kernels, no provider,
+    no weights copied to a device). For a driver that only needs to know what a model is."""
+    try:
+        import onnx
+    except ImportError as exc:
+        raise ContractError(f"reading a model's metadata needs the onnx package ({exc}): "
+                            f"pip install 'pretag[ray]'") from None
+    path = Path(path)
+    if not path.is_file():
+        raise ContractError(f"model file {path} does not exist")
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception as exc:  # onnx raises DecodeError and friends
+        raise ContractError(f"onnx cannot load {path}: {exc}") from exc
+    weights = {i.name for i in model.graph.initializer}  # older exporters list them as inputs
+    return _validate({v.name: _declared(v) for v in model.graph.input if v.name not in weights},
+                     {v.name: _declared(v) for v in model.graph.output},
+                     {p.key: p.value for p in model.metadata_props})
+
+
+def _validate(inputs: dict[str, Any], outputs: dict[str, Any], meta: dict[str, str]
+              ) -> ModelSpec:
     problems = _check_io("input", inputs, INPUTS, {})
     problems += _check_io("output", outputs, OUTPUTS, OPTIONAL_OUTPUTS)
-    meta = dict(session.get_modelmeta().custom_metadata_map)
     spec: ModelSpec | None = None
     try:
         spec = ModelSpec.from_metadata(meta)

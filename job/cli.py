@@ -14,15 +14,24 @@ from contextlib import AbstractContextManager
 from pathlib import Path
 
 from pretag.job.report import summary_table
-from pretag.job.run import RunConfig, RunError, RunSummary, load_listing, run_job
+from pretag.job.run import (
+    ConnectSettings,
+    RunConfig,
+    RunError,
+    RunSummary,
+    load_listing,
+    run_job,
+)
 from pretag.job.sources import Listing
 from pretag.job.storage import ATTEMPTS, AnyPath, location, storage_outage
+from pretag.job.stream import StreamSettings
 from pretag.job.vectors import MODES, embeddings_dir, write_csv
 from pretag.token_file import TokenFileError, read_token_file
 
 log = logging.getLogger("pretag")
 
-_D = RunConfig  # defaults are set on the dataclass, once
+_D = RunConfig  # defaults are set on the dataclasses, once
+_S = StreamSettings
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -38,11 +47,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                                    "Faster R-CNN exported once into ~/.cache/pretag)")
     add("--score-threshold", type=float, default=_D.score_threshold,
         help=f"default {_D.score_threshold:g}")
-    add("--window", type=int, default=_D.window,
-        help=f"images in flight per server (default {_D.window}; held within each server's "
+    add("--window", type=int, default=_S.window,
+        help=f"images in flight per server (default {_S.window}; held within each server's "
              f"--max-queue)")
-    add("--read-threads", type=int, default=_D.read_threads,
-        help=f"file reading threads (default {_D.read_threads})")
+    add("--read-threads", type=int, default=_S.read_threads,
+        help=f"file reading threads (default {_S.read_threads})")
     add("--debug-images", type=int, default=0, metavar="N",
         help="draw boxes on N images spread over the run, under DIR/report/debug")
     add("--embeddings", choices=MODES,
@@ -59,10 +68,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add("--tls-ca", type=Path, help="CA bundle of the servers' certificates; enables TLS")
     add("--tls-cert", type=Path, help="client certificate for mutual TLS")
     add("--tls-key", type=Path, help="client key for mutual TLS")
-    add("--server-timeout-s", type=float, default=_D.server_timeout_s,
+    add("--server-timeout-s", type=float, default=_S.server_timeout_s,
         help=f"give up on a server after this long failing, or answering nothing while "
              f"images are in flight; its images go to the other servers (default "
-             f"{_D.server_timeout_s:g})")
+             f"{_S.server_timeout_s:g})")
     add("--storage-timeout-s", type=float, default=_D.storage_timeout_s,
         help=f"object storage: seconds one request may wait for an answer; each is tried "
              f"{ATTEMPTS} times, then the run stops with exit 2 (default "
@@ -76,12 +85,14 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
                      output_dir=location(str(args.output_dir), timeout),
                      servers=tuple(args.server), storage_timeout_s=timeout,
                      score_threshold=args.score_threshold,
-                     window=args.window, read_threads=args.read_threads,
-                     debug_images=args.debug_images, quiet=args.quiet, token=token,
-                     root_cert=args.tls_ca, client_cert=args.tls_cert,
-                     client_key=args.tls_key, server_timeout_s=args.server_timeout_s,
+                     debug_images=args.debug_images, quiet=args.quiet,
                      overwrite=args.overwrite, embeddings=args.embeddings,
-                     shard_images=args.shard_images)
+                     shard_images=args.shard_images,
+                     stream=StreamSettings(window=args.window, read_threads=args.read_threads,
+                                           server_timeout_s=args.server_timeout_s),
+                     connection=ConnectSettings(token=token, root_cert=args.tls_ca,
+                                                client_cert=args.tls_cert,
+                                                client_key=args.tls_key))
 
 
 def format_summary(summary: RunSummary, output_dir: AnyPath) -> str:
@@ -121,7 +132,7 @@ def run(args: argparse.Namespace, local_server: LocalServer | None = None,
         elif local_server is None:
             raise RunError("no --server given")
         else:
-            with local_server(args.model, window=config.window) as address:
+            with local_server(args.model, window=config.stream.window) as address:
                 summary = run_job(config.with_servers((address,)), listing=listing)
     except (RunError, TokenFileError, OSError) as exc:
         log.error("%s", storage_outage(exc) or exc)

@@ -19,7 +19,7 @@ import socket
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -50,38 +50,48 @@ from pretag.job.storage import (
     remove_tree,
     storage_outage,
 )
-from pretag.job.stream import Job, JobState, RunError, StreamSettings, Target
+from pretag.job.stream import Ask, Job, JobState, RunError, StreamSettings, Target
 from pretag.job.vectors import VectorStore, embeddings_dir
 from pretag.model import ModelDescription
 from pretag.v1 import pretag_pb2 as pb
 
 log = logging.getLogger(__name__)
 
-_S = StreamSettings  # the streaming defaults are set there, once
 _RESUME_READERS = 16  # predictions read at once when resuming (I/O bound)
 
 
 @dataclass(frozen=True)
+class ConnectSettings:
+    """How the job reaches every server: credentials and the first call's patience."""
+
+    token: str | None = None
+    root_cert: Path | None = None  # enables TLS
+    client_cert: Path | None = None  # mutual TLS
+    client_key: Path | None = None
+    timeout_s: float = 30.0  # for each server to answer ModelInfo at the start
+
+    def to(self, address: str) -> Connection:
+        return Connection(address, token=self.token, root_cert=self.root_cert,
+                          client_cert=self.client_cert, client_key=self.client_key)
+
+
+@dataclass(frozen=True)
 class RunConfig:
+    """The settings of one run: what the job does, with how it streams and connects nested
+    (the Ray executor's own settings are :class:`pretag.scale.ray_job.RaySettings`)."""
+
     input: AnyPath  # a local path or an object-storage URL (pretag.job.storage)
     output_dir: AnyPath
     servers: tuple[str, ...] = ()  # addresses; run_job needs at least one
     score_threshold: float = 0.5
-    window: int = _S.window
-    read_threads: int = _S.read_threads
     debug_images: int = 0
     quiet: bool = False
-    token: str | None = None
-    root_cert: Path | None = None
-    client_cert: Path | None = None
-    client_key: Path | None = None
-    max_attempts: int = _S.max_attempts
-    server_timeout_s: float = _S.server_timeout_s
-    connect_timeout_s: float = 30.0
     overwrite: bool = False  # predict every image again, whatever is in output_dir
     embeddings: str | None = None  # none|image|objects|all; None: image if the model has them
     shard_images: int = 1024  # images per Parquet shard of vectors
     storage_timeout_s: float = DEFAULT_TIMEOUT_S  # per object-storage request (storage.py)
+    stream: StreamSettings = field(default_factory=StreamSettings)
+    connection: ConnectSettings = field(default_factory=ConnectSettings)
 
     def with_servers(self, servers: tuple[str, ...]) -> RunConfig:
         return dataclasses.replace(self, servers=servers)
@@ -211,9 +221,7 @@ def _check_settings(config: RunConfig, settings: dict[str, Any], items: list[Ima
 
 
 def _connections(config: RunConfig) -> list[Connection]:
-    return [Connection(a, token=config.token, root_cert=config.root_cert,
-                       client_cert=config.client_cert, client_key=config.client_key)
-            for a in config.servers]
+    return [config.connection.to(a) for a in config.servers]
 
 
 def _effective_threshold(config: RunConfig, info: ModelDescription) -> RunConfig:
@@ -313,13 +321,11 @@ def _grpc_executor(connections: list[Connection], infos: list[pb.ModelInfoRespon
     def stream(plan: Plan, progress: tqdm,
                on_result: Callable[[str, bool], None] | None) -> None:
         config = plan.config
-        settings = StreamSettings(config.score_threshold, config.window, config.read_threads,
-                                  config.max_attempts, config.server_timeout_s,
-                                  embeddings=plan.mode)
-        targets = [Target.of(c, i, config.window) for c, i in zip(connections, infos,
-                                                                    strict=True)]
-        job = Job(targets, plan.todo, config.output_dir, plan.state, settings, progress,
-                  on_result, vectors=plan.vectors)
+        window = config.stream.window
+        targets = [Target.of(c, i, window) for c, i in zip(connections, infos, strict=True)]
+        job = Job(targets, plan.todo, config.output_dir, plan.state, config.stream,
+                  Ask(config.score_threshold, plan.mode), progress, on_result,
+                  vectors=plan.vectors)
         asyncio.run(job.run())
 
     return stream
@@ -391,7 +397,7 @@ def run_job(config: RunConfig, on_result: Callable[[str, bool], None] | None = N
         listing = load_listing(config)
     connections = _connections(config)
     check_reachable(config.output_dir)
-    infos = asyncio.run(check_servers(connections, config.connect_timeout_s))
+    infos = asyncio.run(check_servers(connections, config.connection.timeout_s))
     with hold(config.output_dir):
         plan = plan_job(config, listing, ModelDescription.from_info(infos[0]))
         seconds = execute(plan, _grpc_executor(connections, infos), on_result)

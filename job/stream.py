@@ -54,16 +54,22 @@ _REQUEST_OVERHEAD = 64
 
 @dataclass(frozen=True)
 class StreamSettings:
-    """How the job streams; one value for every server."""
+    """How the job streams; one value for every server (:class:`RunConfig` nests it)."""
 
-    threshold: float
     window: int = 32  # images in flight per server (capped at each server's --max-queue)
     read_threads: int = 4
     max_attempts: int = 8  # tries per image: retryable refusals and lost streams
     server_timeout_s: float = 60.0  # a server failing, or silent with work, this long is dropped
     backoff_first_s: float = 0.25  # a failing server is retried after this, then twice as long
     backoff_max_s: float = 10.0
-    embeddings: str = "none"  # vectors asked for beside the detections: none|image|objects|all
+
+
+@dataclass(frozen=True)
+class Ask:
+    """What every request asks for: the score threshold and the vectors."""
+
+    threshold: float
+    embeddings: str = "none"  # none|image|objects|all
 
 
 @dataclass(frozen=True)
@@ -140,10 +146,11 @@ class Job:
     """
 
     def __init__(self, targets: list[Target], todo: list[ImageItem], output_dir: AnyPath,
-                 state: JobState, settings: StreamSettings, progress: tqdm,
+                 state: JobState, settings: StreamSettings, ask: Ask, progress: tqdm,
                  on_result: Callable[[str, bool], None] | None = None,
                  connect: Connect = AsyncClient, vectors: VectorStore | None = None) -> None:
         self.connect = connect
+        self.ask = ask
         self.vectors = vectors
         self.targets = targets
         self.todo = todo
@@ -273,8 +280,8 @@ class Job:
                        address: str) -> str:
         try:
             async for pred in client.detect_stream(self._feed(attempt, backoff),
-                                                   self.settings.threshold,
-                                                   embeddings=self.settings.embeddings):
+                                                   self.ask.threshold,
+                                                   embeddings=self.ask.embeddings):
                 attempt.answered()
                 work = attempt.inflight.pop(pred.id, None)
                 if work is not None:

@@ -78,5 +78,5 @@ def local_server(model: Path | None, *, window: int, max_batch_size: int | None 
 def run_locally(config: RunConfig, model: Path | None, *, max_batch_size: int | None = None,
                 on_result: Callable[[str, bool], None] | None = None) -> RunSummary:
     """:func:`run_job` against a local server for ``model``."""
-    with local_server(model, window=config.window, max_batch_size=max_batch_size) as address:
+    with local_server(model, window=config.stream.window, max_batch_size=max_batch_size) as address:
         return run_job(config.with_servers((address,)), on_result=on_result)

@@ -11,8 +11,8 @@ from __future__ import annotations
 import logging
 import os
 import queue
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
@@ -59,6 +59,48 @@ class BackendError(RuntimeError):
     """The model cannot be loaded or run as configured."""
 
 
+@dataclass(frozen=True)
+class BackendConfig:
+    """How ONNX Runtime sessions are made; the server, the Ray actors and the benchmarks
+    each nest one. ``provider_options`` is keyed by provider (full name or alias, e.g.
+    ``{"tensorrt": {"trt_engine_cache_enable": "True"}}``) and handed to ONNX Runtime as is;
+    options for a provider the session does not use are refused."""
+
+    providers: tuple[str, ...] | None = None  # None: TensorRT, CUDA, CPU as installed
+    threads: int | None = None  # intra-op threads per session; None: the cores split
+    provider_options: Mapping[str, Mapping[str, str]] = field(default_factory=dict)
+
+    def problem(self) -> str | None:
+        """What is wrong with these settings, or None."""
+        if self.threads is not None and self.threads < 1:
+            return "threads must be at least 1"
+        return None
+
+    def options_for(self, names: Sequence[str]) -> list[dict[str, str]]:
+        """ONNX Runtime's provider_options list for the providers ``names``."""
+        given = {PROVIDER_ALIASES.get(k.lower(), k): dict(v)
+                 for k, v in self.provider_options.items()}
+        unused = sorted(given.keys() - set(names))
+        if unused:
+            raise BackendError(f"provider options for {', '.join(unused)}, which this session "
+                               f"does not use (its providers: {', '.join(names)})")
+        return [{k: str(v) for k, v in given.get(n, {}).items()} for n in names]
+
+
+def parse_provider_options(texts: Iterable[str]) -> dict[str, dict[str, str]]:
+    """``PROVIDER:KEY=VALUE`` flags (e.g. ``tensorrt:trt_fp16_enable=True``) as
+    :attr:`BackendConfig.provider_options`."""
+    out: dict[str, dict[str, str]] = {}
+    for text in texts:
+        provider, colon, rest = text.partition(":")
+        key, equals, value = rest.partition("=")
+        if not (provider and colon and key and equals):
+            raise BackendError(f"provider option {text!r}: expected PROVIDER:KEY=VALUE, e.g. "
+                               f"tensorrt:trt_engine_cache_enable=True")
+        out.setdefault(provider, {})[key] = value
+    return out
+
+
 def resolve_providers(requested: Sequence[str] | None, available: Sequence[str]) -> list[str]:
     """Providers to ask ONNX Runtime for, in order.
 
@@ -98,16 +140,20 @@ def check_started(requested: Sequence[str], started: Sequence[str], explicit: bo
 class OrtBackend:
     """A contract model on ONNX Runtime, with a pool of ``instances`` sessions."""
 
-    def __init__(self, model: str | Path, *, providers: Sequence[str] | None = None,
-                 instances: int = 1, threads: int | None = None) -> None:
+    def __init__(self, model: str | Path, config: BackendConfig | None = None, *,
+                 instances: int = 1) -> None:
         import onnxruntime as ort
 
+        config = config or BackendConfig()
+        if config.problem():
+            raise BackendError(str(config.problem()))
         path = Path(model)
         if not path.is_file():
             raise BackendError(f"model file {path} does not exist")
-        names = resolve_providers(providers, ort.get_available_providers())
+        names = resolve_providers(config.providers, ort.get_available_providers())
+        provider_options = config.options_for(names)
         cores = os.cpu_count() or 1
-        intra = threads if threads else max(1, cores // max(1, instances))
+        intra = config.threads or max(1, cores // max(1, instances))
         self._pool: queue.SimpleQueue[ort.InferenceSession] = queue.SimpleQueue()
         sessions = []
         for _ in range(instances):
@@ -115,7 +161,8 @@ class OrtBackend:
             options.intra_op_num_threads = intra
             options.inter_op_num_threads = 1
             try:
-                session = ort.InferenceSession(str(path), options, providers=names)
+                session = ort.InferenceSession(str(path), options, providers=names,
+                                               provider_options=provider_options)
             except Exception as exc:  # ORT raises several private exception types
                 raise BackendError(f"ONNX Runtime cannot load {path}: {exc}") from exc
             sessions.append(session)
@@ -125,7 +172,7 @@ class OrtBackend:
         except ContractError as exc:
             raise BackendError(str(exc)) from exc
         self.providers = tuple(sessions[0].get_providers())
-        check_started(names, self.providers, explicit=bool(providers))
+        check_started(names, self.providers, explicit=bool(config.providers))
         self._outputs = [o.name for o in sessions[0].get_outputs()]
         log.info("loaded %s (%s) on %s, %d instance(s) x %d threads", path.name,
                  self.spec.name, ", ".join(self.providers), instances, intra)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from pretag.job.stream import RunError
+from pretag.runtime.backend import BackendConfig, BackendError, parse_provider_options
 from pretag.scale.ray_job import DEFAULT_ENV, RaySettings
 
 _D = RaySettings  # defaults are set on the dataclass, once
@@ -30,15 +32,25 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add("--ray-providers", nargs="+", metavar="NAME",
         help="ONNX Runtime execution providers of the actors (cpu, cuda, tensorrt; default: "
              "TensorRT, CUDA, CPU as the workers have them)")
+    add("--ray-provider-option", action="append", default=[], metavar="P:KEY=VALUE",
+        help="an ONNX Runtime provider option of the actors' sessions, e.g. "
+             "tensorrt:trt_engine_cache_enable=True (repeatable)")
     add("--ray-env", action="append", default=[], metavar="NAME",
         help=f"pass this variable of the driver's environment to the workers (repeatable; "
              f"{', '.join(DEFAULT_ENV)} always are, credentials only when named)")
 
 
 def settings_from_args(args: argparse.Namespace) -> RaySettings:
+    try:
+        options = parse_provider_options(args.ray_provider_option)
+    except BackendError as exc:
+        raise RunError(f"--ray-provider-option: {exc}") from None
     return RaySettings(address=None if args.ray == "local" else args.ray,
                        actors=args.ray_actors, cpus_per_actor=args.ray_cpus_per_actor,
-                       gpus_per_actor=args.ray_gpus_per_actor, threads=args.ray_threads,
+                       gpus_per_actor=args.ray_gpus_per_actor,
                        batch_size=args.ray_batch_size, read_images=args.ray_read_images,
                        env=tuple(args.ray_env),
-                       providers=tuple(args.ray_providers) if args.ray_providers else None)
+                       backend=BackendConfig(
+                           providers=tuple(args.ray_providers) if args.ray_providers else None,
+                           threads=args.ray_threads,
+                           provider_options=options))

@@ -19,14 +19,14 @@ import os
 import socket
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from functools import partial
 from pathlib import Path
 from typing import Any
 
 from tqdm import tqdm
 
-from pretag.contract import ContractError, validate_model
+from pretag.contract import ContractError, read_model_spec
 from pretag.job.lock import hold
 from pretag.job.run import (
     Executor,
@@ -43,7 +43,7 @@ from pretag.job.storage import check_reachable
 from pretag.job.stream import RunError
 from pretag.model import ModelDescription
 from pretag.preprocess import DEFAULT_MAX_PIXELS
-from pretag.runtime.backend import DEFAULT_MAX_BATCH_SIZE
+from pretag.runtime.backend import DEFAULT_MAX_BATCH_SIZE, BackendConfig
 from pretag.scale.stages import (
     STOP,
     Detector,
@@ -68,14 +68,14 @@ class RaySettings:
     actors: int = 1  # detector actors, one ONNX Runtime session each
     cpus_per_actor: float = 1.0  # Ray CPUs each actor holds
     gpus_per_actor: float = 0.0  # 1 on GPU nodes
-    threads: int | None = None  # ONNX Runtime threads per actor; None: cpus_per_actor
     batch_size: int = DEFAULT_MAX_BATCH_SIZE  # images per model call
     read_images: int = 16  # images per read-and-decode task
     # Ray CPUs of a read task; None: the actors' own, so that on CPU-only actors Ray Data
     # fuses reading into them (decoded images then skip the object store: faster on one
     # small node, see benchmarks/RESULTS.md); GPU actors never fuse, their nodes' CPUs decode
     read_cpus: float | None = None
-    providers: tuple[str, ...] | None = None  # None: TensorRT, CUDA, CPU as installed
+    # each actor's session; threads None: cpus_per_actor
+    backend: BackendConfig = field(default_factory=BackendConfig)
     env: tuple[str, ...] = ()  # more driver variables for the workers (e.g. credentials)
     max_pixels: int = DEFAULT_MAX_PIXELS
 
@@ -84,13 +84,14 @@ class RaySettings:
             return "--ray-actors, --ray-batch-size and --ray-read-images must be at least 1"
         if self.cpus_per_actor < 0 or self.gpus_per_actor < 0:
             return "--ray-cpus-per-actor and --ray-gpus-per-actor cannot be negative"
-        if self.threads is not None and self.threads < 1:
-            return "--ray-threads must be at least 1"
+        if self.backend.problem():
+            return f"--ray-{self.backend.problem()}"
         return None
 
-    @property
-    def ort_threads(self) -> int:
-        return self.threads or max(1, round(self.cpus_per_actor))
+    def actor_backend(self) -> BackendConfig:
+        """The actors' session settings, threads defaulting to each actor's Ray CPUs."""
+        threads = self.backend.threads or max(1, round(self.cpus_per_actor))
+        return replace(self.backend, threads=threads)
 
 
 def _check_address(address: str) -> None:
@@ -207,7 +208,7 @@ def ray_executor(model: bytes, settings: RaySettings) -> Executor:
         config = plan.config
         resize = plan.info.resize
         detector = DetectorConfig(config.score_threshold, settings.batch_size,
-                                  settings.providers, settings.ort_threads)
+                                  settings.actor_backend())
         writing = WriteConfig(str(config.output_dir), tuple(plan.info.class_names), plan.mode,
                               plan.vectors.pending.number if plan.vectors else 1,
                               plan.info.object_embedding_dim, config.storage_timeout_s)
@@ -248,7 +249,7 @@ def run_on_ray(config: RunConfig, model: Path, settings: RaySettings,
     if listing is None:
         listing = load_listing(config)
     try:
-        spec = validate_model(model)
+        spec = read_model_spec(model)  # the actors build the sessions
         data = model.read_bytes()
     except (ContractError, OSError) as exc:
         raise RunError(f"--model {model}: {exc}") from None

@@ -22,7 +22,7 @@ import logging
 import os
 import tempfile
 from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -42,7 +42,7 @@ from pretag.preprocess import (
     pad_batch,
     prepare,
 )
-from pretag.runtime.backend import OrtBackend
+from pretag.runtime.backend import BackendConfig, OrtBackend
 from pretag.runtime.detections import BatchInfo, Raw, request_message, split_outputs, to_result
 
 log = logging.getLogger(__name__)
@@ -99,8 +99,7 @@ class DetectorConfig:
 
     threshold: float
     batch_size: int
-    providers: tuple[str, ...] | None = None  # None: TensorRT, CUDA, CPU as installed
-    threads: int | None = None  # ONNX Runtime intra-op threads; None: all the node's cores
+    backend: BackendConfig = field(default_factory=BackendConfig)  # threads None: all cores
 
 
 def model_file(model: bytes, folder: Path | None = None) -> Path:
@@ -124,8 +123,7 @@ class Detector:
     batcher groups them)."""
 
     def __init__(self, model: bytes, config: DetectorConfig) -> None:
-        self.backend = OrtBackend(model_file(model), providers=config.providers,
-                                  threads=config.threads)
+        self.backend = OrtBackend(model_file(model), config.backend)
         self.spec = self.backend.spec
         self.config = config
         # the threshold travels as a float32 in a DetectRequest: compare with the same value

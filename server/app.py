@@ -57,9 +57,8 @@ class PretagServer:
 
     def __init__(self, config: ServerConfig, backend: Backend | None = None) -> None:
         self.config = config
-        self.backend = backend or OrtBackend(config.model, providers=config.providers,
-                                             instances=config.batching.instances,
-                                             threads=config.threads)
+        self.backend = backend or OrtBackend(config.model, config.backend,
+                                             instances=config.batching.instances)
         self.metrics = Metrics()
         self.engine = Engine(self.backend, config.engine, self.metrics)
         self.metrics.bind_pending(lambda: self.engine.pending)

@@ -41,6 +41,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add("--instances", type=int,
         help=f"model sessions running batches at once (default {_B.instances})")
     add("--threads", type=int, help="ONNX Runtime threads per instance (default cores/instances)")
+    add("--provider-option", dest="provider_options", action="append", metavar="P:KEY=VALUE",
+        help="an ONNX Runtime provider option, e.g. tensorrt:trt_engine_cache_enable=True "
+             "(repeatable; in --config: a [provider_options.tensorrt] table)")
     add("--max-batch-size", type=int, help=f"default {_B.max_batch_size}")
     add("--max-queue-delay-ms", type=float,
         help=f"longest wait for a batch to fill (default {_B.max_queue_delay_ms:g})")

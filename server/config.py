@@ -1,6 +1,7 @@
 """Server settings: one tree of frozen dataclasses, each default and check written once.
 
     ServerConfig         network, security, lifecycle
+      backend: BackendConfig    ONNX Runtime providers, their options, threads
       engine: EngineConfig      decoding, thresholds, warm-up
         batching: BatchingConfig   batch size, delay, queue bound, instances
 
@@ -17,7 +18,12 @@ from typing import Any
 
 from pretag.contract import threshold_problem
 from pretag.preprocess import DEFAULT_DECODE_MEMORY_MB, DEFAULT_MAX_PIXELS
-from pretag.runtime.backend import DEFAULT_MAX_BATCH_SIZE
+from pretag.runtime.backend import (
+    DEFAULT_MAX_BATCH_SIZE,
+    BackendConfig,
+    BackendError,
+    parse_provider_options,
+)
 
 
 class ConfigError(ValueError):
@@ -71,10 +77,9 @@ class EngineConfig:
 class ServerConfig:
     model: Path
     engine: EngineConfig = field(default_factory=EngineConfig)
+    backend: BackendConfig = field(default_factory=BackendConfig)  # one session per instance
     host: str = "[::]"
     port: int = 50051
-    providers: tuple[str, ...] | None = None  # None: TensorRT, CUDA, CPU as available
-    threads: int | None = None  # ONNX Runtime intra-op threads per instance
     metrics_port: int | None = 8000  # None: no metrics endpoint; 0: a free port
     metrics_host: str | None = None  # None: the same address as host
     grace_s: float = 30.0
@@ -117,8 +122,9 @@ class ServerConfig:
 _PATHS = ("model", "tls_cert", "tls_key", "tls_client_ca", "token_file")
 _BATCHING = {f.name for f in fields(BatchingConfig)}
 _ENGINE = {f.name for f in fields(EngineConfig)} - {"batching"}
-_SERVER = {f.name for f in fields(ServerConfig)} - {"engine"}
-KNOWN = _BATCHING | _ENGINE | _SERVER  # the flat names: flags and config-file keys
+_BACKEND = {f.name for f in fields(BackendConfig)}
+_SERVER = {f.name for f in fields(ServerConfig)} - {"engine", "backend"}
+KNOWN = _BATCHING | _ENGINE | _BACKEND | _SERVER  # the flat names: flags and config-file keys
 
 
 def server_config(**values: Any) -> ServerConfig:
@@ -132,11 +138,17 @@ def server_config(**values: Any) -> ServerConfig:
     if values.get("providers") is not None:
         values["providers"] = tuple(values["providers"])
     try:
+        if isinstance(values.get("provider_options"), list):  # the flags: PROVIDER:KEY=VALUE
+            values["provider_options"] = parse_provider_options(values["provider_options"])
         batching = BatchingConfig(**{k: v for k, v in values.items() if k in _BATCHING})
         engine = EngineConfig(batching=batching,
                               **{k: v for k, v in values.items() if k in _ENGINE})
-        return ServerConfig(engine=engine, **{k: v for k, v in values.items() if k in _SERVER})
-    except TypeError as exc:
+        backend = BackendConfig(**{k: v for k, v in values.items()
+                                   if k in _BACKEND and v is not None})
+        _refuse([backend.problem() or ""] if backend.problem() else [])
+        return ServerConfig(engine=engine, backend=backend,
+                            **{k: v for k, v in values.items() if k in _SERVER})
+    except (TypeError, BackendError) as exc:
         raise ConfigError(str(exc)) from exc
 
 

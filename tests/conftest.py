@@ -158,3 +158,10 @@ def ray_cluster() -> Iterator[str]:
 def unused_port() -> int:
     """A local TCP port nothing listens on."""
     return free_port()
+
+
+@pytest.fixture(scope="session")
+def free_ports() -> Callable[[], int]:
+    """:func:`free_port` for helpers that start several servers (the one place ports are
+    found)."""
+    return free_port

@@ -11,12 +11,19 @@ from pretag.contract import (
     ContractError,
     ModelSpec,
     ResizeSpec,
+    read_model_spec,
     validate_model,
 )
 
+#: Both readers of a model file: with an ONNX Runtime session, and from its declarations.
+READERS = pytest.mark.parametrize("read", [validate_model, read_model_spec],
+                                  ids=["session", "declarations"])
 
-def test_accepts_exported_model(yolox_model):
-    spec = validate_model(yolox_model)
+
+@READERS
+def test_accepts_exported_model(yolox_model, read):
+    spec = read(yolox_model)
+    assert spec == validate_model(yolox_model)
     assert spec.contract_version == "1" and spec.max_detections == 100
     assert (spec.embedding_dim, spec.object_embedding_dim) == (448, 64)
     assert "head" in spec.embedding_method and "anchor" in spec.object_embedding_method
@@ -47,18 +54,30 @@ def _with_metadata(src: Path, dst: Path, change: dict[str, str | None]) -> Path:
     ({"pretag.embeddings": '{"dim": 10, "method": "x"}'}, "has 10 values, the graph 448"),
     ({"pretag.object_embeddings": "64"}, "must be JSON"),
 ])
-def test_rejects_bad_metadata(yolox_model, tmp_path, change, message):
+@READERS
+def test_rejects_bad_metadata(yolox_model, tmp_path, change, message, read):
     path = _with_metadata(yolox_model, tmp_path / "m.onnx", change)
     with pytest.raises(ContractError, match=message):
-        validate_model(path)
+        read(path)
 
 
-def test_missing_and_unloadable_files(tmp_path):
+@READERS
+def test_missing_and_unloadable_files(tmp_path, read):
     with pytest.raises(ContractError, match="does not exist"):
-        validate_model(tmp_path / "none.onnx")
+        read(tmp_path / "none.onnx")
     (tmp_path / "bad.onnx").write_bytes(b"not onnx")
     with pytest.raises(ContractError, match="cannot load"):
-        validate_model(tmp_path / "bad.onnx")
+        read(tmp_path / "bad.onnx")
+
+
+def test_both_readers_explain_a_foreign_model_alike(yolox_original):
+    """The raw YOLOX file (float input, fixed sizes, one output) fails the same checks."""
+    said = []
+    for read in (validate_model, read_model_spec):
+        with pytest.raises(ContractError) as caught:
+            read(yolox_original)
+        said.append(sorted(str(caught.value).splitlines()[1:]))
+    assert said[0] == said[1] and any("fixed to 416" in line for line in said[0])
 
 
 def test_metadata_round_trip():

@@ -10,7 +10,6 @@ is nearly flat and a 1e-6 difference reorders a 1000-deep NMS cascade
 
 from __future__ import annotations
 
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -207,16 +206,10 @@ def test_fp16_graph_agrees_with_fp32(model, coco_onnx, images, tmp_path):
         np.testing.assert_allclose(alone[1][0, :10], half[1][i, :10], atol=1e-3)
 
 
-def _closed_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def test_default_weights_offline_fail_fast_with_clear_message(tmp_path):
+def test_default_weights_offline_fail_fast_with_clear_message(tmp_path, unused_port):
     env = {"TORCH_HOME": str(tmp_path / "torch"), "PATH": "/usr/bin:/bin",
-           "https_proxy": f"http://127.0.0.1:{_closed_port()}",
-           "HTTPS_PROXY": f"http://127.0.0.1:{_closed_port()}"}
+           "https_proxy": f"http://127.0.0.1:{unused_port}",
+           "HTTPS_PROXY": f"http://127.0.0.1:{unused_port}"}
     proc = subprocess.run(
         [sys.executable, "-m", "pretag.cli", "export", "fasterrcnn", "--weights", "default",
          "--output", str(tmp_path / "m.onnx")],

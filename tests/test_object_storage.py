@@ -6,12 +6,11 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -29,17 +28,11 @@ RAY_AUTH = {"RAY_AUTH_MODE": "token"} if (Path.home() / ".ray" / "auth_token").e
 IMAGES = 12
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 class MotoServer:
     """moto's standalone S3 server in a subprocess."""
 
-    def __init__(self, **env: str) -> None:
-        self.port = _free_port()
+    def __init__(self, port: int, **env: str) -> None:
+        self.port = port
         self.url = f"http://127.0.0.1:{self.port}"
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(self.port)],
@@ -70,8 +63,8 @@ def _use(server: MotoServer, monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 @pytest.fixture(scope="module")
-def moto() -> Iterator[MotoServer]:
-    server = MotoServer()
+def moto(free_ports: Callable[[], int]) -> Iterator[MotoServer]:
+    server = MotoServer(free_ports())
     yield server
     server.stop()
 
@@ -160,7 +153,8 @@ def test_resume_and_overwrite_on_s3(s3, yolox_model: Path, capsys: pytest.Captur
 
 def test_missing_bucket_and_denied_access_exit_2(s3, yolox_model: Path,
                                                  monkeypatch: pytest.MonkeyPatch,
-                                                 caplog: pytest.LogCaptureFixture):
+                                                 caplog: pytest.LogCaptureFixture,
+                                                 free_ports: Callable[[], int]):
     model = ["--model", str(yolox_model), "--quiet"]
     assert main(["run", "s3://data/images", "--output-dir", "s3://no-such-bucket/x",
                  *model]) == 2
@@ -168,7 +162,8 @@ def test_missing_bucket_and_denied_access_exit_2(s3, yolox_model: Path,
     assert main(["run", "s3://no-such-bucket/images", "--output-dir", "s3://out/x",
                  *model]) == 2
     assert "does not exist" in caplog.text
-    locked = MotoServer(INITIAL_NO_AUTH_ACTION_COUNT="0")  # every unknown key is refused
+    # every unknown key is refused
+    locked = MotoServer(free_ports(), INITIAL_NO_AUTH_ACTION_COUNT="0")
     try:
         _use(locked, monkeypatch)
         caplog.clear()
@@ -241,9 +236,9 @@ def _start_and_wait(command: list[str], env: dict[str, str], fs: Any,
 
 
 def test_a_frozen_store_ends_the_run_with_exit_2_and_a_rerun_finishes(
-        coco128: Path, yolox_model: Path):
+        coco128: Path, yolox_model: Path, free_ports: Callable[[], int]):
     """moto under SIGSTOP: before, `pretag run` blamed the detector and never exited."""
-    server = MotoServer()
+    server = MotoServer(free_ports())
     try:
         fs = _fill(server, coco128, 64)
         command, env = _job(server, yolox_model)
@@ -276,9 +271,9 @@ def test_a_frozen_store_ends_the_run_with_exit_2_and_a_rerun_finishes(
         server.stop()
 
 
-def test_a_store_killed_mid_run_is_exit_2_without_a_traceback(coco128: Path,
-                                                              yolox_model: Path):
-    server = MotoServer()
+def test_a_store_killed_mid_run_is_exit_2_without_a_traceback(
+        coco128: Path, yolox_model: Path, free_ports: Callable[[], int]):
+    server = MotoServer(free_ports())
     try:
         fs = _fill(server, coco128, 64)
         command, env = _job(server, yolox_model)

@@ -6,7 +6,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -23,7 +22,7 @@ from pretag.contract import DRIVING_CLASSES
 from pretag.evaluate import ImagePrediction, coco_ap
 from pretag.job.outputs import TASK
 from pretag.job.run import RunConfig, expand_servers, run_job
-from pretag.job.stream import RunError
+from pretag.job.stream import RunError, StreamSettings
 from pretag.local import run_locally
 from pretag.server.app import BackgroundServer
 from pretag.server.config import server_config
@@ -262,7 +261,8 @@ def test_two_servers_one_stopped_mid_run(two_servers: list[BackgroundServer], co
 
     config = RunConfig(coco128, tmp_path, servers=tuple(f"127.0.0.1:{s.port}"
                                                         for s in two_servers),
-                       quiet=True, window=8, server_timeout_s=5)
+                       quiet=True,
+                       stream=StreamSettings(window=8, server_timeout_s=5))
     summary = run_job(config, on_result=on_result)
     stopper[0].join()
     assert summary.failed == 0 and summary.written == 128
@@ -282,14 +282,13 @@ def test_two_servers_one_stopped_mid_run(two_servers: list[BackgroundServer], co
 
 def test_without_model_offline_says_what_to_pass(tmp_path: Path, coco128: Path,
                                                  monkeypatch: pytest.MonkeyPatch,
-                                                 caplog: pytest.LogCaptureFixture):
+                                                 caplog: pytest.LogCaptureFixture,
+                                                 unused_port: int):
     monkeypatch.setenv("PRETAG_CACHE", str(tmp_path / "cache"))
     # the same answer whether or not this machine has cached weights or network: no torch
     # cache, and downloads go to a proxy port nothing listens on
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        closed = f"http://127.0.0.1:{probe.getsockname()[1]}"
+    closed = f"http://127.0.0.1:{unused_port}"
     monkeypatch.setenv("https_proxy", closed)
     monkeypatch.setenv("HTTPS_PROXY", closed)
     start = time.monotonic()

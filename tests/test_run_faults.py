@@ -24,7 +24,7 @@ import pytest
 from pretag.cli import main
 from pretag.job.outputs import TASK
 from pretag.job.run import RunConfig, run_job
-from pretag.job.stream import RunError
+from pretag.job.stream import RunError, StreamSettings
 from pretag.server.app import BackgroundServer
 from pretag.server.config import server_config
 
@@ -65,7 +65,8 @@ def test_a_frozen_server_s_images_finish_on_the_other(yolox_model: Path, coco128
             os.kill(victim.proc.pid, signal.SIGSTOP)  # alive, connected, answering nothing
 
     config = RunConfig(coco128, tmp_path / "out", servers=tuple(f"127.0.0.1:{p}" for p in ports),
-                       quiet=True, window=8, server_timeout_s=3)
+                       quiet=True,
+                       stream=StreamSettings(window=8, server_timeout_s=3))
     start = time.monotonic()
     summary = run_job(config, on_result=on_result)
     took = time.monotonic() - start
@@ -76,7 +77,8 @@ def test_a_frozen_server_s_images_finish_on_the_other(yolox_model: Path, coco128
     # one server, frozen mid-run: a clear error (exit 2), not a hang
     os.kill(victim.proc.pid, signal.SIGCONT)
     only = RunConfig(coco128, tmp_path / "one", servers=(f"127.0.0.1:{ports[1]}",),
-                     quiet=True, window=8, server_timeout_s=3)
+                     quiet=True,
+                       stream=StreamSettings(window=8, server_timeout_s=3))
     frozen_at.clear()
     victim = servers[1]
     start = time.monotonic()
@@ -138,7 +140,8 @@ def test_window_beyond_the_server_queue_is_held_within_it(yolox_model: Path, coc
                                        metrics_port=None, max_queue=4,
                                        max_batch_size=2)) as srv:
         summary = run_job(RunConfig(folder, tmp_path / "out", servers=(f"127.0.0.1:{srv.port}",),
-                                    quiet=True, window=32))
+                                    quiet=True,
+                                    stream=StreamSettings(window=32)))
         assert srv.server is not None
         refused = srv.server.metrics.registry.get_sample_value(
             "pretag_requests_total", {"method": "DetectStream", "code": "RESOURCE_EXHAUSTED"})

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from pretag.job.outputs import prediction_path
+from pretag.runtime.backend import BackendConfig
 from pretag.scale.stages import Detector, DetectorConfig, WriteConfig, read_images, write_block
 
 
@@ -22,7 +23,8 @@ def _rows(paths: list[Path], start: int = 0) -> dict[str, np.ndarray]:
 
 @pytest.fixture(scope="module")
 def detector(yolox_model: Path) -> Detector:
-    return Detector(yolox_model.read_bytes(), DetectorConfig(0.5, batch_size=2, threads=1))
+    return Detector(yolox_model.read_bytes(),
+                    DetectorConfig(0.5, batch_size=2, backend=BackendConfig(threads=1)))
 
 
 def test_read_keeps_failures_as_rows_with_the_servers_codes(detector: Detector, coco128: Path,

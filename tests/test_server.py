@@ -21,7 +21,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from pretag.client import Client, InvalidImage, Prediction
 from pretag.preprocess import normalize_boxes, preprocess
-from pretag.runtime.backend import OrtBackend
+from pretag.runtime.backend import BackendConfig, OrtBackend
 from pretag.server.app import BackgroundServer
 
 MAX_PIXELS = 2_000_000
@@ -42,7 +42,7 @@ def client(server: BackgroundServer) -> Iterator[Client]:
 @pytest.fixture(scope="module")
 def direct(yolox_model: Path):
     """The model called directly, one image per batch, no server involved."""
-    backend = OrtBackend(yolox_model, providers=("cpu",))
+    backend = OrtBackend(yolox_model, BackendConfig(providers=("cpu",)))
     spec = backend.spec
 
     def detect(data: bytes) -> tuple[np.ndarray, list[str], np.ndarray]:

@@ -184,12 +184,12 @@ PEAK_SCRIPT = textwrap.dedent("""
     def status_mb(key):  # this process's own figures (ru_maxrss keeps the parent's peak)
         line = [l for l in open("/proc/self/status") if l.startswith(key + ":")][0]
         return int(line.split()[1]) / 1024
-    from pretag.runtime.backend import OrtBackend
+    from pretag.runtime.backend import BackendConfig, OrtBackend
     from pretag.server.config import BatchingConfig, EngineConfig
     from pretag.server.engine import Engine
     model, image, budget_mb, count = sys.argv[1], Path(sys.argv[2]), *map(int, sys.argv[3:])
     data = image.read_bytes()
-    engine = Engine(OrtBackend(model, providers=["cpu"]),  # warm-up fills ORT's arena first
+    engine = Engine(OrtBackend(model, BackendConfig(providers=("cpu",))),  # warm-up: arena
                     EngineConfig(BatchingConfig(max_batch_size=1), decode_memory_mb=budget_mb,
                                  decode_threads=4))
     async def main():

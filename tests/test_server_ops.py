@@ -318,3 +318,48 @@ def test_providers_are_resolved_and_a_silent_fallback_is_caught(caplog: pytest.L
         assert not caplog.records
         check_started([trt, cuda, cpu], [cpu], explicit=False)  # TensorRT -> CPU
     assert "--providers cuda" in caplog.text
+
+
+def test_provider_options_from_flags_and_file_reach_the_sessions(yolox_model, tmp_path,
+                                                                  monkeypatch):
+    """One BackendConfig carries them; ONNX Runtime gets them per provider, in order; options
+    for a provider the session does not use are refused, not dropped."""
+    import onnxruntime as ort
+
+    from pretag.runtime.backend import (
+        BackendConfig,
+        BackendError,
+        OrtBackend,
+        parse_provider_options,
+    )
+    from pretag.server.config import ConfigError, build_config, read_config_file
+
+    assert parse_provider_options(["tensorrt:trt_fp16_enable=True", "trt:a=b=c"]) == \
+        {"tensorrt": {"trt_fp16_enable": "True"}, "trt": {"a": "b=c"}}
+    with pytest.raises(BackendError, match="PROVIDER:KEY=VALUE"):
+        parse_provider_options(["tensorrt"])
+    path = tmp_path / "serve.toml"
+    path.write_text(f'model = "{yolox_model}"\nproviders = ["cpu"]\n'
+                    '[provider_options.cpu]\narena_extend_strategy = "kSameAsRequested"\n')
+    from_file = build_config(read_config_file(path), {})
+    assert from_file.backend == BackendConfig(
+        providers=("cpu",), provider_options={"cpu": {"arena_extend_strategy": "kSameAsRequested"}})
+    flags = build_config(read_config_file(path), {"provider_options": ["cpu:x=1"], "threads": 2})
+    assert flags.backend.provider_options == {"cpu": {"x": "1"}} and flags.backend.threads == 2
+    with pytest.raises(ConfigError, match="threads must be at least 1"):
+        build_config(read_config_file(path), {"threads": 0})
+
+    given: list[object] = []
+    real = ort.InferenceSession
+
+    def spy(*args, **kwargs):
+        given.append(kwargs.get("provider_options"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(ort, "InferenceSession", spy)
+    OrtBackend(yolox_model, from_file.backend, instances=2)
+    assert given == [[{"arena_extend_strategy": "kSameAsRequested"}]] * 2
+    with pytest.raises(BackendError, match="TensorrtExecutionProvider, which this session "
+                                           "does not use"):
+        OrtBackend(yolox_model, BackendConfig(providers=("cpu",),
+                                              provider_options={"tensorrt": {"a": "1"}}))

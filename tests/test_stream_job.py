@@ -22,7 +22,7 @@ from pretag.client.api import Connection, Overloaded, Prediction, Unavailable
 from pretag.job.outputs import read_prediction
 from pretag.job.sources import ImageItem
 from pretag.job.stats import Histogram
-from pretag.job.stream import Job, JobState, RunError, StreamSettings, Target
+from pretag.job.stream import Ask, Job, JobState, RunError, StreamSettings, Target
 from pretag.job.vectors import VectorStore
 
 
@@ -85,7 +85,8 @@ class FakeClient:
 
 def run_job(tmp_path: Path, servers: list[FakeServer], count: int = 40,
             vectors: VectorStore | None = None, fake_clock: bool = True,
-            **settings: Any) -> tuple[JobState, Counter[str], list[ImageItem]]:
+            embeddings: str = "none", **settings: Any
+            ) -> tuple[JobState, Counter[str], list[ImageItem]]:
     folder = tmp_path / "in"
     folder.mkdir(parents=True, exist_ok=True)
     items = []
@@ -99,8 +100,9 @@ def run_job(tmp_path: Path, servers: list[FakeServer], count: int = 40,
     finished: Counter[str] = Counter()
     options = {"server_timeout_s": 2.0, "backoff_first_s": 0.05, "backoff_max_s": 0.4,
                **settings}
-    job = Job(targets, items, tmp_path / "out", state, StreamSettings(0.5, **options),
-              tqdm(disable=True), on_result=lambda name, ok: finished.update([name]),
+    job = Job(targets, items, tmp_path / "out", state, StreamSettings(**options),
+              Ask(0.5, embeddings), tqdm(disable=True),
+              on_result=lambda name, ok: finished.update([name]),
               connect=lambda c: FakeClient(by_address[c.address]), vectors=vectors)
     # the loop's fake clock drives the backoff and the stall watchdog (the job reads it):
     # waits cost no real time. Real time where a test measures the delays themselves.
