@@ -275,7 +275,7 @@ def test_two_servers_one_stopped_mid_run(two_servers: list[BackgroundServer], co
 
     # the victim stopped taking work early (its window was in flight at most), the other
     # server did the rest
-    assert answered(victim, "OK") <= 30 + 2 * config.window
+    assert answered(victim, "OK") <= 30 + 2 * config.stream.window
     assert answered(two_servers[1], "OK") >= 128 - answered(victim, "OK")
     assert predictions(tmp_path) == predictions(clean_run)
 
