@@ -11,11 +11,12 @@ import threading
 from collections.abc import AsyncIterable, AsyncIterator, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeAlias
 
 import grpc
 import numpy as np
 
+from pretag.preprocess import Pixels
 from pretag.v1 import pretag_pb2 as pb
 from pretag.v1 import pretag_pb2_grpc as pb_grpc
 
@@ -171,9 +172,26 @@ class Connection:
         return (("authorization", f"Bearer {self.token}"),) if self.token else None
 
 
-def _request(item_id: str, image: bytes, threshold: float | None,
+#: What a request carries: an encoded image file, or decoded pixels (a video frame).
+Image: TypeAlias = bytes | Pixels
+
+
+def raw_image(pixels: Pixels) -> pb.RawImage:
+    """Pixels as a request field (BGR, with the original size when they were resized)."""
+    image = np.ascontiguousarray(pixels.image)
+    height, width = image.shape[:2]
+    original = pixels.original or (0, 0)
+    return pb.RawImage(pixels=image.tobytes(), height=height, width=width,
+                       format=pb.PIXEL_FORMAT_BGR24, original_height=original[0],
+                       original_width=original[1])
+
+
+def _request(item_id: str, image: Image, threshold: float | None,
              embeddings: str = "none") -> pb.DetectRequest:
-    request = pb.DetectRequest(id=item_id, image=image, embeddings=EMBEDDINGS[embeddings])
+    request = (pb.DetectRequest(id=item_id, raw=raw_image(image),
+                                embeddings=EMBEDDINGS[embeddings])
+               if isinstance(image, Pixels) else
+               pb.DetectRequest(id=item_id, image=image, embeddings=EMBEDDINGS[embeddings]))
     if threshold is not None:
         request.score_threshold = threshold
     return request
@@ -191,7 +209,7 @@ class Client:
                          else grpc.insecure_channel(c.address, c.options()))
         self._stub = pb_grpc.PretaggerStub(self._channel)
 
-    def detect(self, image: bytes, id: str = "", score_threshold: float | None = None,
+    def detect(self, image: Image, id: str = "", score_threshold: float | None = None,
                timeout: float | None = None, embeddings: str = "none") -> Prediction:
         """``embeddings``: none, image, objects or all (vectors from the same pass)."""
         try:
@@ -201,7 +219,7 @@ class Client:
             raise _from_rpc(exc, self.connection) from None
         return Prediction.from_proto(response)
 
-    def detect_stream(self, items: Iterable[tuple[str, bytes]],
+    def detect_stream(self, items: Iterable[tuple[str, Image]],
                       score_threshold: float | None = None, timeout: float | None = None,
                       window: int | None = None, embeddings: str = "none"
                       ) -> Iterator[Prediction]:
@@ -255,7 +273,7 @@ class AsyncClient:
                          else grpc.aio.insecure_channel(c.address, c.options()))
         self._stub = pb_grpc.PretaggerStub(self._channel)
 
-    async def detect(self, image: bytes, id: str = "", score_threshold: float | None = None,
+    async def detect(self, image: Image, id: str = "", score_threshold: float | None = None,
                      timeout: float | None = None, embeddings: str = "none") -> Prediction:
         try:
             response = await self._stub.Detect(_request(id, image, score_threshold, embeddings),
@@ -265,7 +283,7 @@ class AsyncClient:
             raise _from_rpc(exc, self.connection) from None
         return Prediction.from_proto(response)
 
-    async def detect_stream(self, items: AsyncIterable[tuple[str, bytes]],
+    async def detect_stream(self, items: AsyncIterable[tuple[str, Image]],
                             score_threshold: float | None = None,
                             timeout: float | None = None,
                             window: int | None = None,

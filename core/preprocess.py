@@ -179,6 +179,37 @@ def prepare(data: bytes, resize: ResizeSpec, max_pixels: int = DEFAULT_MAX_PIXEL
         return resize_image(image, resize), (image.shape[0], image.shape[1])
 
 
+@dataclass(frozen=True)
+class Pixels:
+    """Decoded pixels in place of an encoded file (a video frame): BGR uint8 [h, w, 3],
+    resized for the model already when ``original`` (height, width) is given."""
+
+    image: np.ndarray
+    original: tuple[int, int] | None = None
+
+
+def prepare_pixels(pixels: Pixels, resize: ResizeSpec, max_pixels: int = DEFAULT_MAX_PIXELS
+                   ) -> tuple[np.ndarray, tuple[int, int]]:
+    """:func:`prepare` for pixels: sizes checked, resized unless they already are what
+    ``resize`` makes of ``original``. Returns the resized BGR image and the original size."""
+    image = pixels.image
+    if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
+        raise ImageError(f"pixels must be uint8 [height, width, 3], not {image.dtype} "
+                         f"{list(image.shape)}")
+    height, width = image.shape[:2]
+    original = pixels.original or (height, width)
+    for what, (h, w) in (("pixels", (height, width)), ("original", original)):
+        if h * w == 0:
+            raise ImageError(f"{what} have no pixels ({h}x{w})")
+        if h * w > max_pixels:
+            raise ImageError(f"{what} of {w}x{h} = {h * w:,} pixels exceed the "
+                             f"{max_pixels:,} limit")
+    if pixels.original is not None and \
+            target_size(original[0], original[1], resize) == (height, width):
+        return image, original
+    return resize_image(image, resize), original
+
+
 def target_size(height: int, width: int, spec: ResizeSpec) -> tuple[int, int]:
     """(height, width) an image of this size is resized to under ``spec``."""
     if spec.policy == "shortest_edge":

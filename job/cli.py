@@ -26,6 +26,7 @@ from pretag.job.sources import Listing
 from pretag.job.storage import ATTEMPTS, AnyPath, location, storage_outage
 from pretag.job.stream import StreamSettings
 from pretag.job.vectors import MODES, embeddings_dir, write_csv
+from pretag.job.video import FrameSettings
 from pretag.token_file import TokenFileError, read_token_file
 
 log = logging.getLogger("pretag")
@@ -60,6 +61,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add("--shard-images", type=int, default=_D.shard_images,
         help=f"images per Parquet shard of vectors; a kill loses at most one shard's worth "
              f"(default {_D.shard_images})")
+    add("--frame-stride", type=int, default=FrameSettings.stride, metavar="N",
+        help="videos: predict every N-th frame (names keep the frame numbers; default 1)")
+    add("--fps", type=float, metavar="F",
+        help="videos: predict about F frames a second, by timestamp (instead of a stride)")
+    add("--max-pixels", type=int, default=_D.max_pixels,
+        help=f"videos: refuse frames larger than this before decoding (default "
+             f"{_D.max_pixels:,}; images are checked by the server's own)")
     add("--overwrite", action="store_true",
         help="predict every image again (default: resume, keeping existing predictions "
              "if they were made with the same model and threshold)")
@@ -87,7 +95,8 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
                      score_threshold=args.score_threshold,
                      debug_images=args.debug_images, quiet=args.quiet,
                      overwrite=args.overwrite, embeddings=args.embeddings,
-                     shard_images=args.shard_images,
+                     shard_images=args.shard_images, max_pixels=args.max_pixels,
+                     frames=FrameSettings(stride=args.frame_stride, fps=args.fps),
                      stream=StreamSettings(window=args.window, read_threads=args.read_threads,
                                            server_timeout_s=args.server_timeout_s),
                      connection=ConnectSettings(token=token, root_cert=args.tls_ca,
@@ -95,9 +104,19 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
                                                 client_key=args.tls_key))
 
 
+def _count(n: int, what: str) -> str:
+    return f"{n} {what}" + ("" if n == 1 else "s")
+
+
 def format_summary(summary: RunSummary, output_dir: AnyPath) -> str:
+    inputs = str(summary.images)
+    if summary.videos or summary.frames:
+        images = summary.images - summary.frames - summary.unlisted
+        unread = f", {summary.unlisted} not readable in full" if summary.unlisted else ""
+        inputs += (f" ({_count(images, 'image')}, {summary.frames} frames of "
+                   f"{_count(summary.videos, 'video')}{unread})")
     return summary_table([
-        ("images", str(summary.images)),
+        ("images", inputs),
         ("already done (skipped)", str(summary.skipped)),
         ("predicted now", str(summary.written)),
         ("failed", f"{summary.failed}" + (f" (see {output_dir / 'report' / 'errors.jsonl'})"

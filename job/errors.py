@@ -17,9 +17,12 @@ class Code(StrEnum):
     VECTORS = "VECTORS"  # the answer lacked the vectors asked for
     STREAM = "STREAM"  # its stream broke max_attempts times
     INVALID_ARGUMENT = "INVALID_ARGUMENT"  # the image itself is refused (server or Ray read)
+    VIDEO = "VIDEO"  # a video that cannot be read, or not to its end (frames read: "frames")
     STOP = "STOP"  # not written: the Ray stages' marker that the whole job must stop
 
 
-def record(path: object, filename: str, code: str, reason: str | None) -> dict[str, Any]:
-    """One errors.jsonl line."""
-    return {"path": str(path), "filename": filename, "code": str(code), "reason": reason}
+def record(path: object, filename: str, code: str, reason: str | None,
+           **more: Any) -> dict[str, Any]:
+    """One errors.jsonl line (``more``: fields beside the four, such as a video's frames)."""
+    return {"path": str(path), "filename": filename, "code": str(code), "reason": reason,
+            **more}

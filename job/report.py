@@ -8,6 +8,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import cv2
+import numpy as np
 
 from pretag.job.outputs import write_atomic
 from pretag.job.stats import Histogram, bar_chart
@@ -45,10 +46,12 @@ _COLORS = [(216, 125, 59), (60, 180, 75), (230, 25, 75), (245, 130, 48), (145, 3
            (70, 240, 240), (240, 50, 230), (210, 245, 60)]
 
 
-def draw_debug_image(image_path: AnyPath, entry: dict[str, Any], out_path: AnyPath,
+def draw_debug_image(image: AnyPath | np.ndarray, entry: dict[str, Any], out_path: AnyPath,
                      class_names: Sequence[str]) -> None:
-    """The image with its boxes, labels and scores drawn, saved as JPEG."""
-    img = decode_bgr(image_path.read_bytes())  # OpenCV draws and encodes BGR
+    """The image (a file, or decoded BGR pixels such as a video frame) with its boxes,
+    labels and scores drawn, saved as JPEG."""
+    # OpenCV draws and encodes BGR
+    img = image.copy() if isinstance(image, np.ndarray) else decode_bgr(image.read_bytes())
     h, w = img.shape[:2]
     thick = max(1, round(max(h, w) / 500))
     for box, label, score in zip(entry["boxes"], entry["labels"], entry["scores"], strict=True):
@@ -65,7 +68,7 @@ def draw_debug_image(image_path: AnyPath, entry: dict[str, Any], out_path: AnyPa
                     (255, 255, 255), 1, cv2.LINE_AA)
     ok, buf = cv2.imencode(".jpg", img, [cv2.IMWRITE_JPEG_QUALITY, 90])
     if not ok:
-        raise OSError(f"cannot encode debug image for {image_path}")
+        raise OSError(f"cannot encode debug image for {out_path}")
     write_whole(out_path, buf.tobytes())
 
 

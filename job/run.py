@@ -52,7 +52,9 @@ from pretag.job.storage import (
 )
 from pretag.job.stream import Ask, Job, JobState, RunError, StreamSettings, Target
 from pretag.job.vectors import VectorStore, embeddings_dir
+from pretag.job.video import FrameSettings, VideoError, expand, read_frame
 from pretag.model import ModelDescription
+from pretag.preprocess import DEFAULT_MAX_PIXELS
 from pretag.v1 import pretag_pb2 as pb
 
 log = logging.getLogger(__name__)
@@ -90,6 +92,8 @@ class RunConfig:
     embeddings: str | None = None  # none|image|objects|all; None: image if the model has them
     shard_images: int = 1024  # images per Parquet shard of vectors
     storage_timeout_s: float = DEFAULT_TIMEOUT_S  # per object-storage request (storage.py)
+    max_pixels: int = DEFAULT_MAX_PIXELS  # largest video frame decoded (images: the server's)
+    frames: FrameSettings = field(default_factory=FrameSettings)  # which frames of videos
     stream: StreamSettings = field(default_factory=StreamSettings)
     connection: ConnectSettings = field(default_factory=ConnectSettings)
 
@@ -105,6 +109,9 @@ class RunSummary:
     failed: int
     seconds: float
     servers: tuple[str, ...]
+    videos: int = 0  # video files read (their frames are among ``images``)
+    frames: int = 0  # video frames among ``images`` (each frame counts as a sample)
+    unlisted: int = 0  # inputs among ``images`` that could not be listed or probed
 
     @property
     def images_per_second(self) -> float:
@@ -312,8 +319,9 @@ def report(plan: Plan, listing: Listing, seconds: float, where: tuple[str, ...]
     write_histogram(config.output_dir / "report", state.hist, config.score_threshold)
     if config.debug_images:
         _debug_images(config, listing.items, state.hist.class_names)
+    frames = sum(1 for item in listing.items if item.video is not None)
     return RunSummary(plan.total, plan.skipped, state.written, len(state.errors), seconds,
-                      where)
+                      where, listing.videos, frames, len(listing.problems))
 
 
 def _grpc_executor(connections: list[Connection], infos: list[pb.ModelInfoResponse]
@@ -324,8 +332,8 @@ def _grpc_executor(connections: list[Connection], infos: list[pb.ModelInfoRespon
         window = config.stream.window
         targets = [Target.of(c, i, window) for c, i in zip(connections, infos, strict=True)]
         job = Job(targets, plan.todo, config.output_dir, plan.state, config.stream,
-                  Ask(config.score_threshold, plan.mode), progress, on_result,
-                  vectors=plan.vectors)
+                  Ask(config.score_threshold, plan.mode, plan.info.resize), progress,
+                  on_result, vectors=plan.vectors)
         asyncio.run(job.run())
 
     return stream
@@ -341,9 +349,10 @@ def _debug_images(config: RunConfig, items: list[ImageItem], class_names: Any) -
         flat = Path(item.name.replace("/", "__")).with_suffix(".jpg").name
         out = config.output_dir / "report" / "debug" / flat
         try:
-            draw_debug_image(item.path, entry, out, class_names)
+            draw_debug_image(read_frame(item.video, item.frame) if item.video else item.path,
+                             entry, out, class_names)
             written += 1
-        except (OSError, ValueError) as exc:
+        except (OSError, ValueError, VideoError) as exc:
             log.warning("no debug image for %s: %s", item.name, exc)
     log.info("wrote %d debug images to %s", written, config.output_dir / "report" / "debug")
 
@@ -353,8 +362,11 @@ def load_listing(config: RunConfig) -> Listing:
     problem = threshold_problem(config.score_threshold, "--score-threshold")
     if problem:
         raise RunError(problem)
+    problem = config.frames.problem()
+    if problem:
+        raise RunError(problem)
     try:
-        listing = list_images(config.input)
+        listing = expand(list_images(config.input), config.frames, config.max_pixels)
     except InputError as exc:
         raise RunError(str(exc)) from None
     if not listing.items and not listing.problems:

@@ -17,14 +17,20 @@ import posixpath
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from upath import UPath
 
 from pretag.job.errors import Code, record
 from pretag.job.storage import AnyPath, StorageError, find_sized
 
+if TYPE_CHECKING:
+    from pretag.job.video import Video
+
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"})
+# the Lightly Worker's (any case); job/video.py turns each into its frames
+VIDEO_SUFFIXES = frozenset({".mp4", ".m4v", ".hevc", ".mpg", ".mpeg", ".avi", ".mov", ".webm"})
+INPUT_SUFFIXES = IMAGE_SUFFIXES | VIDEO_SUFFIXES
 
 
 class InputError(ValueError):
@@ -33,9 +39,13 @@ class InputError(ValueError):
 
 @dataclass(frozen=True)
 class ImageItem:
+    """One sample: an image file, or a frame of a video (``video`` set, see job/video.py)."""
+
     path: AnyPath  # where to read it
     name: str  # relative POSIX path: the "filename" written in its prediction
     size: int | None = None  # bytes, when the listing gave it (object storage)
+    video: Video | None = None  # the video it is a frame of
+    frame: int = -1  # its frame number in the video
 
 
 @dataclass(frozen=True)
@@ -45,6 +55,7 @@ class Listing:
 
     items: list[ImageItem]
     problems: list[dict[str, Any]]
+    videos: int = 0  # video files whose frames are among the items
 
 
 class Source(Protocol):
@@ -90,7 +101,7 @@ class FolderSource:
     def list(self) -> Listing:
         items, problems = [], []
         for p in sorted(self.root.rglob("*")):
-            if p.suffix.lower() not in IMAGE_SUFFIXES:
+            if p.suffix.lower() not in INPUT_SUFFIXES:
                 continue
             name = p.relative_to(self.root).as_posix()
             if p.is_file():
@@ -128,7 +139,7 @@ class PrefixSource:
     def list(self) -> Listing:
         found = find_sized(self.prefix)
         items = [ImageItem(self.prefix / name, name, size) for name, size in sorted(found.items())
-                 if PurePosixPath(name).suffix.lower() in IMAGE_SUFFIXES]
+                 if PurePosixPath(name).suffix.lower() in INPUT_SUFFIXES]
         if not items and not self.prefix.fs.exists(self.prefix.path.rstrip("/")):
             raise InputError(f"input {self.prefix} does not exist")
         return Listing(items, [])

@@ -28,7 +28,8 @@ from typing import Any, Protocol
 
 from tqdm import tqdm
 
-from pretag.client.api import AsyncClient, Connection, Prediction, PretagError
+from pretag.client.api import AsyncClient, Connection, Image, Prediction, PretagError
+from pretag.contract import ResizeSpec
 from pretag.job.backoff import Backoff
 from pretag.job.errors import Code, record
 from pretag.job.outputs import make_entry, write_prediction
@@ -36,6 +37,8 @@ from pretag.job.sources import ImageItem
 from pretag.job.stats import Histogram
 from pretag.job.storage import AnyPath, storage_outage
 from pretag.job.vectors import Shard, VectorStore
+from pretag.job.video import FrameReader, Video, VideoError
+from pretag.preprocess import Pixels
 from pretag.v1 import pretag_pb2 as pb
 
 log = logging.getLogger(__name__)
@@ -66,10 +69,12 @@ class StreamSettings:
 
 @dataclass(frozen=True)
 class Ask:
-    """What every request asks for: the score threshold and the vectors."""
+    """What every request asks for: the score threshold and the vectors; and the model's
+    resize, which video frames get before they are sent (as pixels)."""
 
     threshold: float
     embeddings: str = "none"  # none|image|objects|all
+    resize: ResizeSpec | None = None  # None: frames go at full size
 
 
 @dataclass(frozen=True)
@@ -97,7 +102,7 @@ class Target:
 @dataclass
 class Work:
     item: ImageItem
-    data: bytes
+    data: Image
     attempts: int = 0
 
 
@@ -131,12 +136,24 @@ class StreamClient(Protocol):
 
     async def __aexit__(self, *exc: object) -> None: ...
 
-    def detect_stream(self, items: AsyncIterable[tuple[str, bytes]],
+    def detect_stream(self, items: AsyncIterable[tuple[str, Image]],
                       score_threshold: float | None = None, *,
                       embeddings: str = "none") -> AsyncIterator[Prediction]: ...
 
 
 Connect = Callable[[Connection], StreamClient]
+
+
+def read_units(items: list[ImageItem]) -> list[list[ImageItem]]:
+    """What one reader reads at a time: an image, or the frames of one video (decoded in
+    order by one reader)."""
+    units: list[list[ImageItem]] = []
+    for item in items:
+        if item.video is not None and units and units[-1][0].video is item.video:
+            units[-1].append(item)
+        else:
+            units.append([item])
+    return units
 
 
 class Job:
@@ -169,8 +186,8 @@ class Job:
         self.done = asyncio.Event()
         if not self.todo:
             return
-        items = iter(self.todo)
-        tasks = [asyncio.ensure_future(self._read(items))
+        units = iter(read_units(self.todo))
+        tasks = [asyncio.ensure_future(self._read(units))
                  for _ in range(self.settings.read_threads)]
         workers = [asyncio.ensure_future(self._worker(t)) for t in self.targets]
         done_wait = asyncio.ensure_future(self.done.wait())
@@ -191,34 +208,84 @@ class Job:
                            f"{left} images left unprocessed (run the same command again to "
                            f"resume)")
 
-    async def _read(self, items: Iterator[ImageItem]) -> None:
+    async def _read(self, units: Iterator[list[ImageItem]]) -> None:
+        """Read units in turn (an image, or the frames of one video) until none is left,
+        or the store stops answering."""
+        for unit in units:
+            video = unit[0].video
+            go_on = (await self._read_image(unit[0]) if video is None
+                     else await self._read_frames(video, unit))
+            if not go_on:
+                return
+
+    async def _read_image(self, item: ImageItem) -> bool:
         loop = asyncio.get_running_loop()
-        for item in items:
+        await self.memory.acquire()
+        try:
+            size = item.size if item.size is not None else \
+                await loop.run_in_executor(self.pool, _file_size, item.path)
+            if size + len(item.name.encode()) > self.max_image_bytes:
+                self._finish(item, None, f"file is {size / 2**20:.1f} MiB, over the "
+                             f"{self.max_image_bytes / 2**20:.1f} MiB a request may carry "
+                             f"(the servers' --max-message-mb)", Code.TOO_LARGE)
+                return True
+            data = await loop.run_in_executor(self.pool, item.path.read_bytes)
+        except NotAFile as exc:
+            self._finish(item, None, str(exc), Code.NOT_A_FILE)
+            return True
+        except Exception as exc:
+            return self._read_failed(item, exc)
+        self.queue.put_nowait(Work(item, data))
+        return True
+
+    async def _read_frames(self, video: Video, frames: list[ImageItem]) -> bool:
+        """Decode the frames of one video that are still to do, one at a time (each
+        holds a memory slot until answered); a fault ends the video, not the job."""
+        loop = asyncio.get_running_loop()
+        left = {item.frame: item for item in frames}
+        reader = iter(FrameReader(video, list(left), self.ask.resize))
+        while left:
             await self.memory.acquire()
             try:
-                size = item.size if item.size is not None else \
-                    await loop.run_in_executor(self.pool, _file_size, item.path)
-                if size + len(item.name.encode()) > self.max_image_bytes:
-                    self._finish(item, None, f"file is {size / 2**20:.1f} MiB, over the "
-                                 f"{self.max_image_bytes / 2**20:.1f} MiB a request may carry "
-                                 f"(the servers' --max-message-mb)", Code.TOO_LARGE)
-                    continue
-                data = await loop.run_in_executor(self.pool, item.path.read_bytes)
-            except NotAFile as exc:
-                self._finish(item, None, str(exc), Code.NOT_A_FILE)
-                continue
+                got = await loop.run_in_executor(self.pool, next, reader, None)
+            except VideoError as exc:
+                self.memory.release()
+                self._video_failed(video, left, exc)
+                return True
             except Exception as exc:
-                problem = storage_outage(exc)
-                if problem is not None:  # the store, not this image: every read would fail
-                    self._stop(RunError(f"cannot read {item.path}: {problem}. Stopped with "
-                                        f"{self.state.written} of {len(self.todo)} images "
-                                        f"written; {_RESUME}"))
-                    return
-                if not isinstance(exc, OSError):
-                    raise
-                self._finish(item, None, f"cannot read file: {exc.strerror or exc}", Code.READ)
-                continue
-            self.queue.put_nowait(Work(item, data))
+                return self._read_failed(frames[0], exc)
+            if got is None:
+                self.memory.release()
+                break
+            index, image, original = got
+            self.queue.put_nowait(Work(left.pop(index), Pixels(image, original)))
+        return True
+
+    def _video_failed(self, video: Video, left: dict[int, ImageItem], exc: VideoError) -> None:
+        """One errors.jsonl line for the video; its frames not read are counted as done
+        (without a line each) so the job can end; a re-run tries them again."""
+        first = min(left)
+        self.state.errors.append(record(
+            video.path, video.name, Code.VIDEO, f"{exc} (at frame {first}); {exc.frames_read} "
+            f"frames read, {len(left)} not", frames_read=exc.frames_read,
+            frames_left=len(left)))
+        self.progress.set_postfix(failed=len(self.state.errors), refresh=False)
+        for item in left.values():
+            self._count(item, False)
+
+    def _read_failed(self, item: ImageItem, exc: Exception) -> bool:
+        """A read that raised: the store is down (stop the job) or this file cannot be
+        read (its error, and go on)."""
+        problem = storage_outage(exc)
+        if problem is not None:  # the store, not this image: every read would fail
+            self._stop(RunError(f"cannot read {item.path}: {problem}. Stopped with "
+                                f"{self.state.written} of {len(self.todo)} images "
+                                f"written; {_RESUME}"))
+            return False
+        if not isinstance(exc, OSError):
+            raise exc
+        self._finish(item, None, f"cannot read file: {exc.strerror or exc}", Code.READ)
+        return True
 
     def _finish(self, item: ImageItem, entry: dict[str, Any] | None, error: str | None,
                 code: str = "") -> None:
@@ -226,9 +293,15 @@ class Job:
         if entry is None:
             self.progress.set_postfix(failed=len(self.state.errors), refresh=False)
         self.memory.release()
+        self._count(item, entry is not None, counted=True)
+
+    def _count(self, item: ImageItem, ok: bool, counted: bool = False) -> None:
+        """One item done (``counted``: already in the state's tally)."""
+        if not counted:
+            self.state.finished += 1
         self.progress.update(1)
         if self.on_result is not None:
-            self.on_result(item.name, entry is not None)
+            self.on_result(item.name, ok)
         if self.state.finished == len(self.todo):
             self.done.set()
             for _ in self.targets:
@@ -307,7 +380,7 @@ class Job:
         attempt.inflight.clear()
 
     async def _feed(self, attempt: _Attempt, backoff: Backoff
-                    ) -> AsyncIterator[tuple[str, bytes]]:
+                    ) -> AsyncIterator[tuple[str, Image]]:
         """Requests of one stream attempt, taken from the shared queue as slots free up.
 
         gRPC may leave this generator suspended when the call ends; an image it

@@ -21,9 +21,11 @@ from pretag.contract import threshold_problem
 from pretag.preprocess import (
     DecodeBudget,
     ImageError,
+    Pixels,
     canvas_size,
     pad_batch,
     prepare,
+    prepare_pixels,
     resize_image,
 )
 from pretag.runtime.backend import Backend
@@ -141,10 +143,11 @@ class Engine:
         self._reserved -= reservation.left
         reservation.left = 0
 
-    async def detect(self, data: bytes, score_threshold: float | None = None,
+    async def detect(self, data: bytes | Pixels, score_threshold: float | None = None,
                      deadline: float | None = None,
                      reservation: Reservation | None = None) -> Result:
-        """Detections for one encoded image. Raises :class:`ServeError` subclasses."""
+        """Detections for one encoded image (or decoded pixels). Raises
+        :class:`ServeError` subclasses."""
         if reservation is None:
             self._admit(1)
         elif reservation.left > 0:
@@ -166,8 +169,10 @@ class Engine:
         raw, info = await self._batcher.submit(prepared, key, deadline)
         return self._finish(raw, prepared, info, threshold)
 
-    def _prepare(self, data: bytes) -> Prepared:
+    def _prepare(self, data: bytes | Pixels) -> Prepared:
         try:
+            if isinstance(data, Pixels):  # decoded already: nothing to budget
+                return Prepared(*prepare_pixels(data, self.spec.resize, self.config.max_pixels))
             return Prepared(*prepare(data, self.spec.resize, self.config.max_pixels,
                                      self.decode_budget))
         except ImageError as exc:

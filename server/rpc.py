@@ -11,6 +11,7 @@ from typing import Any, TypeVar
 
 import grpc
 
+from pretag.preprocess import Pixels
 from pretag.server.engine import Engine, Reservation, Result
 from pretag.server.errors import Internal, InvalidInput, ServeError, grpc_code
 from pretag.server.metrics import Metrics
@@ -24,7 +25,7 @@ def deadline_of(context: grpc.aio.ServicerContext) -> float | None:
     return None if remaining is None else asyncio.get_running_loop().time() + remaining
 
 
-async def guarded_detect(engine: Engine, method: str, request_id: str, data: bytes,
+async def guarded_detect(engine: Engine, method: str, request_id: str, data: bytes | Pixels,
                          threshold: float | None, deadline: float | None,
                          reservation: Reservation | None = None) -> Result:
     """engine.detect with every failure turned into a :class:`ServeError` and counted."""

@@ -6,11 +6,13 @@ import logging
 from collections.abc import AsyncIterator, Sequence
 
 import grpc
+import numpy as np
 
 from pretag.contract import ModelSpec
+from pretag.preprocess import Pixels
 from pretag.server.config import BatchingConfig
 from pretag.server.engine import Engine, Result
-from pretag.server.errors import ServeError, Unsupported, describe, grpc_code
+from pretag.server.errors import InvalidInput, ServeError, Unsupported, describe, grpc_code
 from pretag.server.rpc import answer_concurrently, deadline_of, guarded_detect
 from pretag.v1 import pretag_pb2 as pb
 from pretag.v1 import pretag_pb2_grpc as pb_grpc
@@ -20,6 +22,24 @@ log = logging.getLogger(__name__)
 
 _IMAGE = (pb.EMBEDDINGS_IMAGE, pb.EMBEDDINGS_ALL)
 _OBJECTS = (pb.EMBEDDINGS_OBJECTS, pb.EMBEDDINGS_ALL)
+
+
+def payload(request: pb.DetectRequest) -> bytes | Pixels:
+    """The request's encoded image, or its raw pixels as an array (InvalidInput when their
+    size and shape disagree)."""
+    if request.WhichOneof("input") != "raw":
+        return request.image
+    raw = request.raw
+    expected = raw.height * raw.width * 3
+    if len(raw.pixels) != expected:
+        raise InvalidInput(f"raw pixels: {len(raw.pixels)} bytes for {raw.width}x{raw.height}"
+                           f"x3 = {expected}")
+    image = np.frombuffer(raw.pixels, np.uint8).reshape(raw.height, raw.width, 3)
+    if raw.format == pb.PIXEL_FORMAT_RGB24:
+        image = image[:, :, ::-1]
+    original = ((raw.original_height, raw.original_width)
+                if raw.original_height and raw.original_width else None)
+    return Pixels(image, original)
 
 
 def model_info(spec: ModelSpec, providers: Sequence[str], batching: BatchingConfig,
@@ -88,8 +108,9 @@ class PretaggerService(pb_grpc.PretaggerServicer):
                      context: grpc.aio.ServicerContext) -> pb.DetectResponse:
         try:
             check_embeddings(self.engine, request)
-            result = await guarded_detect(self.engine, "Detect", request.id, request.image,
-                                          _threshold(request), deadline_of(context))
+            result = await guarded_detect(self.engine, "Detect", request.id,
+                                          payload(request), _threshold(request),
+                                          deadline_of(context))
         except ServeError as exc:
             await context.abort(grpc_code(exc), describe(exc, request.id))
         return to_response(request, result)
@@ -108,7 +129,7 @@ class PretaggerService(pb_grpc.PretaggerServicer):
             try:
                 check_embeddings(self.engine, request)
                 result = await guarded_detect(self.engine, "DetectStream", request.id,
-                                              request.image, _threshold(request), deadline)
+                                              payload(request), _threshold(request), deadline)
             except ServeError as exc:
                 return error_response(request.id, exc)
             return to_response(request, result)

@@ -1,0 +1,270 @@
+"""Video files as frames, named as the Lightly Worker names them.
+
+A source lists a video file like an image; :func:`expand` probes it (one pass over its
+packets, no decoding: frame count and each frame's presentation timestamp) and turns it
+into one item per frame kept (``--frame-stride``, ``--fps``), named
+``<video name>-<frame number zero-padded to len(str(frame count))>-<video ext>.png``
+(``a/drive.mp4`` frame 99 of 100..999: ``a/drive-099-mp4.png``). :class:`FrameReader`
+decodes the frames a job still needs: it seeks to the keyframe before the first one, gives
+frames in presentation order, upright (the track's display rotation applied), and stops at
+the first fault with how many frames it read. Decoding is PyAV's (FFmpeg): see
+docs/video.md for the measurement behind that choice.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import posixpath
+from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, replace
+from fractions import Fraction
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from pretag.contract import ResizeSpec
+from pretag.job.errors import Code, record
+from pretag.job.sources import VIDEO_SUFFIXES, ImageItem, Listing
+from pretag.job.storage import AnyPath
+from pretag.preprocess import resize_image
+
+log = logging.getLogger(__name__)
+
+#: Packets decoded in a row without a frame coming out before a decode counts as stuck.
+STALL_PACKETS = 250
+_PROBERS = 8  # videos probed at once (I/O bound on object storage)
+
+
+class VideoError(RuntimeError):
+    """A video cannot be read (further); ``frames_read`` frames were read before."""
+
+    def __init__(self, reason: str, frames_read: int = 0) -> None:
+        super().__init__(reason)
+        self.frames_read = frames_read
+
+
+@dataclass(frozen=True)
+class FrameSettings:
+    """Which frames of each video are predicted (names keep the original numbers)."""
+
+    stride: int = 1  # every N-th frame
+    fps: float | None = None  # about this many frames a second, by timestamp
+
+    def problem(self) -> str | None:
+        if self.stride < 1:
+            return "--frame-stride must be at least 1"
+        if self.fps is not None and not self.fps > 0:
+            return "--fps must be more than 0"
+        if self.fps is not None and self.stride != 1:
+            return "--fps and --frame-stride are two ways to thin frames: give one"
+        return None
+
+
+@dataclass(frozen=True, eq=False)
+class Video:
+    """A probed video file (compared by identity: its timestamps can be long)."""
+
+    path: AnyPath
+    name: str  # relative POSIX path of the file, e.g. "a/drive.mp4"
+    pts: tuple[int, ...]  # frame k's presentation timestamp, in presentation order
+    time_base: Fraction
+    declared: int  # frames the container says it holds (0: it does not say)
+    width: int
+    height: int
+    cut: str = ""  # why the packets ended before the frames declared ("": they did not)
+
+    @property
+    def frames(self) -> int:
+        """Frames named: what the container declares, else what its packets hold."""
+        return max(self.declared, len(self.pts))
+
+    def frame_name(self, index: int) -> str:
+        stem, ext = posixpath.splitext(self.name)
+        return f"{stem}-{index:0{len(str(self.frames))}d}-{ext[1:]}.png"
+
+    def seconds(self, index: int) -> float:
+        return float((self.pts[index] - self.pts[0]) * self.time_base)
+
+
+def is_video(name: str) -> bool:
+    return posixpath.splitext(name)[1].lower() in VIDEO_SUFFIXES
+
+
+def _open(path: AnyPath) -> Any:
+    import av
+
+    if isinstance(path, Path):
+        return av.open(str(path))
+    return av.open(path.open("rb"))
+
+
+def probe(path: AnyPath, name: str, max_pixels: int) -> Video:
+    """Frame count and timestamps from one pass over the packets (no decoding); sizes
+    over ``max_pixels`` are refused here, before any frame is decoded. A file whose packets
+    end early (cut short) keeps those read: :attr:`Video.cut` says why. VideoError."""
+    import av
+
+    try:
+        with _open(path) as container:
+            if not container.streams.video:
+                raise VideoError("the file holds no video stream")
+            stream = container.streams.video[0]
+            width, height = stream.codec_context.width, stream.codec_context.height
+            if width * height > max_pixels:
+                raise VideoError(f"frames are {width}x{height} = {width * height:,} pixels, "
+                                 f"over --max-pixels {max_pixels:,}")
+            pts, cut = _timestamps(container, stream)
+            declared = stream.frames
+            time_base = stream.time_base or Fraction(1, 1)
+    except av.FFmpegError as exc:
+        raise VideoError(f"not a readable video ({exc})") from None
+    except OSError as exc:
+        raise VideoError(f"cannot read file: {exc.strerror or exc}") from None
+    if not pts:
+        raise VideoError("the video holds no frames" + (f" that can be read ({cut})"
+                                                        if cut else ""))
+    if declared > len(pts) and not cut:
+        cut = "its packets end early"
+    return Video(path, name, tuple(sorted(pts)), time_base, declared, width, height, cut)
+
+
+def _timestamps(container: Any, stream: Any) -> tuple[list[int], str]:
+    """Every packet's presentation timestamp (decode order), and why reading them stopped
+    early ("" when it did not)."""
+    import av
+
+    pts: list[int] = []
+    try:
+        for packet in container.demux(stream):
+            if packet.size and packet.pts is not None:
+                pts.append(packet.pts)
+    except av.FFmpegError as exc:
+        return pts, str(exc)
+    return pts, ""
+
+
+def kept(video: Video, settings: FrameSettings) -> list[int]:
+    """The frame numbers ``settings`` keep."""
+    count = len(video.pts)
+    if settings.fps is None:
+        return list(range(0, count, settings.stride))
+    out, point = [], 0  # the first frame at or after each point n / fps is kept
+    for index in range(count):
+        seconds = video.seconds(index) + 1e-6
+        if seconds >= point / settings.fps:
+            out.append(index)
+            point = math.floor(seconds * settings.fps) + 1
+    return out
+
+
+def expand(listing: Listing, settings: FrameSettings, max_pixels: int) -> Listing:
+    """``listing`` with each video file replaced by its frames; a video that cannot be read
+    becomes a record for errors.jsonl (code VIDEO)."""
+    videos = [item for item in listing.items if is_video(item.name)]
+    if not videos:
+        return listing
+
+    def one(item: ImageItem) -> Video | VideoError:
+        try:
+            return probe(item.path, item.name, max_pixels)
+        except VideoError as exc:
+            return exc
+
+    with ThreadPoolExecutor(_PROBERS, thread_name_prefix="pretag-probe") as pool:
+        probed = dict(zip((i.name for i in videos), pool.map(one, videos), strict=True))
+    items, problems = [], list(listing.problems)
+    for item in listing.items:
+        found = probed.get(item.name)
+        if found is None:
+            items.append(item)
+        elif isinstance(found, VideoError):
+            problems.append(record(item.path, item.name, Code.VIDEO, str(found)))
+        else:
+            items.extend(ImageItem(item.path, found.frame_name(k), video=found, frame=k)
+                         for k in kept(found, settings))
+            if found.cut:
+                problems.append(record(
+                    item.path, item.name, Code.VIDEO,
+                    f"cut short: {len(found.pts)} of the {found.frames} frames it declares "
+                    f"can be read ({found.cut})", frames_read=len(found.pts),
+                    frames_left=found.frames - len(found.pts)))
+    read = sum(1 for v in probed.values() if isinstance(v, Video))
+    return replace(listing, items=items, problems=problems, videos=read)
+
+
+def upright(image: np.ndarray, rotation: float) -> np.ndarray:
+    """Turn a decoded frame by its display rotation (degrees counterclockwise)."""
+    turns = round(rotation / 90) % 4
+    return np.ascontiguousarray(np.rot90(image, turns)) if turns else image
+
+
+class FrameReader:
+    """The frames ``wanted`` of one video, in presentation order, as BGR arrays resized for
+    the model (``resize``; None: full size) with the original (height, width). Iterating
+    raises :class:`VideoError` at the first fault, after the frames read before it."""
+
+    def __init__(self, video: Video, wanted: Sequence[int], resize: ResizeSpec | None = None,
+                 stall_packets: int = STALL_PACKETS) -> None:
+        self.video = video
+        self.wanted = sorted(set(wanted))
+        self.resize = resize
+        self.stall_packets = stall_packets
+        self.decoded = 0  # frames decoded, kept or not (what a seek saves shows here)
+        self.read = 0  # wanted frames given out
+
+    def __iter__(self) -> Iterator[tuple[int, np.ndarray, tuple[int, int]]]:
+        import av
+
+        if not self.wanted:
+            return
+        index_of = {pts: k for k, pts in enumerate(self.video.pts)}
+        todo = set(self.wanted)
+        try:
+            with _open(self.video.path) as container:
+                stream = container.streams.video[0]
+                first = self.wanted[0]
+                if first > 0:  # the keyframe at or before the first frame wanted
+                    container.seek(self.video.pts[first], stream=stream, backward=True)
+                for frame, index in self._frames(container, stream, index_of):
+                    if index not in todo:
+                        continue
+                    todo.discard(index)
+                    yield index, *self._pixels(frame)
+                    self.read += 1
+                    if not todo:
+                        return
+        except av.FFmpegError as exc:
+            raise VideoError(f"decoding stopped: {exc}", self.read) from None
+        except OSError as exc:
+            raise VideoError(f"cannot read file: {exc.strerror or exc}", self.read) from None
+        if todo:
+            raise VideoError(f"the video ended before frame {min(todo)}", self.read)
+
+    def _frames(self, container: Any, stream: Any, index_of: dict[int, int]
+                ) -> Iterator[tuple[Any, int]]:
+        stuck = 0
+        for packet in container.demux(stream):
+            frames = packet.decode()
+            stuck = 0 if frames else stuck + 1
+            if stuck > self.stall_packets:
+                raise VideoError(f"no frame decoded from {stuck} packets in a row", self.read)
+            for frame in frames:
+                self.decoded += 1
+                index = index_of.get(frame.pts) if frame.pts is not None else None
+                if index is not None:
+                    yield frame, index
+
+    def _pixels(self, frame: Any) -> tuple[np.ndarray, tuple[int, int]]:
+        image = upright(frame.to_ndarray(format="bgr24"), frame.rotation)
+        original = (image.shape[0], image.shape[1])
+        return (image if self.resize is None else resize_image(image, self.resize)), original
+
+
+def read_frame(video: Video, index: int) -> np.ndarray:
+    """One frame, full size, BGR (debug images, crops). VideoError."""
+    for _, image, _ in FrameReader(video, [index]):
+        return image
+    raise VideoError(f"frame {index} was not found")
