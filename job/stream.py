@@ -37,7 +37,7 @@ from pretag.job.sources import ImageItem
 from pretag.job.stats import Histogram
 from pretag.job.storage import AnyPath, storage_outage
 from pretag.job.vectors import Shard, VectorStore
-from pretag.job.video import FrameReader, Video, VideoError
+from pretag.job.video import FrameReader, Video, VideoError, failure
 from pretag.preprocess import Pixels
 from pretag.v1 import pretag_pb2 as pb
 
@@ -264,11 +264,7 @@ class Job:
     def _video_failed(self, video: Video, left: dict[int, ImageItem], exc: VideoError) -> None:
         """One errors.jsonl line for the video; its frames not read are counted as done
         (without a line each) so the job can end; a re-run tries them again."""
-        first = min(left)
-        self.state.errors.append(record(
-            video.path, video.name, Code.VIDEO, f"{exc} (at frame {first}); {exc.frames_read} "
-            f"frames read, {len(left)} not", frames_read=exc.frames_read,
-            frames_left=len(left)))
+        self.state.errors.append(failure(video, list(left), exc))
         self.progress.set_postfix(failed=len(self.state.errors), refresh=False)
         for item in left.values():
             self._count(item, False)

@@ -195,6 +195,26 @@ def expand(listing: Listing, settings: FrameSettings, max_pixels: int) -> Listin
     return replace(listing, items=items, problems=problems, videos=read)
 
 
+def failure(video: Video, left: Sequence[int], exc: VideoError) -> dict[str, Any]:
+    """The errors.jsonl line of a video whose frames ``left`` could not be read."""
+    return record(video.path, video.name, Code.VIDEO,
+                  f"{exc} (at frame {min(left)}); {exc.frames_read} frames read, "
+                  f"{len(left)} not", frames_read=exc.frames_read, frames_left=len(left))
+
+
+def to_row(video: Video) -> dict[str, Any]:
+    """The video as plain values (a Ray row), for :func:`from_row` on a worker."""
+    return {"path": str(video.path), "video": video.name, "pts": list(video.pts),
+            "time_base": str(video.time_base), "declared": video.declared,
+            "width": video.width, "height": video.height}
+
+
+def from_row(row: dict[str, Any], path: AnyPath) -> Video:
+    return Video(path, str(row["video"]), tuple(int(p) for p in row["pts"]),
+                 Fraction(str(row["time_base"])), int(row["declared"]), int(row["width"]),
+                 int(row["height"]))
+
+
 def upright(image: np.ndarray, rotation: float) -> np.ndarray:
     """Turn a decoded frame by its display rotation (degrees counterclockwise)."""
     turns = round(rotation / 90) % 4

@@ -27,6 +27,7 @@ from typing import Any
 from tqdm import tqdm
 
 from pretag.contract import ContractError, read_model_spec
+from pretag.job.errors import Code
 from pretag.job.lock import hold
 from pretag.job.run import (
     Executor,
@@ -40,16 +41,19 @@ from pretag.job.run import (
 )
 from pretag.job.sources import Listing
 from pretag.job.storage import check_reachable
-from pretag.job.stream import RunError
+from pretag.job.stream import RunError, read_units
+from pretag.job.video import to_row
 from pretag.model import ModelDescription
 from pretag.preprocess import DEFAULT_MAX_PIXELS
 from pretag.runtime.backend import DEFAULT_MAX_BATCH_SIZE, BackendConfig
 from pretag.scale.stages import (
+    SKIP,
     STOP,
     Detector,
     DetectorConfig,
     WriteConfig,
     read_images,
+    read_video,
     write_block,
 )
 
@@ -179,8 +183,13 @@ def _record(plan: Plan, batches: Iterable[dict[str, Any]], progress: tqdm,
                 raise RunError(f"{reason}. Stopped with {plan.state.written} of "
                                f"{len(plan.todo)} images written; run the same command "
                                f"again to resume")
-            plan.state.record(items[str(name)], json.loads(entry) if not code else None,
-                              str(reason) or None, str(code))
+            if code in (SKIP, Code.VIDEO):  # a video that failed: one line, from the read
+                plan.state.finished += 1
+                if code == Code.VIDEO:
+                    plan.state.errors.append(json.loads(reason))
+            else:
+                plan.state.record(items[str(name)], json.loads(entry) if not code else None,
+                                  str(reason) or None, str(code))
             if code:
                 progress.set_postfix(failed=len(plan.state.errors), refresh=False)
             progress.update(1)
@@ -188,9 +197,43 @@ def _record(plan: Plan, batches: Iterable[dict[str, Any]], progress: tqdm,
                 on_result(str(name), not code)
 
 
-def _rows(plan: Plan) -> list[dict[str, Any]]:
-    return [{"index": i, "name": item.name, "path": str(item.path)}
-            for i, item in enumerate(plan.todo)]
+def _rows(plan: Plan) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """The read stages' rows: one per image, one per video (its frames still to do)."""
+    images: list[dict[str, Any]] = []
+    videos: list[dict[str, Any]] = []
+    index = 0
+    for unit in read_units(plan.todo):
+        video = unit[0].video
+        if video is None:
+            images.append({"index": index, "name": unit[0].name, "path": str(unit[0].path)})
+        else:
+            videos.append({**to_row(video), "index": index,
+                           "indices": list(range(index, index + len(unit))),
+                           "names": [item.name for item in unit],
+                           "frames": [item.frame for item in unit]})
+        index += len(unit)
+    return images, videos
+
+
+def _read(plan: Plan, settings: RaySettings) -> Any:
+    """The dataset of decoded images and video frames (read_images / read_video rows)."""
+    import ray.data
+
+    config, resize = plan.config, plan.info.resize
+    cpus = settings.read_cpus if settings.read_cpus is not None else settings.cpus_per_actor
+    images, videos = _rows(plan)
+    parts = []
+    if images:
+        parts.append(ray.data.from_items(images).map_batches(
+            partial(read_images, resize=resize, max_pixels=settings.max_pixels,
+                    timeout_s=config.storage_timeout_s),
+            batch_size=settings.read_images, batch_format="numpy", num_cpus=cpus))
+    if videos:  # one task decodes a video in order, giving frames out as it goes
+        parts.append(ray.data.from_items(videos).map_batches(
+            partial(read_video, resize=resize, frames_per_batch=settings.read_images,
+                    timeout_s=config.storage_timeout_s),
+            batch_size=1, batch_format="numpy", num_cpus=cpus))
+    return parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]
 
 
 def ray_executor(model: bytes, settings: RaySettings) -> Executor:
@@ -206,19 +249,12 @@ def ray_executor(model: bytes, settings: RaySettings) -> Executor:
         context = ray.data.DataContext.get_current()
         context.enable_progress_bars = False  # the job's own bar counts the images
         config = plan.config
-        resize = plan.info.resize
         detector = DetectorConfig(config.score_threshold, settings.batch_size,
                                   settings.actor_backend())
         writing = WriteConfig(str(config.output_dir), tuple(plan.info.class_names), plan.mode,
                               plan.vectors.pending.number if plan.vectors else 1,
                               plan.info.object_embedding_dim, config.storage_timeout_s)
-        data = (ray.data.from_items(_rows(plan))
-                .map_batches(partial(read_images, resize=resize,
-                                     max_pixels=settings.max_pixels,
-                                     timeout_s=config.storage_timeout_s),
-                             batch_size=settings.read_images, batch_format="numpy",
-                             num_cpus=settings.read_cpus if settings.read_cpus is not None
-                             else settings.cpus_per_actor)
+        data = (_read(plan, settings)
                 .map_batches(Detector, fn_constructor_kwargs={"model": model,
                                                               "config": detector},
                              compute=ray.data.ActorPoolStrategy(size=settings.actors),

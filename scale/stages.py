@@ -22,6 +22,7 @@ import logging
 import os
 import tempfile
 from collections import defaultdict
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -34,6 +35,7 @@ from pretag.job.outputs import Detections, make_entry, write_prediction
 from pretag.job.storage import DEFAULT_TIMEOUT_S, location, storage_outage
 from pretag.job.stream import write_failure
 from pretag.job.vectors import Shard, embeddings_dir, write_shard
+from pretag.job.video import FrameReader, Video, VideoError, failure, from_row
 from pretag.preprocess import (
     DEFAULT_DECODE_MEMORY_MB,
     DecodeBudget,
@@ -93,6 +95,52 @@ def read_images(batch: Batch, resize: ResizeSpec, max_pixels: int,
             "reason": np.array([r[3] for r in read], dtype=object)}
 
 
+#: ``code`` of a frame not read because its video failed before it: counted, not listed
+#: (the video's own line, code VIDEO, says how many frames were left).
+SKIP = "SKIP"
+
+
+def read_video(batch: Batch, resize: ResizeSpec, frames_per_batch: int,
+               timeout_s: float = DEFAULT_TIMEOUT_S) -> Iterator[Batch]:
+    """The frames still to do of each video row (``job.video.to_row`` plus ``indices``,
+    ``names``, ``frames``), decoded in order by this one task and given out
+    ``frames_per_batch`` at a time, as :func:`read_images` rows. A video that fails gives
+    its first frame not read code VIDEO (reason: the errors.jsonl line, as JSON) and the
+    others SKIP, as the gRPC path reports it."""
+    for row in range(len(batch["path"])):
+        values = {key: batch[key][row] for key in batch}
+        video = from_row(values, location(str(values["path"]), timeout_s))
+        names = dict(zip((int(f) for f in values["frames"]), values["names"], strict=True))
+        index_of = dict(zip((int(f) for f in values["frames"]),
+                            (int(i) for i in values["indices"]), strict=True))
+        out: list[tuple[int, str, np.ndarray, tuple[int, int], str, str]] = []
+        reader = FrameReader(video, list(names), resize)
+        try:
+            for frame, image, original in reader:
+                out.append((index_of[frame], names.pop(frame), image, original, "", ""))
+                if len(out) == frames_per_batch:
+                    yield _frame_rows(out, video)
+                    out = []
+        except VideoError as exc:
+            line = json.dumps(failure(video, list(names), exc))
+            for k, frame in enumerate(sorted(names)):
+                out.append((index_of[frame], names[frame], _EMPTY, (0, 0),
+                            Code.VIDEO if k == 0 else SKIP, line if k == 0 else ""))
+        if out:
+            yield _frame_rows(out, video)
+
+
+def _frame_rows(rows: list[tuple[int, str, np.ndarray, tuple[int, int], str, str]],
+                video: Video) -> Batch:
+    return {"index": np.array([r[0] for r in rows], np.int64),
+            "name": np.array([r[1] for r in rows], dtype=object),
+            "path": np.array([str(video.path)] * len(rows), dtype=object),
+            "image": _column([r[2] for r in rows]),
+            "original": np.array([r[3] for r in rows], np.int64).reshape(-1, 2),
+            "code": np.array([r[4] for r in rows], dtype=object),
+            "reason": np.array([r[5] for r in rows], dtype=object)}
+
+
 @dataclass(frozen=True)
 class DetectorConfig:
     """What each detector actor is built with (its model comes as bytes)."""
@@ -147,26 +195,24 @@ class Detector:
             self._columns(batch, raws)
 
     def _columns(self, batch: Batch, raws: dict[int, Raw]) -> Batch:
+        """Each row's detections and vectors as raw bytes (float32; label ids int64): a
+        column of bytes converts to Arrow the same way whatever the rows hold (arrays of
+        changing or zero size do not: blocks of only failures or only empty images would
+        not join the others)."""
         info = BatchInfo(0.0, 0.0, 0)
         results = {i: to_result(raw, tuple(batch["original"][i]), info, self.threshold,
                                 self.spec.class_names) for i, raw in raws.items()}
-        rows = range(len(batch["name"]))
-        none = np.zeros((0,), np.float32)
-        return {
-            "boxes": _column([results[i].boxes if i in results else none.reshape(0, 4)
-                              for i in rows]),
-            "scores": _column([results[i].scores if i in results else none for i in rows]),
-            "label_ids": _column([results[i].label_ids if i in results
-                                  else np.zeros((0,), np.int64) for i in rows]),
-            "embedding": _column([_or_empty(results[i].embedding) if i in results else none
-                                  for i in rows]),
-            "objects": _column([_or_empty(results[i].object_embeddings) if i in results
-                                else none for i in rows]),
-        }
 
+        def column(get: Any, dtype: Any) -> np.ndarray:
+            return _column([b"" if i not in results or get(results[i]) is None
+                            else np.ascontiguousarray(get(results[i]), dtype).tobytes()
+                            for i in range(len(batch["name"]))])
 
-def _or_empty(values: np.ndarray | None) -> np.ndarray:
-    return np.zeros((0,), np.float32) if values is None else values
+        return {"boxes": column(lambda r: r.boxes, np.float32),
+                "scores": column(lambda r: r.scores, np.float32),
+                "label_ids": column(lambda r: r.label_ids, np.int64),
+                "embedding": column(lambda r: r.embedding, np.float32),
+                "objects": column(lambda r: r.object_embeddings, np.float32)}
 
 
 @dataclass(frozen=True)
@@ -181,13 +227,16 @@ class WriteConfig:
     timeout_s: float = DEFAULT_TIMEOUT_S  # per object-storage request
 
 
-def _prediction(batch: Batch, i: int, class_names: tuple[str, ...]) -> Detections:
-    embedding = np.asarray(batch["embedding"][i], np.float32)
-    objects = np.asarray(batch["objects"][i], np.float32)
+def _prediction(batch: Batch, i: int, config: WriteConfig) -> Detections:
+    def values(column: str, dtype: Any = np.float32) -> np.ndarray:
+        return np.frombuffer(batch[column][i], dtype)
+
+    embedding = values("embedding")
+    objects = values("objects").reshape(-1, config.object_dim or 1)
     return Detections(str(batch["name"][i]),
-                      [tuple(box) for box in np.asarray(batch["boxes"][i]).tolist()],
-                      [class_names[j] for j in np.asarray(batch["label_ids"][i]).tolist()],
-                      np.asarray(batch["scores"][i]).tolist(),
+                      [tuple(box) for box in values("boxes").reshape(-1, 4).tolist()],
+                      [config.class_names[j] for j in values("label_ids", np.int64).tolist()],
+                      values("scores").tolist(),
                       embedding=embedding if embedding.size else None,
                       object_embeddings=objects if objects.size else None)
 
@@ -203,7 +252,7 @@ def write_block(batch: Batch, config: WriteConfig) -> Batch:
     for i, code in enumerate(codes):
         if code:
             continue
-        pred = _prediction(batch, i, config.class_names)
+        pred = _prediction(batch, i, config)
         entry = make_entry(pred.id, pred.boxes, pred.labels, pred.scores)
         try:  # as the gRPC path: vectors checked, prediction stored, then vectors kept
             if config.mode != "none":

@@ -247,3 +247,39 @@ def test_ray_stores_shards_without_detections(ray_cluster: str, coco128: Path,
     assert Counter(objects) == Counter(load_embeddings(reference, "objects")[0])
     again = _run(*command)
     assert again.returncode == 0 and "predicted now           0" in again.stdout, again.stderr
+
+
+def test_videos_on_ray_write_what_the_grpc_path_writes(ray_cluster: str, shared: Path,
+                                                       yolox_model: Path, tmp_path: Path):
+    """Frames decoded in the read tasks (one task per video, in order) and the same video
+    faults: the files of the gRPC path, errors.jsonl included."""
+    import av
+
+    from pretag.bench.video import make_video, pan_frames
+
+    folder = tmp_path / "in"
+    (folder / "sub").mkdir(parents=True)
+    frames = pan_frames(sorted((shared / "data" / "driving").iterdir()), 90, (320, 180))
+    make_video(folder / "sub" / "drive.mp4", frames, gop=30)
+    make_video(folder / "clip.avi", frames[:20], codec="mpeg4")
+    make_video(tmp_path / "whole.mp4", frames[:60], gop=30)
+    with av.open(str(tmp_path / "whole.mp4")) as container:
+        pos, size = [(p.pos, p.size) for p in container.demux(container.streams.video[0])
+                     if p.size][40]
+    data = bytearray((tmp_path / "whole.mp4").read_bytes())
+    data[pos:pos + size] = b"\xff" * size  # a corrupt packet: decoding stops there
+    (folder / "corrupt.mp4").write_bytes(bytes(data))
+    (folder / "kitti.png").write_bytes((shared / "data" / "driving" / "kitti_000000.png")
+                                       .read_bytes())
+    grpc_out, ray_out = tmp_path / "grpc", tmp_path / "ray"
+    summary = run_locally(RunConfig(folder, grpc_out, quiet=True, embeddings="image",
+                                    shard_images=SHARD), yolox_model)
+    assert summary.failed == 1 and summary.frames == 170 and summary.videos == 3
+    done = _run(sys.executable, "-m", "pretag.cli", "run", str(folder), "--output-dir",
+                str(ray_out), "--model", str(yolox_model), "--quiet", "--embeddings", "image",
+                "--shard-images", str(SHARD), "--ray", ray_cluster)
+    assert done.returncode == 3, done.stderr
+    assert "frames of 3 videos" in done.stdout
+    assert_same_outputs(ray_out, grpc_out)
+    errors = [json.loads(line) for line in (ray_out / "report" / "errors.jsonl").open()]
+    assert [(e["filename"], e["code"]) for e in errors] == [("corrupt.mp4", "VIDEO")]
