@@ -118,6 +118,36 @@ def test_input_and_output_on_s3_match_a_local_run(s3, yolox_model: Path, coco128
     assert histogram["images"] == IMAGES
 
 
+def test_a_video_on_s3_is_read_through_fsspec_as_a_local_one(
+        s3, yolox_model: Path, shared: Path, tmp_path: Path, capsys: pytest.CaptureFixture):
+    """A clip in the bucket: listed with its size, probed and decoded from an fsspec file
+    object (range reads), its frames named and predicted as from a local copy; a resumed
+    run reads nothing again."""
+    from pretag.bench.video import make_video, pan_frames
+
+    clip = make_video(tmp_path / "drive.mp4", pan_frames(
+        sorted((shared / "data" / "driving").iterdir()), 45, (320, 180)), gop=15)
+    s3.pipe_file("data/videos/sub/drive.mp4", clip.read_bytes())
+    local = tmp_path / "in" / "sub"
+    local.mkdir(parents=True)
+    (local / "drive.mp4").write_bytes(clip.read_bytes())
+    assert main(["run", str(local.parent), "--output-dir", str(tmp_path / "out"), "--model",
+                 str(yolox_model), "--quiet"]) == 0
+    assert main(["run", "s3://data/videos/", "--output-dir", "s3://out/video/", "--model",
+                 str(yolox_model), "--quiet", "--debug-images", "1"]) == 0
+    remote = _predictions(s3, "out/video")
+    want = {p.name: json.loads(p.read_text()) for p in
+            (tmp_path / "out" / ".lightly" / "predictions" / "lightly_pretagging" / "sub")
+            .glob("*.json")}
+    assert sorted(remote) == [f"drive-{k:02d}-mp4.json" for k in range(45)]
+    assert remote == want
+    assert len(s3.find("out/video/report/debug")) == 1
+    capsys.readouterr()
+    assert main(["run", "s3://data/videos/", "--output-dir", "s3://out/video/", "--model",
+                 str(yolox_model), "--quiet"]) == 0
+    assert "predicted now           0" in capsys.readouterr().out
+
+
 def test_resume_and_overwrite_on_s3(s3, yolox_model: Path, capsys: pytest.CaptureFixture,
                                     monkeypatch: pytest.MonkeyPatch):
     args = ["run", "s3://data/images", "--output-dir", "s3://out/job", "--model",
