@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 import math
 import posixpath
+import re
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
@@ -29,7 +30,7 @@ from pretag.contract import ResizeSpec
 from pretag.job.errors import Code, record
 from pretag.job.sources import VIDEO_SUFFIXES, ImageItem, Listing
 from pretag.job.storage import AnyPath
-from pretag.preprocess import resize_image
+from pretag.preprocess import decode_bgr, image_size, resize_image
 
 log = logging.getLogger(__name__)
 
@@ -288,3 +289,59 @@ def read_frame(video: Video, index: int) -> np.ndarray:
     for _, image, _ in FrameReader(video, [index]):
         return image
     raise VideoError(f"frame {index} was not found")
+
+
+#: A frame's name: ``<video stem>-<frame number>-<video ext>.png``.
+_FRAME_NAME = re.compile(r"^(?P<stem>.+)-(?P<frame>\d+)-(?P<ext>[^-/.]+)\.png$")
+
+
+def frame_source(name: str) -> tuple[str, int] | None:
+    """The video and frame number a frame name stands for (``a/drive-099-mp4.png``:
+    ``("a/drive.mp4", 99)``), or None when the name is not a frame's."""
+    match = _FRAME_NAME.match(name)
+    if match is None:
+        return None
+    return f"{match['stem']}.{match['ext']}", int(match["frame"])
+
+
+class SampleImages:
+    """The samples of a run's input folder by name: image files, and frames read out of
+    the videos beside them (each video probed once). For crops, exports and drawings."""
+
+    def __init__(self, root: Path, max_pixels: int = 10**9) -> None:
+        self.root = root
+        self.max_pixels = max_pixels
+        self._videos: dict[str, Video] = {}
+
+    def _frame(self, name: str) -> tuple[Video, int] | None:
+        source = frame_source(name)
+        if (self.root / name).is_file() or source is None:
+            return None
+        video_name, index = source
+        if not (self.root / video_name).is_file():
+            return None
+        if video_name not in self._videos:
+            self._videos[video_name] = probe(self.root / video_name, video_name,
+                                             self.max_pixels)
+        return self._videos[video_name], index
+
+    def exists(self, name: str) -> bool:
+        if (self.root / name).is_file():
+            return True
+        source = frame_source(name)
+        return source is not None and (self.root / source[0]).is_file()
+
+    def read_bgr(self, name: str) -> np.ndarray:
+        """The sample's pixels, BGR; OSError, ImageError or VideoError."""
+        frame = self._frame(name)
+        if frame is None:
+            return decode_bgr((self.root / name).read_bytes())
+        return read_frame(*frame)
+
+    def size(self, name: str) -> tuple[int, int]:
+        """(width, height) as the sample is predicted (a frame: upright)."""
+        frame = self._frame(name)
+        if frame is None:
+            return image_size((self.root / name).read_bytes())
+        image = read_frame(*frame)
+        return image.shape[1], image.shape[0]

@@ -16,7 +16,8 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 from pretag.job.outputs import TASK, write_atomic, write_task_files
-from pretag.preprocess import ImageError, image_size
+from pretag.job.video import SampleImages, VideoError
+from pretag.preprocess import ImageError
 from pretag.selection.config import SelectionConfigError
 from pretag.selection.predictions import RunPredictions
 
@@ -25,15 +26,16 @@ FORMATS = ("coco", "lightly")
 
 def _sized(run: RunPredictions, images: Path, names: list[str]
            ) -> list[tuple[str, dict[str, Any], int, int]]:
-    """Each picked image's usable detections and pixel size."""
+    """Each picked image's usable detections and pixel size (a video frame's, upright)."""
+    samples = SampleImages(images)
     rows = []
     for name in names:
         if name not in run.entries:
             raise SelectionConfigError(f"no prediction for {name}")
         entry = run.usable(name)
         try:
-            width, height = image_size((images / name).read_bytes())
-        except (OSError, ImageError) as exc:
+            width, height = samples.size(name)
+        except (OSError, ImageError, VideoError) as exc:
             raise SelectionConfigError(f"cannot read the size of {images / name}: {exc}"
                                        ) from None
         rows.append((name, entry, width, height))
@@ -100,8 +102,7 @@ def write_crops(run: RunPredictions, images: Path, crops: list[str], padding: fl
     Crops of unusable detections are never picked (see :mod:`.predictions`)."""
     import cv2
 
-    from pretag.preprocess import decode_bgr
-
+    samples = SampleImages(images)
     written = 0
     for crop in crops:
         name, index = crop_source(crop)
@@ -109,8 +110,8 @@ def write_crops(run: RunPredictions, images: Path, crops: list[str], padding: fl
         if entry is None or index >= len(entry["boxes"]) or index in run.bad.get(name, {}):
             raise SelectionConfigError(f"no usable detection {index} of {name}")
         try:
-            bgr = decode_bgr((images / name).read_bytes())  # as OpenCV encodes it
-        except (OSError, ImageError) as exc:
+            bgr = samples.read_bgr(name)  # an image file, or a frame of a video
+        except (OSError, ImageError, VideoError) as exc:
             raise SelectionConfigError(f"cannot read {images / name}: {exc}") from None
         x1, y1, x2, y2 = padded_box(entry["boxes"][index], bgr.shape[1], bgr.shape[0],
                                     padding)

@@ -28,6 +28,7 @@ from pretag.job.outputs import (
 )
 from pretag.job.report import draw_debug_image
 from pretag.job.stats import bar_chart, class_stats
+from pretag.job.video import SampleImages, VideoError
 from pretag.selection.greedy import normalise
 from pretag.selection.samples import Samples
 
@@ -112,14 +113,21 @@ def _debug_images(run_dir: Path, images: Path | None, names: list[str], out: Pat
     """The first picks drawn with their usable boxes (an earlier selection's drawings
     are removed first)."""
     shutil.rmtree(out / "selected", ignore_errors=True)
+    if images is None:
+        return []
+    samples = SampleImages(images)
     tags = []
     for name in names[:6]:
         entry = read_prediction(run_dir, name)
-        if images is None or entry is None or not (images / name).is_file():
+        if entry is None or not samples.exists(name):
             continue
         entry = usable(entry, detection_problems(entry, classes))
         target = out / "selected" / name.replace("/", "__")
-        draw_debug_image(images / name, entry, target.with_suffix(".jpg"), [])
+        try:
+            draw_debug_image(samples.read_bgr(name), entry, target.with_suffix(".jpg"), [])
+        except (OSError, ValueError, VideoError) as exc:
+            log.warning("no drawing of %s: %s", name, exc)
+            continue
         tags.append(_img(target.with_suffix(".jpg").read_bytes(), "jpeg", name))
     return tags
 

@@ -251,3 +251,44 @@ def test_names_pad_to_the_frame_count():
     assert named(9, 3) == "a/b-3-mov.png"
     assert named(10, 3) == "a/b-03-mov.png"
     assert named(1000, 999) == "a/b-0999-mov.png"
+
+
+def test_frames_are_samples_for_selection_crops_and_exports(
+        tmp_path: Path, frames: list[np.ndarray], yolox_model: Path):
+    """DIVERSITY over frames, the COCO and Lightly exports naming frames, object-level
+    crops and the report's drawings read out of the video (--images is the input folder)."""
+    folder = tmp_path / "in"
+    (folder / "sub").mkdir(parents=True)
+    make_video(folder / "sub" / "drive.mp4", frames[:90], gop=30)
+    run = tmp_path / "run"
+    assert _run(folder, run, yolox_model, "--embeddings", "all") == 0
+    config = tmp_path / "diverse.json"
+    config.write_text(json.dumps({"n_samples": 10, "strategies": [
+        {"input": {"type": "EMBEDDINGS"}, "strategy": {"type": "DIVERSITY"}}]}))
+    out = tmp_path / "picked"
+    assert main(["select", str(run), "--config", str(config), "--output-dir", str(out),
+                 "--images", str(folder), "--export", "coco", "--export", "lightly"]) == 0
+    picked = (out / "selection" / "selected.txt").read_text().split()
+    assert len(picked) == 10 and all(p.startswith("sub/drive-") and p.endswith("-mp4.png")
+                                     for p in picked)
+    coco = json.loads((out / "selection" / "coco.json").read_text())
+    assert sorted(i["file_name"] for i in coco["images"]) == sorted(picked)
+    assert {(i["width"], i["height"]) for i in coco["images"]} == {(320, 180)}
+    lightly = out / "selection" / "lightly" / ".lightly" / "predictions" / TASK
+    assert len(list(lightly.rglob("drive-*-mp4.json"))) == 10
+    assert len(list((out / "report" / "selected").glob("*.jpg"))) == 6  # drawn from frames
+
+    objects = tmp_path / "objects.json"
+    objects.write_text(json.dumps({
+        "worker_config": {"object_level": {"task_name": TASK}},
+        "selection_config": {"n_samples": 5, "strategies": [
+            {"input": {"type": "EMBEDDINGS"}, "strategy": {"type": "DIVERSITY"}}]}}))
+    crops_out = tmp_path / "crops"
+    assert main(["select", str(run), "--config", str(objects), "--output-dir", str(crops_out),
+                 "--images", str(folder), "--write-crops"]) == 0
+    crops = (crops_out / "selection" / "selected.txt").read_text().split()
+    assert len(crops) == 5 and all(c.startswith("sub/drive-") and c.endswith("-png")
+                                   for c in crops)
+    for crop in crops:
+        image = cv2.imread(str(crops_out / "selection" / "crops" / f"{crop}.png"))
+        assert image is not None and image.size > 0
