@@ -169,7 +169,7 @@ def test_resume_and_overwrite_on_s3(s3, yolox_model: Path, capsys: pytest.Captur
     from pretag.job import stream
 
     stats: list[object] = []
-    monkeypatch.setattr(stream, "_file_size", lambda path: stats.append(path) or 0)
+    monkeypatch.setattr(stream, "file_size", lambda path: stats.append(path) or 0)
     summary = capsys.readouterr().out
     assert "already done (skipped)  7" in summary and "predicted now           5" in summary
     assert _predictions(s3, "out/job") == first
