@@ -71,6 +71,7 @@ class SelectionConfig:
     proportion_samples: float | None = None
     object_level_task: str | None = None  # worker_config.object_level.task_name
     padding: float = 0.0  # worker_config.object_level.padding
+    sequence_length: int = 1  # worker_config.selected_sequence_length (1: frames alone)
 
     def count(self, available: int) -> int:
         """How many samples to pick out of ``available``."""
@@ -205,13 +206,25 @@ def parse(data: Any, n_samples: int | None = None) -> SelectionConfig:
     steps = tuple(_step(s, f"selection_config.strategies[{i}]")
                   for i, s in enumerate(strategies))
     task, padding = _object_level(worker)
-    return SelectionConfig(steps, count, proportion, task, padding)
+    length = _sequence_length(worker)
+    if length > 1 and task is not None:
+        raise _fail("worker_config.selected_sequence_length",
+                    "selects windows of video frames; it cannot go with object_level")
+    return SelectionConfig(steps, count, proportion, task, padding, length)
+
+
+def _sequence_length(worker: dict[str, Any]) -> int:
+    length = worker.get("selected_sequence_length", 1)
+    if not isinstance(length, int) or isinstance(length, bool) or length < 1:
+        raise _fail("worker_config.selected_sequence_length",
+                    f"must be a whole number >= 1, not {length!r}")
+    return length
 
 
 def _object_level(worker: Any) -> tuple[str | None, float]:
     if not isinstance(worker, dict):
         raise _fail("worker_config", "must be an object")
-    _unknown(worker, {"object_level"}, "worker_config")
+    _unknown(worker, {"object_level", "selected_sequence_length"}, "worker_config")
     level = worker.get("object_level")
     if level is None:
         return None, 0.0

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import asdict
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path, PurePosixPath
 from typing import Any
 
@@ -26,6 +26,7 @@ from pretag.selection.greedy import Objective, Pick, greedy, normalise, passes
 from pretag.selection.predictions import RunPredictions, read_run, staged
 from pretag.selection.report import write_report
 from pretag.selection.samples import Samples
+from pretag.selection.sequences import sequence_information, sequence_samples, window_count
 
 log = logging.getLogger(__name__)
 
@@ -185,6 +186,10 @@ def run_selection(run_dir: Path, config: SelectionConfig, output_dir: Path | Non
     and the ``crops``. The folder is held (:mod:`pretag.job.lock`) and selection/ is
     replaced as one set (:func:`~pretag.selection.predictions.staged`)."""
     base = output_dir or run_dir
+    if config.sequence_length > 1 and images is None:
+        raise SelectionConfigError("worker_config.selected_sequence_length needs --images "
+                                   "(the run's input folder): the frames' timestamps are "
+                                   "read from the videos")
     with hold(base, "pretag select"):
         run = read_run(run_dir)
         sample = object_samples if config.object_level_task else image_samples
@@ -192,10 +197,13 @@ def run_selection(run_dir: Path, config: SelectionConfig, output_dir: Path | Non
         if not samples.names:
             what = "usable detections" if config.object_level_task else "predicted images"
             raise SelectionConfigError(f"{run_dir} holds no {what} to select from")
-        picks = select(config, samples)
-        names = [samples.names[p.index] for p in picks]
+        picked = _pick(config, samples)
+        names = [name for window in picked.windows for name in window]
         with staged(base) as out:
-            _write_picks(out, config, samples, picks, names, run)
+            _write_picks(out, config, picked, names, run)
+            if picked.sequences and images is not None:
+                info = sequence_information(picked.windows, images)
+                write_atomic(out / "sequence_information.json", json.dumps(info, indent=1))
             if "coco" in exports and images is not None:
                 export_coco(run, images, names, out / "coco.json")
             if "lightly" in exports and images is not None:
@@ -203,23 +211,52 @@ def run_selection(run_dir: Path, config: SelectionConfig, output_dir: Path | Non
             if crops and images is not None:
                 count = write_crops(run, images, names, config.padding, out / "crops")
                 log.info("wrote %d crops to %s", count, base / "selection" / "crops")
-        write_report(run_dir, base, samples, [p.index for p in picks], target_of(config),
-                     images)
+        write_report(run_dir, base, picked.samples, [p.index for p in picked.picks],
+                     target_of(config), images)
     log.info("selected %d of %d samples into %s", len(names), len(samples.names),
              base / "selection")
     return names
 
 
-def _write_picks(out: Path, config: SelectionConfig, samples: Samples, picks: list[Pick],
-                 names: list[str], run: RunPredictions) -> None:
-    """selected.txt (one name a line) and selection.json (config, picks, and the
-    detections left out as unusable)."""
+@dataclass(frozen=True)
+class Picked:
+    """What a selection picked: ``picks`` among ``samples`` (frames, crops or, with
+    ``sequences``, windows of frames), and each pick's sample names (one, or a window's)."""
+
+    samples: Samples
+    picks: list[Pick]
+    windows: list[list[str]]
+    sequences: bool = False
+
+
+def _pick(config: SelectionConfig, samples: Samples) -> Picked:
+    length = config.sequence_length
+    if length == 1:
+        picks = select(config, samples)
+        return Picked(samples, picks, [[samples.names[p.index]] for p in picks])
+    sequences, rows = sequence_samples(samples, length)
+    frames = sum(len(w) for w in rows)
+    count = window_count(frames, config.count(frames), length)
+    picks = select(replace(config, n_samples=count, proportion_samples=None), sequences)
+    return Picked(sequences, picks, [[samples.names[r] for r in rows[p.index]] for p in picks],
+                  True)
+
+
+def _write_picks(out: Path, config: SelectionConfig, picked: Picked, names: list[str],
+                 run: RunPredictions) -> None:
+    """selected.txt (one name a line: every frame of a picked window) and selection.json
+    (config, picks, and the detections left out as unusable)."""
     write_atomic(out / "selected.txt", "".join(n + "\n" for n in names))
     steps = [s for s in config.steps if s.strategy.type != "THRESHOLD"]
-    record = {"config": asdict(config), "samples": len(samples.names), "picks": [
-        {"rank": r, "name": n, "objectives": {f"{i}:{s.strategy.type}": v for i, (s, v)
-                                              in enumerate(zip(steps, p.objectives,
-                                                               strict=True))}}
-        for r, (n, p) in enumerate(zip(names, picks, strict=True))],
+
+    def pick(rank: int, window: list[str], p: Pick) -> dict[str, Any]:
+        objectives = {f"{i}:{s.strategy.type}": v
+                      for i, (s, v) in enumerate(zip(steps, p.objectives, strict=True))}
+        return {"rank": rank, "name": window[0], "objectives": objectives,
+                **({"frames": window} if picked.sequences else {})}
+
+    record = {"config": asdict(config), "samples": len(picked.samples.names), "picks": [
+        pick(r, w, p) for r, (w, p) in enumerate(zip(picked.windows, picked.picks,
+                                                     strict=True))],
         "rejected_detections": run.rejected()}
     write_atomic(out / "selection.json", json.dumps(record, indent=1) + "\n")

@@ -292,3 +292,48 @@ def test_frames_are_samples_for_selection_crops_and_exports(
     for crop in crops:
         image = cv2.imread(str(crops_out / "selection" / "crops" / f"{crop}.png"))
         assert image is not None and image.size > 0
+
+
+def test_sequence_selection_picks_windows_of_consecutive_frames(
+        tmp_path: Path, frames: list[np.ndarray], yolox_model: Path,
+        caplog: pytest.LogCaptureFixture):
+    folder = tmp_path / "in"
+    folder.mkdir()
+    make_video(folder / "a.mp4", frames[:60], gop=30)
+    make_video(folder / "b.mp4", frames[100:147], gop=30)  # 47 frames: a tail of 2 left out
+    run = tmp_path / "run"
+    assert _run(folder, run, yolox_model) == 0
+
+    def config(n: int, length: int = 5) -> Path:
+        path = tmp_path / f"seq{n}.json"
+        path.write_text(json.dumps({
+            "worker_config": {"selected_sequence_length": length},
+            "selection_config": {"n_samples": n, "strategies": [
+                {"input": {"type": "EMBEDDINGS"}, "strategy": {"type": "DIVERSITY"}}]}}))
+        return path
+
+    out = tmp_path / "picked"
+    assert main(["select", str(run), "--config", str(config(20)), "--output-dir", str(out),
+                 "--images", str(folder)]) == 0
+    picked = (out / "selection" / "selected.txt").read_text().split()
+    assert len(picked) == 20
+    info = json.loads((out / "selection" / "sequence_information.json").read_text())
+    assert len(info) == 4 and [f for w in info for f in w["frame_names"]] == picked
+    for window in info:
+        video = probe(folder / window["video_name"], window["video_name"], 10**8)
+        start = window["frame_indices"][0]
+        assert start % 5 == 0 and window["frame_indices"] == list(range(start, start + 5))
+        assert window["frame_names"] == [video.frame_name(k) for k in window["frame_indices"]]
+        assert window["frame_timestamps_pts"] == [video.pts[k] for k in
+                                                  window["frame_indices"]]
+        assert window["video_name"] != "b.mp4" or start < 45
+    record = json.loads((out / "selection" / "selection.json").read_text())
+    assert record["samples"] == 12 + 9 and all(len(p["frames"]) == 5 for p in record["picks"])
+
+    assert main(["select", str(run), "--config", str(config(22)), "--output-dir", str(out),
+                 "--images", str(folder)]) == 2
+    assert "22 frames is not a multiple of worker_config.selected_sequence_length 5" \
+        in caplog.text
+    assert main(["select", str(run), "--config", str(config(20)), "--output-dir",
+                 str(tmp_path / "x")]) == 2
+    assert "needs --images" in caplog.text
