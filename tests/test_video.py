@@ -101,6 +101,11 @@ def test_stride_and_fps_keep_the_frame_numbers_also_at_a_variable_rate(
     assert _run(folder, tmp_path / "stride", yolox_model, "--frame-stride", "10") == 0
     assert sorted(_predictions(tmp_path / "stride")) == ["a-00-mp4.json", "a-10-mp4.json",
                                                          "a-20-mp4.json"]
+    listed = tmp_path / "list.txt"  # a list file may name videos too
+    listed.write_text("in/a.mp4\n")
+    assert _run(listed, tmp_path / "listed", yolox_model, "--frame-stride", "10") == 0
+    assert sorted(_predictions(tmp_path / "listed")) == ["in/a-00-mp4.json",
+                                                         "in/a-10-mp4.json", "in/a-20-mp4.json"]
     assert _run(folder, tmp_path / "fps", yolox_model, "--fps", "5") == 0
     assert sorted(_predictions(tmp_path / "fps")) == [f"a-{k:02d}-mp4.json"
                                                       for k in range(0, 30, 6)]
