@@ -72,6 +72,7 @@ class SelectionConfig:
     object_level_task: str | None = None  # worker_config.object_level.task_name
     padding: float = 0.0  # worker_config.object_level.padding
     sequence_length: int = 1  # worker_config.selected_sequence_length (1: frames alone)
+    use_datapool: bool = False  # worker_config.use_datapool: earlier selections count
 
     def count(self, available: int) -> int:
         """How many samples to pick out of ``available``."""
@@ -210,7 +211,10 @@ def parse(data: Any, n_samples: int | None = None) -> SelectionConfig:
     if length > 1 and task is not None:
         raise _fail("worker_config.selected_sequence_length",
                     "selects windows of video frames; it cannot go with object_level")
-    return SelectionConfig(steps, count, proportion, task, padding, length)
+    pool = worker.get("use_datapool", False)
+    if not isinstance(pool, bool):
+        raise _fail("worker_config.use_datapool", f"must be true or false, not {pool!r}")
+    return SelectionConfig(steps, count, proportion, task, padding, length, pool)
 
 
 def _sequence_length(worker: dict[str, Any]) -> int:
@@ -224,7 +228,8 @@ def _sequence_length(worker: dict[str, Any]) -> int:
 def _object_level(worker: Any) -> tuple[str | None, float]:
     if not isinstance(worker, dict):
         raise _fail("worker_config", "must be an object")
-    _unknown(worker, {"object_level", "selected_sequence_length"}, "worker_config")
+    _unknown(worker, {"object_level", "selected_sequence_length", "use_datapool"},
+             "worker_config")
     level = worker.get("object_level")
     if level is None:
         return None, 0.0

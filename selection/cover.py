@@ -96,6 +96,15 @@ class Cover:
     def max(self) -> float:
         return float(self.cell_max.max(initial=0.0))
 
+    def seed(self, d: np.ndarray) -> None:
+        """Start from centres chosen before this cover (a datapool's earlier picks): ``d``
+        is each row of ``x``'s distance to the nearest of them, in row order. It replaces
+        the distance to the centroid; centres added later only lower it."""
+        self.d = np.asarray(d, np.float64)[self.order].copy()
+        self.leaf_max = np.maximum.reduceat(self.d, self.leaves)
+        self.cell_max = np.maximum.reduceat(self.leaf_max, self.first_leaf)
+        self.first = False
+
     def add(self, position: int) -> np.ndarray:
         """Make the row at ``position`` a centre; returns the positions whose distance
         dropped, and the centre's (after the first centre: every position, its distance
@@ -142,6 +151,18 @@ class Cover:
         mu, sq_mu, radius = self.levels[1]
         gap_sq = sq_mu[leaves] + cc - 2.0 * (mu[leaves] @ zc)
         return leaves[gap_sq <= (self.leaf_max[leaves] + radius[leaves]) ** 2 + _SLACK]
+
+
+def nearest_distances(centres: np.ndarray, x: np.ndarray) -> np.ndarray:
+    """Each row of ``x``'s Euclidean distance to its nearest row of ``centres`` (exact,
+    faiss's flat index: blocks of BLAS products, all cores). Computed once for a datapool's
+    earlier picks, however many there are, not once per pick."""
+    import faiss
+
+    index = faiss.IndexFlatL2(centres.shape[1])
+    index.add(np.ascontiguousarray(centres, np.float32))
+    found, _ = index.search(np.ascontiguousarray(x, np.float32), 1)
+    return np.sqrt(np.maximum(found[:, 0].astype(np.float64), 0.0))
 
 
 def distances(x: np.ndarray, sq_x: np.ndarray, c: np.ndarray) -> np.ndarray:

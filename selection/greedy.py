@@ -31,7 +31,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from pretag.selection.config import Strategy
-from pretag.selection.cover import LEAF, Cover, ranges
+from pretag.selection.cover import LEAF, Cover, nearest_distances, ranges
 
 log = logging.getLogger(__name__)
 
@@ -56,14 +56,17 @@ class Pick:
 
 
 def greedy(objectives: list[Objective], candidates: np.ndarray, count: int,
-           leaf: int = LEAF, search: Search | None = None) -> list[Pick]:
+           leaf: int = LEAF, search: Search | None = None,
+           prior: np.ndarray | None = None) -> list[Pick]:
     """Pick up to ``count`` of the ``candidates`` (a bool mask over all samples);
-    ``search``: the loop's state made beforehand (the benchmark reads its counters)."""
+    ``search``: the loop's state made beforehand (the benchmark reads its counters);
+    ``prior``: samples picked by earlier selections (not candidates), which count as picked
+    from the start: DIVERSITY's first centres, BALANCE's first counts."""
     rows = np.flatnonzero(candidates)
     count = min(count, len(rows))
     if count <= 0:
         return []
-    search = search or Search(objectives, rows, leaf)
+    search = search or Search(objectives, rows, leaf, prior)
     picks: list[Pick] = []
     while len(picks) < count:
         if search.too_close():
@@ -127,8 +130,10 @@ def l1_to(counts: np.ndarray, target: np.ndarray) -> float:
 class Search:
     """The loop's state; positions are those of the Cover's order."""
 
-    def __init__(self, objectives: list[Objective], rows: np.ndarray, leaf: int):
+    def __init__(self, objectives: list[Objective], rows: np.ndarray, leaf: int,
+                 prior: np.ndarray | None = None):
         self.objectives = objectives
+        prior = np.zeros(0, np.intp) if prior is None else np.asarray(prior, np.intp)
         self.limit: float | None = None
         self.cover: Cover | None = None
         self.div_strength = 0.0
@@ -139,12 +144,14 @@ class Search:
                     data = o.data if len(rows) == len(o.data) else o.data[rows]
                     self.cover = Cover(data, leaf)
                     order = self.cover.order
+                    if len(prior):  # once, for all earlier picks
+                        self.cover.seed(nearest_distances(o.data[prior], data))
                 self.div_strength += o.strategy.strength
                 if o.strategy.minimum_distance is not None:
                     self.limit = o.strategy.minimum_distance
         self.samples = rows[order]  # sample index of each position
         self._weights()
-        self._groups()
+        self._groups(prior)
         self._blocks()
 
     def _weights(self) -> None:
@@ -156,7 +163,7 @@ class Search:
                 self.static += o.strategy.strength * np.log(
                     np.maximum(self.weights[i][self.samples], TINY))
 
-    def _groups(self) -> None:
+    def _groups(self, prior: np.ndarray) -> None:
         balance = [(i, o) for i, o in enumerate(self.objectives) if o.kind == "balance"]
         n = len(self.samples)
         table = (np.concatenate([o.data[self.samples] for _, o in balance], axis=1)
@@ -171,7 +178,8 @@ class Search:
             part = unique[:, start:start + width]
             start += width
             assert o.target is not None
-            self.balance.append((i, part, part.sum(axis=1), o.target, np.zeros(width)))
+            state = o.data[prior].sum(axis=0).astype(float) if len(prior) else np.zeros(width)
+            self.balance.append((i, part, part.sum(axis=1), o.target, state))
 
     def _blocks(self) -> None:
         self.by_group = np.lexsort((self.samples, self.gid))  # group, then sample index

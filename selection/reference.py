@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from pretag.selection.cover import distances
+from pretag.selection.cover import distances, nearest_distances
 from pretag.selection.greedy import (
     TINY,
     Objective,
@@ -17,23 +17,28 @@ from pretag.selection.greedy import (
 )
 
 
-def plain_greedy(objectives: list[Objective], candidates: np.ndarray, count: int
-                 ) -> list[Pick]:
-    """The rules of :func:`pretag.selection.greedy.greedy`, computed the plain way."""
+def plain_greedy(objectives: list[Objective], candidates: np.ndarray, count: int,
+                 prior: np.ndarray | None = None) -> list[Pick]:
+    """The rules of :func:`pretag.selection.greedy.greedy`, computed the plain way
+    (``prior``: earlier picks, each a centre and counted, from the start)."""
+    prior = np.zeros(0, np.intp) if prior is None else np.asarray(prior, np.intp)
     available = candidates.copy()
     rows = np.flatnonzero(candidates)
     d = np.zeros(len(candidates))
     diversity = [o for o in objectives if o.kind == "diversity"]
     x = diversity[0].data if diversity else None
     sq = np.einsum("ij,ij->i", x, x, dtype=np.float64) if x is not None else None
-    if x is not None and sq is not None:
+    first = not len(prior)
+    if x is not None and sq is not None and first:
         d[rows] = distances(x, sq, x[rows].mean(axis=0, dtype=np.float64)
                              .astype(np.float32))[rows]
-    states = [np.zeros(o.data.shape[1]) for o in objectives if o.kind == "balance"]
+    elif x is not None:  # the same once-only computation as the fast loop's
+        d[rows] = nearest_distances(x[prior], x[rows])
+    states = [o.data[prior].sum(axis=0).astype(float) for o in objectives
+              if o.kind == "balance"]
     limit = next((o.strategy.minimum_distance for o in diversity
                   if o.strategy.minimum_distance is not None), None)
     picks: list[Pick] = []
-    first = True
     while len(picks) < min(count, len(rows)):
         if limit is not None and d[available].max() < limit:
             break

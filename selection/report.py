@@ -15,6 +15,7 @@ import io
 import json
 import logging
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -132,25 +133,47 @@ def _debug_images(run_dir: Path, images: Path | None, names: list[str], out: Pat
     return tags
 
 
+@dataclass(frozen=True)
+class Earlier:
+    """A datapool's earlier picks: their rows among the samples, and those gone since."""
+
+    rows: list[int]
+    missing: list[str]
+
+
 def write_report(run_dir: Path, out_dir: Path, samples: Samples, picked: list[int],
-                 target: dict[str, float] | None, images: Path | None = None
-                 ) -> dict[str, Any]:
-    """report/report.json, the two histograms and report/report.html under ``out_dir``."""
+                 target: dict[str, float] | None, images: Path | None = None,
+                 earlier: Earlier | None = None) -> dict[str, Any]:
+    """report/report.json, the histograms and report/report.html under ``out_dir``
+    (with a datapool: also the earlier picks', and both together)."""
     report_dir = out_dir / "report"
     report_dir.mkdir(parents=True, exist_ok=True)
     rows = np.array(picked, dtype=int)
     before = class_stats_of(samples, np.arange(len(samples.names)))
     after = class_stats_of(samples, rows)
     record: dict[str, Any] = {"before": before, "after": after}
+    pngs = {}
+    if earlier is not None:
+        prior = np.array(earlier.rows, dtype=int)
+        record["datapool"] = {
+            "earlier": class_stats_of(samples, prior),
+            "both": class_stats_of(samples, np.concatenate([prior, rows])),
+            "earlier_missing": earlier.missing}
+        for key in ("earlier", "both"):
+            pngs[key] = _histogram(record["datapool"][key], key)
     if target:  # over the same buckets as BALANCE: listed classes, then all the others
         wanted = np.array([*target.values(), max(0.0, 1.0 - sum(target.values()))])
-        for key, stats in (("before", before), ("after", after)):
+        compared = [("before", before), ("after", after)]
+        if "datapool" in record:
+            compared.append(("both", record["datapool"]["both"]))
+        for key, stats in compared:
             shares = stats["class_distribution"]
             listed = [shares.get(c, 0.0) for c in target]
             got = np.array([*listed, max(0.0, sum(shares.values()) - sum(listed))])
             record[f"gap_to_target_{key}"] = float(np.abs(got - wanted).sum())
         record["target"] = target
-    pngs = {"before": _histogram(before, "before"), "after": _histogram(after, "after")}
+    pngs = {"before": _histogram(before, "before"), "after": _histogram(after, "after"),
+            **pngs}
     for key, data in pngs.items():
         (report_dir / f"pretagging_histogram_{key}.png").write_bytes(data)
     maps = ""
@@ -184,7 +207,18 @@ def _page(run_dir: Path, record: dict[str, Any], pngs: dict[str, bytes], maps: s
     gap = ""
     if "target" in record:
         gap = (f"<p>L1 gap to the target distribution: {record['gap_to_target_before']:.3f} "
-               f"before, {record['gap_to_target_after']:.3f} after.</p>")
+               f"before, {record['gap_to_target_after']:.3f} after"
+               + (f", {record['gap_to_target_both']:.3f} with the earlier picks"
+                  if "gap_to_target_both" in record else "") + ".</p>")
+    pool = ""
+    if "datapool" in record:
+        earlier, both = record["datapool"]["earlier"], record["datapool"]["both"]
+        gone = len(record["datapool"]["earlier_missing"])
+        pool = (f"<h2>Datapool</h2><p>{earlier['samples']} samples picked by earlier "
+                f"selections, {after['samples']} now, {both['samples']} together"
+                + (f"; {gone} earlier picks are no longer in the run" if gone else "")
+                + f".</p><div class=row>{_img(pngs['earlier'], 'png', 'earlier picks')}"
+                f"{_img(pngs['both'], 'png', 'earlier and this selection')}</div>")
     return f"""<!doctype html>
 <html><head><meta charset="utf-8"><title>pretag selection report</title>
 <style>body{{font-family:sans-serif;margin:2em}} img{{max-width:48%;margin:4px}}
@@ -197,6 +231,7 @@ after.</p>{gap}
 <h2>Class histograms</h2><div class=row>{_img(pngs['before'], 'png', 'before')}
 {_img(pngs['after'], 'png', 'after')}</div>
 <table><tr><th>class</th><th>before</th><th>after</th></tr>{rows}</table>
+{pool}
 {maps}
 <h2>Selected images</h2><div class=row>{''.join(debug) or '<p>(pass --images to draw)</p>'}</div>
 <h2>Run settings</h2><pre>{html.escape(settings)}</pre>

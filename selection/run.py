@@ -21,10 +21,11 @@ from pretag.job.lock import hold
 from pretag.job.outputs import write_atomic
 from pretag.job.vectors import embeddings_dir, load_embeddings
 from pretag.selection.config import SelectionConfig, SelectionConfigError, Step
+from pretag.selection.datapool import earlier_picks, identity, write_pool
 from pretag.selection.export import export_coco, export_lightly, write_crops
 from pretag.selection.greedy import Objective, Pick, greedy, normalise, passes
 from pretag.selection.predictions import RunPredictions, read_run, staged
-from pretag.selection.report import write_report
+from pretag.selection.report import Earlier, write_report
 from pretag.selection.samples import Samples
 from pretag.selection.sequences import sequence_information, sequence_samples, window_count
 
@@ -153,8 +154,13 @@ def objective_of(step: Step, samples: Samples) -> Objective:
     return Objective(step.strategy, "weights", values_of(step, samples))
 
 
-def select(config: SelectionConfig, samples: Samples) -> list[Pick]:
+def select(config: SelectionConfig, samples: Samples, prior: np.ndarray | None = None
+           ) -> list[Pick]:
+    """The picks; ``prior``: rows picked by earlier selections (a datapool's), which are
+    not picked again and count as picked from the start."""
     mask = np.ones(len(samples.names), dtype=bool)
+    if prior is not None and len(prior):
+        mask[prior] = False
     for step in config.steps:
         if step.strategy.type == "THRESHOLD":
             mask &= passes(values_of(step, samples), step.strategy)
@@ -164,7 +170,8 @@ def select(config: SelectionConfig, samples: Samples) -> list[Pick]:
                     int(mask.sum()))
     objectives = [objective_of(s, samples) for s in config.steps
                   if s.strategy.type != "THRESHOLD"]
-    return greedy(objectives, mask, count)
+    return greedy(objectives, mask, count, prior=prior if prior is not None and len(prior)
+                  else None)
 
 
 def target_of(config: SelectionConfig) -> dict[str, float] | None:
@@ -197,7 +204,9 @@ def run_selection(run_dir: Path, config: SelectionConfig, output_dir: Path | Non
         if not samples.names:
             what = "usable detections" if config.object_level_task else "predicted images"
             raise SelectionConfigError(f"{run_dir} holds no {what} to select from")
-        picked = _pick(config, samples)
+        ident = identity(run_dir, samples, config)
+        record, prior, missing = earlier_picks(base, config, ident, samples)
+        picked = _pick(config, samples, prior)
         names = [name for window in picked.windows for name in window]
         with staged(base) as out:
             _write_picks(out, config, picked, names, run)
@@ -212,7 +221,10 @@ def run_selection(run_dir: Path, config: SelectionConfig, output_dir: Path | Non
                 count = write_crops(run, images, names, config.padding, out / "crops")
                 log.info("wrote %d crops to %s", count, base / "selection" / "crops")
         write_report(run_dir, base, picked.samples, [p.index for p in picked.picks],
-                     target_of(config), images)
+                     target_of(config), images,
+                     Earlier(prior.tolist(), missing) if config.use_datapool else None)
+        if config.use_datapool:  # after selection/ is in place: a kill before keeps the old
+            write_pool(base, record, ident, config, names)
     log.info("selected %d of %d samples into %s", len(names), len(samples.names),
              base / "selection")
     return names
@@ -229,11 +241,14 @@ class Picked:
     sequences: bool = False
 
 
-def _pick(config: SelectionConfig, samples: Samples) -> Picked:
+def _pick(config: SelectionConfig, samples: Samples, prior: np.ndarray) -> Picked:
     length = config.sequence_length
     if length == 1:
-        picks = select(config, samples)
+        picks = select(config, samples, prior)
         return Picked(samples, picks, [[samples.names[p.index]] for p in picks])
+    if config.use_datapool:
+        raise SelectionConfigError("worker_config.use_datapool with "
+                                   "selected_sequence_length is not supported yet")
     sequences, rows = sequence_samples(samples, length)
     frames = sum(len(w) for w in rows)
     count = window_count(frames, config.count(frames), length)

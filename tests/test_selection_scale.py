@@ -55,6 +55,31 @@ def test_same_picks_with_weights_threshold_strengths_and_stopping():
     assert all(candidates[i] for i in _indices(fast)) and len(set(_indices(fast))) == len(fast)
 
 
+def test_earlier_picks_enter_once_and_the_loops_still_agree():
+    """A datapool's earlier picks: centres and counts from the start, never picked again;
+    the fast loop (one nearest-centre search for all of them) picks what the plain one
+    does, and farther from the earlier picks than a selection without them."""
+    n = 6000
+    vectors, counts = synthetic(Synthetic(n, dim=64, seed=7))
+    objectives = objectives_for(vectors, counts)
+    rng = np.random.default_rng(8)
+    prior = np.sort(rng.choice(n, 1500, replace=False))
+    candidates = np.ones(n, dtype=bool)
+    candidates[prior] = False
+    fast = greedy(objectives, candidates, 300, prior=prior)
+    plain = plain_greedy(objectives, candidates, 300, prior=prior)
+    assert _indices(fast) == _indices(plain)
+    assert not set(_indices(fast)) & set(prior.tolist())
+    blind = greedy(objectives, candidates, 300)
+
+    def gap(picks: list) -> float:
+        x = objectives[0].data
+        d = np.sqrt(np.maximum(2 - 2 * x[_indices(picks)] @ x[prior].T, 0)).min(axis=1)
+        return float(np.median(d))
+
+    assert gap(fast) > gap(blind)
+
+
 def test_balance_alone_ties_go_to_the_lower_index():
     counts = np.repeat(np.eye(3), [50, 30, 20], axis=0)[::-1].copy()  # many equal rows
     objectives = [Objective(Strategy("BALANCE", distribution="UNIFORM"), "balance", counts,
