@@ -77,6 +77,10 @@ def _run_then_select(args: argparse.Namespace) -> int:
         except SelectionConfigError as exc:
             log.error("%s", exc)
             return 2
+        if config.process_all:  # worker_config.datasource.process_all
+            args.overwrite = True
+        if config.relevant_filenames_file and args.relevant_filenames_file is None:
+            args.relevant_filenames_file = Path(config.relevant_filenames_file)
     code = run_cli.run(args, local_server=local.local_server, runner=_ray_runner(args))
     if config is None or code not in (0, 3):
         return int(code)

@@ -13,6 +13,7 @@ from collections.abc import Callable
 from contextlib import AbstractContextManager
 from pathlib import Path
 
+from pretag.job.relevant import RelevantError, read_relevant
 from pretag.job.report import summary_table
 from pretag.job.run import (
     ConnectSettings,
@@ -68,6 +69,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add("--max-pixels", type=int, default=_D.max_pixels,
         help=f"videos: refuse frames larger than this before decoding (default "
              f"{_D.max_pixels:,}; images are checked by the server's own)")
+    add("--relevant-filenames-file", type=Path, metavar="FILE",
+        help="only the inputs named in FILE (one path or folder a line, relative to INPUT; "
+             "Lightly's relevant_filenames_file)")
     add("--overwrite", action="store_true",
         help="predict every image again (default: resume, keeping existing predictions "
              "if they were made with the same model and threshold)")
@@ -97,6 +101,8 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
                      overwrite=args.overwrite, embeddings=args.embeddings,
                      shard_images=args.shard_images, max_pixels=args.max_pixels,
                      frames=FrameSettings(stride=args.frame_stride, fps=args.fps),
+                     relevant=(read_relevant(args.relevant_filenames_file)
+                               if args.relevant_filenames_file else ()),
                      stream=StreamSettings(window=args.window, read_threads=args.read_threads,
                                            server_timeout_s=args.server_timeout_s),
                      connection=ConnectSettings(token=token, root_cert=args.tls_ca,
@@ -153,7 +159,7 @@ def run(args: argparse.Namespace, local_server: LocalServer | None = None,
         else:
             with local_server(args.model, window=config.stream.window) as address:
                 summary = run_job(config.with_servers((address,)), listing=listing)
-    except (RunError, TokenFileError, OSError) as exc:
+    except (RunError, TokenFileError, OSError, RelevantError) as exc:
         log.error("%s", storage_outage(exc) or exc)
         return 2
     except Exception as exc:  # a store that stopped answering, met outside the job's loop

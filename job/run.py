@@ -40,6 +40,7 @@ from pretag.job.outputs import (
     written_name,
     written_predictions,
 )
+from pretag.job.relevant import is_relevant
 from pretag.job.report import draw_debug_image, spread, write_histogram
 from pretag.job.sources import ImageItem, InputError, Listing, list_images
 from pretag.job.stats import Histogram
@@ -94,6 +95,7 @@ class RunConfig:
     storage_timeout_s: float = DEFAULT_TIMEOUT_S  # per object-storage request (storage.py)
     max_pixels: int = DEFAULT_MAX_PIXELS  # largest video frame decoded (images: the server's)
     frames: FrameSettings = field(default_factory=FrameSettings)  # which frames of videos
+    relevant: tuple[str, ...] = ()  # relevant_filenames_file entries (job/relevant.py)
     stream: StreamSettings = field(default_factory=StreamSettings)
     connection: ConnectSettings = field(default_factory=ConnectSettings)
 
@@ -366,9 +368,19 @@ def load_listing(config: RunConfig) -> Listing:
     if problem:
         raise RunError(problem)
     try:
-        listing = expand(list_images(config.input), config.frames, config.max_pixels)
+        listing = list_images(config.input)
     except InputError as exc:
         raise RunError(str(exc)) from None
+    if config.relevant:
+        listing = dataclasses.replace(
+            listing, items=[i for i in listing.items if is_relevant(i.name, config.relevant)],
+            problems=[p for p in listing.problems
+                      if is_relevant(str(p["filename"]), config.relevant)])
+        if not listing.items and not listing.problems:
+            raise RunError(f"none of the inputs in {config.input} is named in the "
+                           f"relevant_filenames_file ({len(config.relevant)} entries, e.g. "
+                           f"{config.relevant[0]})")
+    listing = expand(listing, config.frames, config.max_pixels)
     if not listing.items and not listing.problems:
         raise RunError(f"no images found in {config.input}")
     return listing

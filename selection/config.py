@@ -8,7 +8,7 @@ and the allowed values. Nothing is silently ignored.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -73,6 +73,8 @@ class SelectionConfig:
     padding: float = 0.0  # worker_config.object_level.padding
     sequence_length: int = 1  # worker_config.selected_sequence_length (1: frames alone)
     use_datapool: bool = False  # worker_config.use_datapool: earlier selections count
+    process_all: bool = False  # worker_config.datasource.process_all (pretag run: predict all)
+    relevant_filenames_file: str | None = None  # worker_config.relevant_filenames_file
 
     def count(self, available: int) -> int:
         """How many samples to pick out of ``available``."""
@@ -211,10 +213,25 @@ def parse(data: Any, n_samples: int | None = None) -> SelectionConfig:
     if length > 1 and task is not None:
         raise _fail("worker_config.selected_sequence_length",
                     "selects windows of video frames; it cannot go with object_level")
-    pool = worker.get("use_datapool", False)
-    if not isinstance(pool, bool):
-        raise _fail("worker_config.use_datapool", f"must be true or false, not {pool!r}")
-    return SelectionConfig(steps, count, proportion, task, padding, length, pool)
+    pool = _flag(worker, "use_datapool", "worker_config")
+    datasource = worker.get("datasource", {})
+    if not isinstance(datasource, dict):
+        raise _fail("worker_config.datasource", "must be an object")
+    _unknown(datasource, {"process_all"}, "worker_config.datasource")
+    process_all = _flag(datasource, "process_all", "worker_config.datasource")
+    relevant = worker.get("relevant_filenames_file")
+    if relevant is not None and (not isinstance(relevant, str) or not relevant):
+        raise _fail("worker_config.relevant_filenames_file",
+                    f"must be a file's path, not {relevant!r}")
+    return SelectionConfig(steps, count, proportion, task, padding, length, pool,
+                           process_all, relevant)
+
+
+def _flag(data: dict[str, Any], key: str, path: str) -> bool:
+    value = data.get(key, False)
+    if not isinstance(value, bool):
+        raise _fail(f"{path}.{key}", f"must be true or false, not {value!r}")
+    return value
 
 
 def _sequence_length(worker: dict[str, Any]) -> int:
@@ -228,8 +245,8 @@ def _sequence_length(worker: dict[str, Any]) -> int:
 def _object_level(worker: Any) -> tuple[str | None, float]:
     if not isinstance(worker, dict):
         raise _fail("worker_config", "must be an object")
-    _unknown(worker, {"object_level", "selected_sequence_length", "use_datapool"},
-             "worker_config")
+    _unknown(worker, {"object_level", "selected_sequence_length", "use_datapool", "datasource",
+                      "relevant_filenames_file"}, "worker_config")
     level = worker.get("object_level")
     if level is None:
         return None, 0.0
@@ -251,4 +268,8 @@ def load(path: Path, n_samples: int | None = None) -> SelectionConfig:
         data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
     except (OSError, ValueError, yaml.YAMLError) as exc:
         raise SelectionConfigError(f"cannot read {path}: {exc}") from None
-    return parse(data, n_samples)
+    config = parse(data, n_samples)
+    relevant = config.relevant_filenames_file
+    if relevant is not None and not Path(relevant).is_absolute():  # relative to the config
+        config = replace(config, relevant_filenames_file=str(path.parent / relevant))
+    return config

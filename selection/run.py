@@ -19,10 +19,12 @@ import pyarrow.parquet as pq
 
 from pretag.job.lock import hold
 from pretag.job.outputs import write_atomic
+from pretag.job.relevant import RelevantError, is_relevant, read_relevant
 from pretag.job.vectors import embeddings_dir, load_embeddings
+from pretag.job.video import frame_source
 from pretag.selection.config import SelectionConfig, SelectionConfigError, Step
 from pretag.selection.datapool import earlier_picks, identity, write_pool
-from pretag.selection.export import export_coco, export_lightly, write_crops
+from pretag.selection.export import crop_source, export_coco, export_lightly, write_crops
 from pretag.selection.greedy import Objective, Pick, greedy, normalise, passes
 from pretag.selection.predictions import RunPredictions, read_run, staged
 from pretag.selection.report import Earlier, write_report
@@ -154,11 +156,12 @@ def objective_of(step: Step, samples: Samples) -> Objective:
     return Objective(step.strategy, "weights", values_of(step, samples))
 
 
-def select(config: SelectionConfig, samples: Samples, prior: np.ndarray | None = None
-           ) -> list[Pick]:
+def select(config: SelectionConfig, samples: Samples, prior: np.ndarray | None = None,
+           only: np.ndarray | None = None) -> list[Pick]:
     """The picks; ``prior``: rows picked by earlier selections (a datapool's), which are
-    not picked again and count as picked from the start."""
-    mask = np.ones(len(samples.names), dtype=bool)
+    not picked again and count as picked from the start; ``only``: a mask of the samples
+    that may be picked (relevant_filenames_file)."""
+    mask = np.ones(len(samples.names), dtype=bool) if only is None else only.copy()
     if prior is not None and len(prior):
         mask[prior] = False
     for step in config.steps:
@@ -241,14 +244,37 @@ class Picked:
     sequences: bool = False
 
 
+def relevant_mask(config: SelectionConfig, samples: Samples) -> np.ndarray | None:
+    """Which samples come from inputs named in the config's relevant_filenames_file (a
+    crop from its image, a frame from its video or its own name)."""
+    if config.relevant_filenames_file is None:
+        return None
+    try:
+        entries = read_relevant(Path(config.relevant_filenames_file))
+    except RelevantError as exc:
+        raise SelectionConfigError(str(exc)) from None
+
+    def relevant(name: str) -> bool:
+        image = crop_source(name)[0] if config.object_level_task else name
+        video = frame_source(image)
+        return is_relevant(image, entries) or (video is not None
+                                               and is_relevant(video[0], entries))
+
+    mask = np.array([relevant(n) for n in samples.names], dtype=bool)
+    if not mask.any():
+        raise SelectionConfigError(f"no sample comes from an input named in "
+                                   f"{config.relevant_filenames_file}")
+    return mask
+
+
 def _pick(config: SelectionConfig, samples: Samples, prior: np.ndarray) -> Picked:
     length = config.sequence_length
     if length == 1:
-        picks = select(config, samples, prior)
+        picks = select(config, samples, prior, relevant_mask(config, samples))
         return Picked(samples, picks, [[samples.names[p.index]] for p in picks])
-    if config.use_datapool:
-        raise SelectionConfigError("worker_config.use_datapool with "
-                                   "selected_sequence_length is not supported yet")
+    if config.use_datapool or config.relevant_filenames_file:
+        raise SelectionConfigError("worker_config.use_datapool and relevant_filenames_file "
+                                   "with selected_sequence_length are not supported yet")
     sequences, rows = sequence_samples(samples, length)
     frames = sum(len(w) for w in rows)
     count = window_count(frames, config.count(frames), length)

@@ -191,3 +191,45 @@ def test_with_balance_both_selections_together_come_closer_to_the_target(
 
     assert len(set(first) | set(pooled)) == len(set(first) | set(blind)) == 20
     assert gap(first + pooled) < gap(first + blind)
+
+
+def test_relevant_filenames_and_process_all(coco128: Path, yolox_model: Path, tmp_path: Path,
+                                            capsys: pytest.CaptureFixture[str],
+                                            caplog: pytest.LogCaptureFixture):
+    images = sorted((coco128 / "images").rglob("*.jpg"))[:12]
+    folder = tmp_path / "in"
+    for i, path in enumerate(images):
+        target = folder / ("a" if i < 6 else "b") / path.name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.symlink_to(path)
+    relevant = tmp_path / "relevant.txt"
+    relevant.write_text(f"a\n# a comment\nb/{images[6].name}\n")
+    out = tmp_path / "out"
+    base = ["run", str(folder), "--output-dir", str(out), "--model", str(yolox_model),
+            "--quiet"]
+    capsys.readouterr()
+    assert main([*base, "--relevant-filenames-file", str(relevant)]) == 0
+    assert "predicted now           7" in capsys.readouterr().out
+    bad = tmp_path / "bad.txt"
+    bad.write_text("a\n../elsewhere/x.jpg\n")
+    assert main([*base, "--relevant-filenames-file", str(bad)]) == 2
+    assert "bad.txt line 2: '../elsewhere/x.jpg' is not a relative path" in caplog.text
+
+    # through --selection-config: the run restricted, then the selection; process_all
+    # predicts every (relevant) input again
+    config = tmp_path / "select.json"
+    config.write_text(json.dumps({
+        "worker_config": {"relevant_filenames_file": "relevant.txt",
+                          "datasource": {"process_all": True}},
+        "selection_config": {"n_samples": 3, "strategies": [DIVERSE]}}))
+    assert main([*base, "--selection-config", str(config)]) == 0
+    said = capsys.readouterr().out
+    assert "already done (skipped)  0" in said and "predicted now           7" in said
+    picked = _picked(out)
+    assert len(picked) == 3 and all(p.startswith("a/") or p == f"b/{images[6].name}"
+                                    for p in picked)
+    config.write_text(json.dumps({
+        "worker_config": {"datasource": {"process_all": "yes"}},
+        "selection_config": {"n_samples": 3, "strategies": [DIVERSE]}}))
+    assert main([*base, "--selection-config", str(config)]) == 2
+    assert "worker_config.datasource.process_all: must be true or false" in caplog.text
