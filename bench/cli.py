@@ -65,6 +65,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     sel.add_argument("--dim", type=int, default=1280)
     sel.add_argument("--baseline-size", type=int, default=20_000,
                      help="also run the plain loop at this size (0: not at all)")
+    sel.add_argument("--earlier", type=int, default=0,
+                     help="also this many earlier picks (a datapool's) beside each size's "
+                          "candidates: centres and counts from the start")
     sel.add_argument("--spread", action="store_true",
                      help="vectors spread evenly over the sphere (the worst case) instead of "
                           "the structured synthetic set")
@@ -164,9 +167,9 @@ def _select(args: argparse.Namespace) -> tuple[dict[str, Any], str]:
     from pretag.bench.select import SelectBench, bench_select
 
     r = bench_select(SelectBench(tuple(args.sizes), args.picks, args.dim, args.baseline_size,
-                                 args.spread))
-    columns = ["images", "picks", "select_s", "peak_rss_mb", "vectors_mb", "exact_rows",
-               "sketch_rows", "l1_gap_input", "l1_gap_after"]
+                                 args.spread, args.earlier))
+    columns = ["images", "earlier", "picks", "select_s", "setup_s", "peak_rss_mb",
+               "vectors_mb", "exact_rows", "sketch_rows", "l1_gap_input", "l1_gap_after"]
     columns += [c for c in ("plain_s", "speedup_over_plain", "same_picks_as_plain")
                 if any(c in row for row in r["rows"])]
     return r, markdown_table(r["rows"], columns)

@@ -19,7 +19,7 @@ import logging
 import multiprocessing
 import resource
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -92,6 +92,7 @@ class SelectBench:
     dim: int = 1280
     baseline_size: int = 20_000
     spread: bool = False  # vectors spread evenly over the sphere instead (the worst case)
+    earlier: int = 0  # a datapool's earlier picks beside the candidates (drawn alike)
 
 
 def _peak_mb() -> float:
@@ -110,16 +111,20 @@ def _one_size(n: int, bench: SelectBench, baseline: bool) -> dict[str, Any]:
             vectors[s:s + 65536] = block / np.linalg.norm(block, axis=1, keepdims=True)
         counts = synthetic(Synthetic(n, 8))[1]
     else:
-        vectors, counts = synthetic(spec)
+        vectors, counts = synthetic(replace(spec, n=n + bench.earlier))
     made = time.perf_counter() - t0
     objectives = objectives_for(vectors, counts)
-    everyone = np.ones(n, dtype=bool)
+    everyone = np.zeros(len(vectors), dtype=bool)
+    everyone[:n] = True  # the candidates; the rest are the earlier picks
+    prior = np.arange(n, len(vectors)) if bench.earlier else None
     t0 = time.perf_counter()
-    search = Search(objectives, everyone.nonzero()[0], LEAF)
+    search = Search(objectives, everyone.nonzero()[0], LEAF, prior)
+    ready = time.perf_counter() - t0
     picks = greedy(objectives, everyone, bench.picks, search=search)
     seconds = time.perf_counter() - t0
     row: dict[str, Any] = {
-        "images": n, "dim": bench.dim, "picks": len(picks), "select_s": seconds,
+        "images": n, "earlier": bench.earlier, "setup_s": ready,
+        "dim": bench.dim, "picks": len(picks), "select_s": seconds,
         "picks_per_s": len(picks) / seconds, "peak_rss_mb": _peak_mb(),
         "vectors_mb": vectors.nbytes / 2**20, "synthetic_s": made,
         "data": "spread" if bench.spread else asdict(spec),
@@ -129,7 +134,7 @@ def _one_size(n: int, bench: SelectBench, baseline: bool) -> dict[str, Any]:
     row["l1_gap_input"] = _gap(counts, list(range(n)))
     if baseline:
         t0 = time.perf_counter()
-        plain = plain_greedy(objectives, everyone, bench.picks)
+        plain = plain_greedy(objectives, everyone, bench.picks, prior)
         row["plain_s"] = time.perf_counter() - t0
         row["speedup_over_plain"] = row["plain_s"] / seconds
         row["same_picks_as_plain"] = [p.index for p in plain] == [p.index for p in picks]

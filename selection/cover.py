@@ -153,15 +153,41 @@ class Cover:
         return leaves[gap_sq <= (self.leaf_max[leaves] + radius[leaves]) ** 2 + _SLACK]
 
 
-def nearest_distances(centres: np.ndarray, x: np.ndarray) -> np.ndarray:
-    """Each row of ``x``'s Euclidean distance to its nearest row of ``centres`` (exact,
-    faiss's flat index: blocks of BLAS products, all cores). Computed once for a datapool's
-    earlier picks, however many there are, not once per pick."""
+#: Centre x row pairs up to which the nearest centre is found exactly (flat index); beyond,
+#: an inverted-file index answers (about 1e11 multiply-adds at 1280 dimensions, a minute or
+#: two on 2 cores, against hours for 1M x 1M exactly).
+EXACT_PAIRS = 8 * 10**10 // 1280
+_PROBES = 32
+
+
+def nearest_distances(centres: np.ndarray, x: np.ndarray,
+                      exact_pairs: int = EXACT_PAIRS) -> np.ndarray:
+    """Each row of ``x``'s Euclidean distance to its nearest row of ``centres``, with faiss,
+    computed once for a datapool's earlier picks, however many there are (not per pick).
+    Exact (flat index: blocks of BLAS products) while ``len(centres) * len(x) * dim``
+    stays under ``exact_pairs * 1280``; beyond, an inverted-file index (``4 sqrt(k)``
+    lists of the centres, the nearest 32 searched) gives the distance to the nearest
+    centre it finds: never below the true one, equal to it for most rows
+    (benchmarks/RESULTS.md)."""
     import faiss
 
-    index = faiss.IndexFlatL2(centres.shape[1])
-    index.add(np.ascontiguousarray(centres, np.float32))
-    found, _ = index.search(np.ascontiguousarray(x, np.float32), 1)
+    centres = np.ascontiguousarray(centres, np.float32)
+    x = np.ascontiguousarray(x, np.float32)
+    dim = centres.shape[1]
+    if len(centres) * len(x) * dim <= exact_pairs * 1280:
+        index = faiss.IndexFlatL2(dim)
+    else:
+        lists = max(1, int(4 * np.sqrt(len(centres))))
+        index = faiss.IndexIVFFlat(faiss.IndexFlatL2(dim), dim, lists)
+        rng = np.random.default_rng(0)
+        sample = np.sort(rng.choice(len(centres), min(len(centres), 40 * lists),
+                                    replace=False))
+        index.train(centres[sample])
+        index.nprobe = min(_PROBES, lists)
+        log.info("nearest of %d earlier picks for %d samples: inverted file, %d lists, %d "
+                 "searched", len(centres), len(x), lists, index.nprobe)
+    index.add(centres)
+    found, _ = index.search(x, 1)
     return np.sqrt(np.maximum(found[:, 0].astype(np.float64), 0.0))
 
 

@@ -77,6 +77,13 @@ def greedy(objectives: list[Objective], candidates: np.ndarray, count: int,
     return picks
 
 
+def take(data: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    """``data[rows]``, as a view when the rows are one run (no copy of 1M vectors)."""
+    if len(rows) and rows[-1] - rows[0] == len(rows) - 1 and np.all(np.diff(rows) == 1):
+        return data[int(rows[0]):int(rows[-1]) + 1]
+    return data[rows]
+
+
 def group_rows(table: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(the distinct rows, sorted; each row's number among them): ``np.unique(axis=0)``
     through a column-wise sort, which is 4x faster at 1M rows."""
@@ -141,11 +148,11 @@ class Search:
         for o in objectives:
             if o.kind == "diversity":
                 if self.cover is None:
-                    data = o.data if len(rows) == len(o.data) else o.data[rows]
+                    data = take(o.data, rows)
                     self.cover = Cover(data, leaf)
                     order = self.cover.order
                     if len(prior):  # once, for all earlier picks
-                        self.cover.seed(nearest_distances(o.data[prior], data))
+                        self.cover.seed(nearest_distances(take(o.data, prior), data))
                 self.div_strength += o.strategy.strength
                 if o.strategy.minimum_distance is not None:
                     self.limit = o.strategy.minimum_distance

@@ -114,4 +114,4 @@ def test_bench_select_command(tmp_path: Path):
     assert rows[2000]["same_picks_as_plain"] and rows[2000]["speedup_over_plain"] > 0
     assert rows[3000]["picks"] == 150 and rows[3000]["peak_rss_mb"] > 0
     assert rows[3000]["l1_gap_after"] < rows[3000]["l1_gap_input"]
-    assert "| 3000 | 150 |" in (tmp_path / "select.md").read_text()
+    assert "| 3000 | 0 | 150 |" in (tmp_path / "select.md").read_text()  # no earlier picks
