@@ -21,6 +21,7 @@ skipped).
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 import numpy as np
 
@@ -174,6 +175,7 @@ def nearest_distances(centres: np.ndarray, x: np.ndarray,
     centres = np.ascontiguousarray(centres, np.float32)
     x = np.ascontiguousarray(x, np.float32)
     dim = centres.shape[1]
+    index: Any
     if len(centres) * len(x) * dim <= exact_pairs * 1280:
         index = faiss.IndexFlatL2(dim)
     else:

@@ -76,8 +76,10 @@ def _nn_distances(vectors: np.ndarray) -> np.ndarray:
     return np.sqrt(d2.min(axis=1))
 
 
-def _maps(vectors: np.ndarray, picked: np.ndarray) -> tuple[bytes, bytes, dict[str, float]]:
-    """The PCA map and the nearest-neighbour histogram, and the median distances."""
+def _maps(vectors: np.ndarray, picked: np.ndarray, earlier: np.ndarray | None = None
+          ) -> tuple[bytes, bytes, dict[str, float]]:
+    """The PCA map (a datapool's earlier picks in blue) and the nearest-neighbour
+    histogram, and the median distances."""
     unit = normalise(vectors)
     shown = _subset(len(unit))
     centred = unit - unit.mean(axis=0)
@@ -88,6 +90,9 @@ def _maps(vectors: np.ndarray, picked: np.ndarray) -> tuple[bytes, bytes, dict[s
 
     def scatter(ax: Any) -> None:
         ax.scatter(xy[shown, 0], xy[shown, 1], s=6, c="#b0b0b0", label="all")
+        if earlier is not None and len(earlier):
+            ax.scatter(xy[earlier, 0], xy[earlier, 1], s=14, c="#1f77b4",
+                       label="picked before")
         ax.scatter(xy[picked, 0], xy[picked, 1], s=14, c="#d62728", label="selected")
         ax.set_title("embeddings, first two principal components")
         ax.legend()
@@ -178,7 +183,8 @@ def write_report(run_dir: Path, out_dir: Path, samples: Samples, picked: list[in
         (report_dir / f"pretagging_histogram_{key}.png").write_bytes(data)
     maps = ""
     if samples.vectors is not None and len(samples.names):
-        scatter, spread, medians = _maps(samples.vectors, rows)
+        scatter, spread, medians = _maps(samples.vectors, rows, None if earlier is None
+                                         else np.array(earlier.rows, dtype=int))
         record["median_nearest_neighbour_distance"] = medians
         maps = (f"<h2>Embeddings</h2><div class=row>{_img(scatter, 'png', 'PCA map')}"
                 f"{_img(spread, 'png', 'nearest-neighbour distances')}</div>")
