@@ -12,6 +12,8 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from pretag.selection.worker import check_flat, check_worker, known_worker_keys
+
 INPUT_TYPES = ("EMBEDDINGS", "PREDICTIONS", "SCORES", "METADATA", "RANDOM")
 STRATEGY_TYPES = ("DIVERSITY", "WEIGHTS", "THRESHOLD", "BALANCE")
 PREDICTION_NAMES = ("CLASS_DISTRIBUTION", "CATEGORY_COUNT")
@@ -74,6 +76,7 @@ class SelectionConfig:
     sequence_length: int = 1  # worker_config.selected_sequence_length (1: frames alone)
     use_datapool: bool = False  # worker_config.use_datapool: earlier selections count
     process_all: bool = False  # worker_config.datasource.process_all (pretag run: predict all)
+    update_datapool: bool = True  # worker_config.datasource.enable_datapool_update
     relevant_filenames_file: str | None = None  # worker_config.relevant_filenames_file
 
     def count(self, available: int) -> int:
@@ -185,6 +188,7 @@ def parse(data: Any, n_samples: int | None = None) -> SelectionConfig:
     or a ``selection_config`` alone. ``n_samples`` overrides the file's count."""
     if not isinstance(data, dict):
         raise _fail("config", "must be an object")
+    check_flat(data, _fail)
     worker = data.get("worker_config", {})
     selection = data.get("selection_config", data)
     if "selection_config" in data:
@@ -217,14 +221,20 @@ def parse(data: Any, n_samples: int | None = None) -> SelectionConfig:
     datasource = worker.get("datasource", {})
     if not isinstance(datasource, dict):
         raise _fail("worker_config.datasource", "must be an object")
-    _unknown(datasource, {"process_all"}, "worker_config.datasource")
+    _unknown(datasource, {"process_all", "enable_datapool_update", "bypass_verify"},
+             "worker_config.datasource")
     process_all = _flag(datasource, "process_all", "worker_config.datasource")
+    _flag(datasource, "bypass_verify", "worker_config.datasource")
+    update = datasource.get("enable_datapool_update", True)
+    if not isinstance(update, bool):
+        raise _fail("worker_config.datasource.enable_datapool_update",
+                    f"must be true or false, not {update!r}")
     relevant = worker.get("relevant_filenames_file")
     if relevant is not None and (not isinstance(relevant, str) or not relevant):
         raise _fail("worker_config.relevant_filenames_file",
                     f"must be a file's path, not {relevant!r}")
     return SelectionConfig(steps, count, proportion, task, padding, length, pool,
-                           process_all, relevant)
+                           process_all, update, relevant)
 
 
 def _flag(data: dict[str, Any], key: str, path: str) -> bool:
@@ -245,8 +255,8 @@ def _sequence_length(worker: dict[str, Any]) -> int:
 def _object_level(worker: Any) -> tuple[str | None, float]:
     if not isinstance(worker, dict):
         raise _fail("worker_config", "must be an object")
-    _unknown(worker, {"object_level", "selected_sequence_length", "use_datapool", "datasource",
-                      "relevant_filenames_file"}, "worker_config")
+    check_worker(worker, _fail)
+    _unknown(worker, known_worker_keys(), "worker_config")
     level = worker.get("object_level")
     if level is None:
         return None, 0.0

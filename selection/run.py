@@ -226,8 +226,8 @@ def run_selection(run_dir: Path, config: SelectionConfig, output_dir: Path | Non
         write_report(run_dir, base, picked.samples, [p.index for p in picked.picks],
                      target_of(config), images,
                      Earlier(prior.tolist(), missing) if config.use_datapool else None)
-        if config.use_datapool:  # after selection/ is in place: a kill before keeps the old
-            write_pool(base, record, ident, config, names)
+        if config.use_datapool and config.update_datapool:  # after selection/ is in place:
+            write_pool(base, record, ident, config, names)  # a kill before keeps the old
     log.info("selected %d of %d samples into %s", len(names), len(samples.names),
              base / "selection")
     return names

@@ -233,3 +233,19 @@ def test_relevant_filenames_and_process_all(coco128: Path, yolox_model: Path, tm
         "selection_config": {"n_samples": 3, "strategies": [DIVERSE]}}))
     assert main([*base, "--selection-config", str(config)]) == 2
     assert "worker_config.datasource.process_all: must be true or false" in caplog.text
+
+
+def test_enable_datapool_update_false_uses_the_record_without_adding_to_it(
+        phases: dict[str, Path], tmp_path: Path):
+    run = tmp_path / "run"
+    shutil.copytree(phases["phase1"], run)
+    assert _select(run, _config(tmp_path / "pool.json", 5, [DIVERSE])) == 0
+    first, record = _picked(run), (run / "datapool.json").read_bytes()
+    frozen = tmp_path / "frozen.json"
+    frozen.write_text(json.dumps({
+        "worker_config": {"use_datapool": True,
+                          "datasource": {"enable_datapool_update": False}},
+        "selection_config": {"n_samples": 5, "strategies": [DIVERSE]}}))
+    assert _select(run, frozen) == 0
+    assert not set(_picked(run)) & set(first)
+    assert (run / "datapool.json").read_bytes() == record

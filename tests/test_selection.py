@@ -357,3 +357,69 @@ def test_object_level_picks_are_written_as_padded_crops(coco_run: Path, coco128:
         x1, y1, x2, y2 = padded_box(entry["boxes"][index], full.shape[1], full.shape[0], 0.1)
         assert image is not None and image.shape[:2] == (max(y2 - y1, 1), max(x2 - x1, 1))
     assert main(["select", str(coco_run), "--config", str(config), "--write-crops"]) == 2
+
+
+#: The seed document's two examples, verbatim, worker_config included.
+SEED_BALANCE = {"worker_config": {"pretagging": True}, "selection_config": BALANCE_EXAMPLE}
+SEED_CROPS = {"worker_config": {"pretagging": True,
+                                "object_level": {"task_name": "lightly_pretagging"}},
+              "selection_config": {"n_samples": 100, "strategies": [
+                  {"input": {"type": "EMBEDDINGS"}, "strategy": {"type": "DIVERSITY"}}]}}
+
+
+@pytest.mark.slow
+def test_the_seed_examples_run_verbatim(coco_run: Path, tmp_path: Path):
+    for name, example in (("balance", SEED_BALANCE), ("crops", SEED_CROPS)):
+        path = tmp_path / f"{name}.json"
+        path.write_text(json.dumps(example))
+        out = tmp_path / name
+        assert main(["select", str(coco_run), "--config", str(path), "--output-dir",
+                     str(out)]) == 0
+        picked = (out / "selection" / "selected.txt").read_text().split()
+        assert len(picked) == 100
+        assert all(p.endswith("-jpg") for p in picked) == (name == "crops")
+
+
+def test_every_worker_config_key_is_honoured_or_refused_and_the_docs_say_which():
+    from pretag.selection.worker import FLAT, HONOURED, REFUSED
+
+    docs = (Path(__file__).resolve().parents[1] / "docs" / "selection.md").read_text()
+    for key, what in {**HONOURED, **REFUSED}.items():
+        assert f"| `{key}`" in docs and what in docs, key
+    lightly_v4 = {"checkpoint", "checkpoint_run_id", "corruptness_check", "datasource",
+                  "crops", "embeddings", "enable_training", "training",
+                  "normalize_embeddings", "num_processes", "num_threads",
+                  "output_image_format", "pretagging", "pretagging_upload",
+                  "relevant_filenames_file", "selected_sequence_length", "upload_report",
+                  "use_datapool", "shutdown_when_job_finished", "cache_size", "object_level"}
+    old_flat = {"pretagging", "pretagging_debug", "pretagging_upload", "pretagging_config",
+                "enable_corruptness_check", "remove_exact_duplicates", "stopping_condition",
+                "object_level", "datapool", "n_example_images", "memory_requirement_in_GB",
+                "show_video_sampling_timeline"}
+    covered = {k.split(".")[0] for k in {*HONOURED, *REFUSED}} | {"datasource"}
+    assert lightly_v4 <= covered and old_flat <= covered and old_flat <= FLAT
+    selection = {"n_samples": 3, "strategies": [
+        {"input": {"type": "EMBEDDINGS"}, "strategy": {"type": "DIVERSITY"}}]}
+    for key, value in [("pretagging", True), ("pretagging_upload", False),
+                       ("upload_report", True), ("shutdown_when_job_finished", True),
+                       ("normalize_embeddings", True),
+                       ("datasource", {"bypass_verify": True,
+                                       "enable_datapool_update": False})]:
+        parse({"worker_config": {key: value}, "selection_config": selection})
+    for key in REFUSED:
+        top = key.split(".")[0]
+        config = ({top: {key.split(".")[1]: {}}} if "." in key else {key: True})
+        with pytest.raises(SelectionConfigError, match=f"{key}: not supported: "):
+            parse({"worker_config": config, "selection_config": selection})
+    for key, value in [("pretagging", False), ("normalize_embeddings", False)]:
+        with pytest.raises(SelectionConfigError, match=f"worker_config.{key}: false is not"):
+            parse({"worker_config": {key: value}, "selection_config": selection})
+    with pytest.raises(SelectionConfigError, match=r"worker_config\.upload_report: must be"):
+        parse({"worker_config": {"upload_report": "yes"}, "selection_config": selection})
+    with pytest.raises(SelectionConfigError,
+                       match=r"enable_corruptness_check, pretagging, remove_exact_duplicates, "
+                             r"stopping_condition: keys of the old flat worker config.*"
+                             r"stopping_condition: use selection_config\.n_samples"):
+        parse({"enable_corruptness_check": True, "remove_exact_duplicates": True,
+               "stopping_condition": {"n_samples": 0.1, "min_distance": 0.1}} |
+              {"pretagging": True})
