@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +33,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="also write the picks with pretag's boxes for labelling: coco "
              "(selection/coco.json) or lightly (selection/lightly/.lightly/predictions); "
              "repeatable")
+    add("--embeddings", type=Path, metavar="FILE",
+        help="your own vectors instead of the run's: Lightly's embeddings.csv (filenames, "
+             "embedding_0..D-1, labels) or Parquet (as worker_config.embeddings)")
     add("--write-crops", action="store_true",
         help="object level: write each picked crop (with the config's padding) as a PNG "
              "under selection/crops/; needs --images")
@@ -55,6 +59,11 @@ def run(args: argparse.Namespace) -> int:
         if args.n_samples is not None and args.n_samples < 0:
             raise SelectionConfigError("--n-samples must be at least 0")
         config = load(args.config, args.n_samples)
+        if args.embeddings is not None:
+            config = replace(config, embeddings=str(args.embeddings))
+            if config.object_level_task:
+                raise SelectionConfigError("--embeddings are one vector per image; they "
+                                           "cannot go with object_level")
         metadata = _metadata(args.metadata)
         if not (args.run_dir / ".lightly" / "predictions").is_dir():
             raise SelectionConfigError(f"{args.run_dir} holds no predictions (pretag run "

@@ -78,6 +78,7 @@ class SelectionConfig:
     process_all: bool = False  # worker_config.datasource.process_all (pretag run: predict all)
     update_datapool: bool = True  # worker_config.datasource.enable_datapool_update
     relevant_filenames_file: str | None = None  # worker_config.relevant_filenames_file
+    embeddings: str | None = None  # worker_config.embeddings: a custom embeddings file
 
     def count(self, available: int) -> int:
         """How many samples to pick out of ``available``."""
@@ -233,8 +234,14 @@ def parse(data: Any, n_samples: int | None = None) -> SelectionConfig:
     if relevant is not None and (not isinstance(relevant, str) or not relevant):
         raise _fail("worker_config.relevant_filenames_file",
                     f"must be a file's path, not {relevant!r}")
+    embeddings = worker.get("embeddings")
+    if embeddings is not None and (not isinstance(embeddings, str) or not embeddings):
+        raise _fail("worker_config.embeddings", f"must be a file's path, not {embeddings!r}")
+    if embeddings is not None and task is not None:
+        raise _fail("worker_config.embeddings", "custom embeddings are one per image; they "
+                                                "cannot go with object_level")
     return SelectionConfig(steps, count, proportion, task, padding, length, pool,
-                           process_all, update, relevant)
+                           process_all, update, relevant, embeddings)
 
 
 def _flag(data: dict[str, Any], key: str, path: str) -> bool:
@@ -279,7 +286,8 @@ def load(path: Path, n_samples: int | None = None) -> SelectionConfig:
     except (OSError, ValueError, yaml.YAMLError) as exc:
         raise SelectionConfigError(f"cannot read {path}: {exc}") from None
     config = parse(data, n_samples)
-    relevant = config.relevant_filenames_file
-    if relevant is not None and not Path(relevant).is_absolute():  # relative to the config
-        config = replace(config, relevant_filenames_file=str(path.parent / relevant))
-    return config
+    def beside(value: str | None) -> str | None:  # a path relative to the config file
+        return value if value is None or Path(value).is_absolute() else str(path.parent / value)
+
+    return replace(config, relevant_filenames_file=beside(config.relevant_filenames_file),
+                   embeddings=beside(config.embeddings))

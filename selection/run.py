@@ -23,6 +23,7 @@ from pretag.job.relevant import RelevantError, is_relevant, read_relevant
 from pretag.job.vectors import embeddings_dir, load_embeddings
 from pretag.job.video import frame_source
 from pretag.selection.config import SelectionConfig, SelectionConfigError, Step
+from pretag.selection.custom import custom_vectors
 from pretag.selection.datapool import earlier_picks, identity, write_pool
 from pretag.selection.export import crop_source, export_coco, export_lightly, write_crops
 from pretag.selection.greedy import Objective, Pick, greedy, normalise, passes
@@ -35,8 +36,10 @@ log = logging.getLogger(__name__)
 
 
 def image_samples(run_dir: Path, metadata: dict[str, dict[str, Any]],
-                  run: RunPredictions | None = None) -> Samples:
-    """The run's images (``run``: its predictions, when already read)."""
+                  run: RunPredictions | None = None, embeddings: Path | None = None
+                  ) -> Samples:
+    """The run's images (``run``: its predictions, when already read; ``embeddings``: a
+    custom embeddings file whose vectors replace the run's)."""
     run = run or read_run(run_dir)
     index = {c: i for i, c in enumerate(run.classes)}
     names = list(run.entries)
@@ -46,7 +49,9 @@ def image_samples(run_dir: Path, metadata: dict[str, dict[str, Any]],
         for label in entry["labels"]:
             counts[row, index[label]] += 1
     vectors = None
-    if embeddings_dir(run_dir).is_dir():
+    if embeddings is not None:
+        vectors = custom_vectors(embeddings, names)
+    elif embeddings_dir(run_dir).is_dir():
         stored, array = load_embeddings(run_dir)
         if stored:
             where = {n: i for i, n in enumerate(stored)}
@@ -202,8 +207,11 @@ def run_selection(run_dir: Path, config: SelectionConfig, output_dir: Path | Non
                                    "read from the videos")
     with hold(base, "pretag select"):
         run = read_run(run_dir)
-        sample = object_samples if config.object_level_task else image_samples
-        samples = sample(run_dir, metadata or {}, run)
+        if config.object_level_task:
+            samples = object_samples(run_dir, metadata or {}, run)
+        else:
+            custom = Path(config.embeddings) if config.embeddings else None
+            samples = image_samples(run_dir, metadata or {}, run, custom)
         if not samples.names:
             what = "usable detections" if config.object_level_task else "predicted images"
             raise SelectionConfigError(f"{run_dir} holds no {what} to select from")

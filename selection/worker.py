@@ -26,6 +26,8 @@ HONOURED: dict[str, str] = {
                          "is uploaded",
     "upload_report": "the report is always written to DIR/report",
     "shutdown_when_job_finished": "pretag exits when the job is done",
+    "embeddings": "a custom embeddings file (Lightly's embeddings.csv, or Parquet) used "
+                  "instead of the run's vectors (also pretag select --embeddings FILE)",
     "normalize_embeddings": "true: vectors are L2-normalised, as always here (false is "
                             "refused)",
 }
@@ -38,8 +40,6 @@ REFUSED: dict[str, str] = {
     "checkpoint_run_id": _TRAIN,
     "enable_training": _TRAIN,
     "training": _TRAIN,
-    "embeddings": "custom embeddings are not supported yet: the selection uses the vectors "
-                  "pretag run stored (--embeddings)",
     "corruptness_check": "pretag has no corruptness check yet: files that cannot be read "
                          "are listed in DIR/report/errors.jsonl by pretag run",
     "crops": "pretag uploads nothing: write the picked crops with pretag select "

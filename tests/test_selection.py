@@ -423,3 +423,55 @@ def test_every_worker_config_key_is_honoured_or_refused_and_the_docs_say_which()
         parse({"enable_corruptness_check": True, "remove_exact_duplicates": True,
                "stopping_condition": {"n_samples": 0.1, "min_distance": 0.1}} |
               {"pretagging": True})
+
+
+@pytest.mark.slow
+def test_custom_embeddings_replace_the_runs_vectors(coco_run: Path, tmp_path: Path,
+                                                     caplog: pytest.LogCaptureFixture):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from pretag.selection.config import load
+    from pretag.selection.run import image_samples
+
+    samples = image_samples(coco_run, {})
+    rng = np.random.default_rng(0)
+    vectors = rng.standard_normal((len(samples.names), 16)).astype(np.float32)
+    header = "filenames," + ",".join(f"embedding_{i}" for i in range(16)) + ",labels\n"
+    rows = [f"{n}," + ",".join(f"{v:.6f}" for v in vec) + ",0\n"
+            for n, vec in zip(samples.names, vectors, strict=True)]
+    csv = tmp_path / "embeddings.csv"
+    csv.write_text(header + "".join(rows) + "not/in/the/run.jpg" + ",0.5" * 16 + ",0\n")
+    config = tmp_path / "diverse.json"
+    config.write_text(json.dumps({"worker_config": {"embeddings": "embeddings.csv"},
+                                  "selection_config": {"n_samples": 12, "strategies": [
+                                      {"input": {"type": "EMBEDDINGS"},
+                                       "strategy": {"type": "DIVERSITY"}}]}}))
+    out = tmp_path / "out"
+    assert main(["select", str(coco_run), "--config", str(config), "--output-dir",
+                 str(out)]) == 0
+    assert "1 rows name files the run does not hold (e.g. not/in/the/run.jpg)" in caplog.text
+    picked = (out / "selection" / "selected.txt").read_text().split()
+    read = np.loadtxt(csv, delimiter=",", skiprows=1, usecols=range(1, 17),
+                      max_rows=len(samples.names), dtype=np.float32)
+    own = Samples(samples.names, samples.classes, samples.counts, samples.scores, read, {})
+    assert picked == [samples.names[p.index] for p in select(load(config), own)]
+
+    # Parquet with a list column, through the flag; missing rows and NaN refused
+    table = pa.table({"filename": samples.names, "embedding": [list(map(float, v))
+                                                                for v in read]})
+    pq.write_table(table, tmp_path / "embeddings.parquet")
+    plain = tmp_path / "plain.json"
+    plain.write_text(json.dumps({"n_samples": 12, "strategies": [
+        {"input": {"type": "EMBEDDINGS"}, "strategy": {"type": "DIVERSITY"}}]}))
+    assert main(["select", str(coco_run), "--config", str(plain), "--output-dir",
+                 str(tmp_path / "pq"), "--embeddings", str(tmp_path / "embeddings.parquet")]) == 0
+    assert (tmp_path / "pq" / "selection" / "selected.txt").read_text().split() == picked
+    pq.write_table(table.slice(0, 100), tmp_path / "short.parquet")
+    assert main(["select", str(coco_run), "--config", str(plain), "--output-dir",
+                 str(tmp_path / "short"), "--embeddings", str(tmp_path / "short.parquet")]) == 2
+    assert "has no row for 28 of the run's 128 images" in caplog.text
+    csv.write_text(header + rows[0].replace(rows[0].split(",")[1], "nan", 1) + "".join(rows[1:]))
+    assert main(["select", str(coco_run), "--config", str(config), "--output-dir",
+                 str(tmp_path / "nan")]) == 2
+    assert "1 rows hold a value that is not a finite number" in caplog.text
