@@ -1,1 +1,5 @@
-"""Selection over a finished run: Lightly's selection_config (see docs/selection.md)."""
+"""Lightly's selection over pretag's predictions and vectors; ``select`` for arrays."""
+
+from pretag.selection.api import select
+
+__all__ = ["select"]

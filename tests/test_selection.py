@@ -475,3 +475,25 @@ def test_custom_embeddings_replace_the_runs_vectors(coco_run: Path, tmp_path: Pa
     assert main(["select", str(coco_run), "--config", str(config), "--output-dir",
                  str(tmp_path / "nan")]) == 2
     assert "1 rows hold a value that is not a finite number" in caplog.text
+
+
+@pytest.mark.slow
+def test_the_array_api_picks_what_the_cli_picks(coco_run: Path, tmp_path: Path):
+    from pretag.selection import select as select_arrays
+    from pretag.selection.run import image_samples
+
+    both = {"n_samples": 20, "strategies": [
+        *BALANCE_EXAMPLE["strategies"],
+        {"input": {"type": "EMBEDDINGS"}, "strategy": {"type": "DIVERSITY"}}]}
+    config = tmp_path / "both.json"
+    config.write_text(json.dumps(both))
+    assert main(["select", str(coco_run), "--config", str(config), "--output-dir",
+                 str(tmp_path / "out")]) == 0
+    picked = (tmp_path / "out" / "selection" / "selected.txt").read_text().split()
+    samples = image_samples(coco_run, {})
+    indices = select_arrays(both, embeddings=samples.vectors, class_counts=samples.counts,
+                            classes=samples.classes)
+    assert [samples.names[i] for i in indices] == picked
+    with pytest.raises(SelectionConfigError, match="disagree on the number of samples"):
+        select_arrays(both, embeddings=samples.vectors[:5], class_counts=samples.counts,
+                      classes=samples.classes)
