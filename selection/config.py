@@ -8,10 +8,12 @@ and the allowed values. Nothing is silently ignored.
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from pretag.job.outputs import TASK
 from pretag.selection.worker import check_flat, check_worker, known_worker_keys
 
 INPUT_TYPES = ("EMBEDDINGS", "PREDICTIONS", "SCORES", "METADATA", "RANDOM")
@@ -101,6 +103,8 @@ def _number(value: Any, path: str, low: float | None = None, high: float | None 
             ) -> float:
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise _fail(path, f"must be a number, not {value!r}")
+    if not math.isfinite(value):
+        raise _fail(path, f"must be a finite number, not {value!r}")
     if (low is not None and value < low) or (high is not None and value > high):
         raise _fail(path, f"{value} is outside [{low}, {high}]")
     return float(value)
@@ -121,9 +125,15 @@ def _input(data: Any, path: str) -> Input:
     if kind == "PREDICTIONS":
         name = _choice(name, f"{path}.name", PREDICTION_NAMES)
         if not data.get("task"):
-            raise _fail(f"{path}.task", "PREDICTIONS needs a task (lightly_pretagging)")
+            raise _fail(f"{path}.task", f"PREDICTIONS needs a task ({TASK})")
     if kind == "SCORES":
         _choice(data.get("score"), f"{path}.score", SCORES)
+    if kind in ("PREDICTIONS", "SCORES") and data.get("task", TASK) != TASK:
+        raise _fail(f"{path}.task", f"{data.get('task')!r}: pretag run's predictions are the "
+                                    f"task {TASK}, the only one a run folder holds")
+    seed = data.get("random_seed", 0)
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63:
+        raise _fail(f"{path}.random_seed", f"must be a whole number >= 0, not {seed!r}")
     if kind == "METADATA" and not isinstance(data.get("key"), str):
         raise _fail(f"{path}.key", "METADATA needs the key of a per-image metadata value")
     categories = data.get("categories")
@@ -131,7 +141,7 @@ def _input(data: Any, path: str) -> Input:
                                        and all(isinstance(c, str) for c in categories)):
         raise _fail(f"{path}.categories", "must be a list of class names")
     return Input(kind, data.get("task"), name, data.get("score"), data.get("key"),
-                 int(data.get("random_seed", 0)),
+                 seed,
                  tuple(categories) if categories is not None else None)
 
 
@@ -270,10 +280,29 @@ def _object_level(worker: Any) -> tuple[str | None, float]:
     if not isinstance(level, dict):
         raise _fail("worker_config.object_level", "must be an object")
     _unknown(level, {"task_name", "padding", "crop_dataset_name"}, "worker_config.object_level")
-    task = level.get("task_name") or None
+    task = level.get("task_name")
+    if task != TASK:
+        raise _fail("worker_config.object_level.task_name",
+                    f"{task!r}: pretag run's detections are the task {TASK}")
     padding = _number(level.get("padding", 0.0), "worker_config.object_level.padding", 0.0,
                       10.0)
     return task, padding
+
+
+MAX_CONFIG_BYTES = 1 << 20
+_MAX_DEPTH = 32
+
+
+def _depth(data: Any) -> None:
+    """Refuse a document nested past ``_MAX_DEPTH`` levels (iteratively: no recursion)."""
+    stack = [(data, 1)]
+    while stack:
+        value, depth = stack.pop()
+        if depth > _MAX_DEPTH:
+            raise ValueError(f"nested more than {_MAX_DEPTH} levels deep")
+        children = (value.values() if isinstance(value, dict)
+                    else value if isinstance(value, list) else ())
+        stack.extend((child, depth + 1) for child in children)
 
 
 def load(path: Path, n_samples: int | None = None) -> SelectionConfig:
@@ -281,11 +310,21 @@ def load(path: Path, n_samples: int | None = None) -> SelectionConfig:
     import yaml
 
     try:
+        if path.stat().st_size > MAX_CONFIG_BYTES:
+            raise ValueError(f"over {MAX_CONFIG_BYTES // 1024} KiB; a selection config is a "
+                             f"few hundred bytes")
         text = path.read_text()
+        if path.suffix != ".json" and any(isinstance(e, yaml.AliasEvent)
+                                          for e in yaml.parse(text)):
+            raise ValueError("YAML aliases (*name) are not accepted: write the values out")
         data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+        _depth(data)
+    except RecursionError:
+        raise SelectionConfigError(f"cannot read {path}: nested too deeply") from None
     except (OSError, ValueError, yaml.YAMLError) as exc:
         raise SelectionConfigError(f"cannot read {path}: {exc}") from None
     config = parse(data, n_samples)
+
     def beside(value: str | None) -> str | None:  # a path relative to the config file
         return value if value is None or Path(value).is_absolute() else str(path.parent / value)
 

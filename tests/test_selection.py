@@ -132,12 +132,12 @@ def test_empty_input_and_images_without_detections():
     ({"n_samples": 5, "strategies": [{"input": {"type": "EMBEDDINGS", "colour": 1},
                                       "strategy": {"type": "DIVERSITY"}}]},
      r"strategies\[0\].input.colour: unknown key"),
-    ({"n_samples": 5, "strategies": [{"input": {"type": "PREDICTIONS", "task": "t",
+    ({"n_samples": 5, "strategies": [{"input": {"type": "PREDICTIONS", "task": "lightly_pretagging",
                                                 "name": "CLASS_DISTRIBUTION"},
                                       "strategy": {"type": "BALANCE",
                                                    "target": {"car": 0.9, "bus": 0.3}}}]},
      "sum to 1.200"),
-    ({"n_samples": 5, "strategies": [{"input": {"type": "SCORES", "task": "t",
+    ({"n_samples": 5, "strategies": [{"input": {"type": "SCORES", "task": "lightly_pretagging",
                                                 "score": "fun"},
                                       "strategy": {"type": "WEIGHTS"}}]},
      "'fun' is not one of object_frequency"),
@@ -497,3 +497,64 @@ def test_the_array_api_picks_what_the_cli_picks(coco_run: Path, tmp_path: Path):
     with pytest.raises(SelectionConfigError, match="disagree on the number of samples"):
         select_arrays(both, embeddings=samples.vectors[:5], class_counts=samples.counts,
                       classes=samples.classes)
+
+
+_DIVERSE = {"input": {"type": "EMBEDDINGS"}, "strategy": {"type": "DIVERSITY"}}
+_PRED = {"type": "PREDICTIONS", "task": "lightly_pretagging", "name": "CLASS_DISTRIBUTION"}
+
+
+@pytest.mark.parametrize("data, message", [
+    ({"n_samples": 5, "strategies": [{"input": _PRED, "strategy": {
+        "type": "BALANCE", "target": {"car": float("nan")}}}]},
+     r"target\.car: must be a finite number"),
+    ({"n_samples": 5, "strategies": [{"input": {"type": "EMBEDDINGS"}, "strategy": {
+        "type": "DIVERSITY", "stopping_condition_minimum_distance": float("nan")}}]},
+     "stopping_condition_minimum_distance: must be a finite number"),
+    ({"n_samples": 5, "strategies": [{"input": {"type": "RANDOM"}, "strategy": {
+        "type": "THRESHOLD", "threshold": float("nan"), "operation": "BIGGER"}}]},
+     r"strategy\.threshold: must be a finite number"),
+    ({"n_samples": 5, "strategies": [{"input": {"type": "EMBEDDINGS"}, "strategy": {
+        "type": "DIVERSITY", "strength": float("nan")}}]}, "strength: must be a finite"),
+    *[({"n_samples": 5, "strategies": [{"input": {"type": "RANDOM", "random_seed": seed},
+                                        "strategy": {"type": "WEIGHTS"}}]},
+       r"input\.random_seed: must be a whole number >= 0")
+      for seed in (None, float("inf"), [1], "abc", -1, True)],
+    ({"n_samples": 5, "strategies": [{"input": {**_PRED, "task": "other"}, "strategy": {
+        "type": "BALANCE", "target": {"car": 1.0}}}]},
+     r"input\.task: 'other': pretag run's predictions are the task lightly_pretagging"),
+    ({"worker_config": {"object_level": {"task_name": ""}},
+      "selection_config": {"n_samples": 5, "strategies": [_DIVERSE]}},
+     r"object_level\.task_name: '': pretag run's detections are the task"),
+    ({"n_samples": float("nan"), "strategies": [_DIVERSE]}, "n_samples: must be a whole"),
+])
+def test_bad_values_are_refused_naming_the_key(data: dict, message: str):
+    with pytest.raises(SelectionConfigError, match=message):
+        parse(data)
+
+
+def test_hostile_config_files_are_refused_before_they_cost_anything(tmp_path: Path):
+    from pretag.selection.config import MAX_CONFIG_BYTES, load
+
+    aliases = tmp_path / "laughs.yaml"  # a billion laughs in an unchecked field
+    aliases.write_text("a: &a [x, x, x, x, x, x, x, x, x]\nb: &b [*a, *a, *a, *a, *a, *a]\n"
+                       "n_samples: 5\nstrategies:\n- input: {type: EMBEDDINGS, task: *b}\n"
+                       "  strategy: {type: DIVERSITY}\n")
+    with pytest.raises(SelectionConfigError, match="YAML aliases"):
+        load(aliases)
+    deep = tmp_path / "deep.json"
+    deep.write_text("[" * 10000 + "]" * 10000)
+    with pytest.raises(SelectionConfigError, match="nested"):
+        load(deep)
+    big = tmp_path / "big.json"
+    big.write_text(json.dumps({"n_samples": 5, "strategies": [_DIVERSE],
+                               "x": "y" * MAX_CONFIG_BYTES}))
+    with pytest.raises(SelectionConfigError, match="KiB"):
+        load(big)
+    task: object = 1
+    for _ in range(40):
+        task = [task]
+    nested = tmp_path / "nested.json"
+    nested.write_text(json.dumps({"n_samples": 5, "strategies": [
+        {"input": {"type": "EMBEDDINGS", "task": task}, "strategy": {"type": "DIVERSITY"}}]}))
+    with pytest.raises(SelectionConfigError, match="nested more than 32 levels"):
+        load(nested)
