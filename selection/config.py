@@ -121,6 +121,9 @@ def _input(data: Any, path: str) -> Input:
         raise _fail(path, "must be an object")
     _unknown(data, _INPUT_KEYS, path)
     kind = _choice(data.get("type"), f"{path}.type", INPUT_TYPES)
+    for key in ("task", "name", "score", "key"):  # recorded as parsed: strings, or absent
+        if key in data and not isinstance(data[key], str):
+            raise _fail(f"{path}.{key}", f"must be a string, not {type(data[key]).__name__}")
     name = data.get("name")
     if kind == "PREDICTIONS":
         name = _choice(name, f"{path}.name", PREDICTION_NAMES)

@@ -526,6 +526,9 @@ _PRED = {"type": "PREDICTIONS", "task": "lightly_pretagging", "name": "CLASS_DIS
       "selection_config": {"n_samples": 5, "strategies": [_DIVERSE]}},
      r"object_level\.task_name: '': pretag run's detections are the task"),
     ({"n_samples": float("nan"), "strategies": [_DIVERSE]}, "n_samples: must be a whole"),
+    ({"n_samples": 5, "strategies": [{"input": {"type": "EMBEDDINGS", "task": ["x"] * 9},
+                                      "strategy": {"type": "DIVERSITY"}}]},
+     r"input\.task: must be a string, not list"),
 ])
 def test_bad_values_are_refused_naming_the_key(data: dict, message: str):
     with pytest.raises(SelectionConfigError, match=message):
