@@ -33,7 +33,11 @@ PAIRINGS = {  # Lightly's allowed input -> strategy combinations
 }
 _INPUT_KEYS = {"type", "task", "name", "score", "key", "random_seed", "categories"}
 _STRATEGY_KEYS = {"type", "strength", "stopping_condition_minimum_distance", "threshold",
-                  "operation", "target", "distribution"}
+                  "operation", "target", "distribution", "stopping_condition_max_sum"}
+#: The keys beside type and strength that each strategy takes.
+_OWN_KEYS = {"DIVERSITY": {"stopping_condition_minimum_distance"},
+             "THRESHOLD": {"threshold", "operation"}, "BALANCE": {"target", "distribution"},
+             "WEIGHTS": {"stopping_condition_max_sum"}}
 
 
 class SelectionConfigError(ValueError):
@@ -60,6 +64,7 @@ class Strategy:
     operation: str | None = None
     target: tuple[tuple[str, float], ...] | None = None
     distribution: str = "TARGET"
+    max_sum: float | None = None  # WEIGHTS' stopping_condition_max_sum
 
 
 @dataclass(frozen=True)
@@ -163,6 +168,10 @@ def _strategy(data: Any, path: str) -> Strategy:
         raise _fail(path, "must be an object")
     _unknown(data, _STRATEGY_KEYS, path)
     kind = _choice(data.get("type"), f"{path}.type", STRATEGY_TYPES)
+    alien = sorted(data.keys() - {"type", "strength"} - _OWN_KEYS.get(kind, set()))
+    if alien:
+        takes = ", ".join(sorted(_OWN_KEYS.get(kind, ()))) or "only strength"
+        raise _fail(f"{path}.{alien[0]}", f"{kind} does not take it (it takes {takes})")
     strength = _number(data.get("strength", 1.0), f"{path}.strength", -1e9, 1e9)
     if kind == "THRESHOLD":
         return Strategy(kind, strength, threshold=_number(data.get("threshold"),
@@ -181,6 +190,9 @@ def _strategy(data: Any, path: str) -> Strategy:
         return Strategy(kind, strength, minimum_distance=_number(
             data["stopping_condition_minimum_distance"],
             f"{path}.stopping_condition_minimum_distance", 0.0, 2.0))
+    if kind == "WEIGHTS" and "stopping_condition_max_sum" in data:
+        return Strategy(kind, strength, max_sum=_number(
+            data["stopping_condition_max_sum"], f"{path}.stopping_condition_max_sum", 0.0))
     return Strategy(kind, strength)
 
 

@@ -67,6 +67,7 @@ def greedy(objectives: list[Objective], candidates: np.ndarray, count: int,
     if count <= 0:
         return []
     search = search or Search(objectives, rows, leaf, prior)
+    sums = MaxSums(objectives)
     picks: list[Pick] = []
     while len(picks) < count:
         if search.too_close():
@@ -74,7 +75,28 @@ def greedy(objectives: list[Objective], candidates: np.ndarray, count: int,
                      "ones (stopping_condition_minimum_distance)", len(picks))
             break
         picks.append(search.pick())
+        if sums.reached(picks[-1].index):
+            log.info("stopping after %d picks: the picked samples' values reached "
+                     "stopping_condition_max_sum", len(picks))
+            break
     return picks
+
+
+class MaxSums:
+    """WEIGHTS' ``stopping_condition_max_sum``: the picks stop once the sum of a WEIGHTS
+    input's values over them reaches it (the pick that reaches it is kept)."""
+
+    def __init__(self, objectives: list[Objective]) -> None:
+        self.limits = [(o.data, o.strategy.max_sum) for o in objectives
+                       if o.kind == "weights" and o.strategy.max_sum is not None]
+        self.sums = [0.0] * len(self.limits)
+
+    def reached(self, index: int) -> bool:
+        done = False
+        for i, (data, limit) in enumerate(self.limits):
+            self.sums[i] += float(data[index])
+            done = done or self.sums[i] >= float(limit or 0.0)
+        return done
 
 
 def take(data: np.ndarray, rows: np.ndarray) -> np.ndarray:

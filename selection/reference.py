@@ -9,6 +9,7 @@ import numpy as np
 from pretag.selection.cover import distances, nearest_distances
 from pretag.selection.greedy import (
     TINY,
+    MaxSums,
     Objective,
     Pick,
     balance_gain,
@@ -38,6 +39,7 @@ def plain_greedy(objectives: list[Objective], candidates: np.ndarray, count: int
               if o.kind == "balance"]
     limit = next((o.strategy.minimum_distance for o in diversity
                   if o.strategy.minimum_distance is not None), None)
+    sums = MaxSums(objectives)
     picks: list[Pick] = []
     while len(picks) < min(count, len(rows)):
         if limit is not None and d[available].max() < limit:
@@ -48,6 +50,8 @@ def plain_greedy(objectives: list[Objective], candidates: np.ndarray, count: int
                     start=np.zeros(len(available)))
         index = int(np.argmax(np.where(available, score, -np.inf)))
         picks.append(Pick(index, tuple(float(v[index]) for v in values)))
+        if sums.reached(index):
+            break
         available[index] = False
         balance = iter(states)
         for o in objectives:

@@ -529,6 +529,13 @@ _PRED = {"type": "PREDICTIONS", "task": "lightly_pretagging", "name": "CLASS_DIS
     ({"n_samples": 5, "strategies": [{"input": {"type": "EMBEDDINGS", "task": ["x"] * 9},
                                       "strategy": {"type": "DIVERSITY"}}]},
      r"input\.task: must be a string, not list"),
+    ({"n_samples": 5, "strategies": [{"input": {"type": "RANDOM"}, "strategy": {
+        "type": "WEIGHTS", "stopping_condition_minimum_distance": 0.1}}]},
+     r"strategy\.stopping_condition_minimum_distance: WEIGHTS does not take it \(it takes "
+     r"stopping_condition_max_sum\)"),
+    ({"n_samples": 5, "strategies": [{"input": {"type": "EMBEDDINGS"}, "strategy": {
+        "type": "DIVERSITY", "target": {"car": 1}}}]},
+     r"strategy\.target: DIVERSITY does not take it"),
 ])
 def test_bad_values_are_refused_naming_the_key(data: dict, message: str):
     with pytest.raises(SelectionConfigError, match=message):

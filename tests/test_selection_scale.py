@@ -115,3 +115,17 @@ def test_bench_select_command(tmp_path: Path):
     assert rows[3000]["picks"] == 150 and rows[3000]["peak_rss_mb"] > 0
     assert rows[3000]["l1_gap_after"] < rows[3000]["l1_gap_input"]
     assert "| 3000 | 0 | 150 |" in (tmp_path / "select.md").read_text()  # no earlier picks
+
+
+def test_max_sum_stops_weights_and_both_loops_agree():
+    n = 3000
+    vectors, counts = synthetic(Synthetic(n, dim=32, seed=11))
+    rng = np.random.default_rng(12)
+    values = rng.random(n)
+    objectives = [Objective(Strategy("DIVERSITY"), "diversity", vectors),
+                  Objective(Strategy("WEIGHTS", max_sum=20.0), "weights", values)]
+    everyone = np.ones(n, dtype=bool)
+    fast = greedy(objectives, everyone, 500)
+    assert _indices(fast) == _indices(plain_greedy(objectives, everyone, 500))
+    total = values[_indices(fast)].sum()
+    assert total >= 20.0 and total - values[fast[-1].index] < 20.0  # stops on reaching it
