@@ -17,27 +17,30 @@ from pretag.job.outputs import TASK
 from pretag.selection.worker import check_flat, check_worker, known_worker_keys
 
 INPUT_TYPES = ("EMBEDDINGS", "PREDICTIONS", "SCORES", "METADATA", "RANDOM")
-STRATEGY_TYPES = ("DIVERSITY", "WEIGHTS", "THRESHOLD", "BALANCE")
+STRATEGY_TYPES = ("DIVERSITY", "WEIGHTS", "THRESHOLD", "BALANCE", "SIMILARITY", "TYPICALITY")
 PREDICTION_NAMES = ("CLASS_DISTRIBUTION", "CATEGORY_COUNT")
 OPERATIONS = ("SMALLER", "SMALLER_EQUAL", "BIGGER", "BIGGER_EQUAL")
 DISTRIBUTIONS = ("TARGET", "UNIFORM", "INPUT")
 #: pretag's scores for SCORES inputs (docs/selection.md)
 SCORES = ("object_frequency", "objectness_least_confidence")
 PAIRINGS = {  # Lightly's allowed input -> strategy combinations
-    ("EMBEDDINGS", None): ("DIVERSITY",),
+    ("EMBEDDINGS", None): ("DIVERSITY", "SIMILARITY", "TYPICALITY"),
     ("PREDICTIONS", "CLASS_DISTRIBUTION"): ("BALANCE",),
     ("PREDICTIONS", "CATEGORY_COUNT"): ("WEIGHTS", "THRESHOLD"),
     ("SCORES", None): ("WEIGHTS", "THRESHOLD"),
     ("RANDOM", None): ("WEIGHTS", "THRESHOLD"),
     ("METADATA", None): ("WEIGHTS", "THRESHOLD", "BALANCE"),
 }
-_INPUT_KEYS = {"type", "task", "name", "score", "key", "random_seed", "categories"}
+_INPUT_KEYS = {"type", "task", "name", "score", "key", "random_seed", "categories",
+               "query_filenames", "query_embeddings", "dataset_id", "tag_name"}
 _STRATEGY_KEYS = {"type", "strength", "stopping_condition_minimum_distance", "threshold",
-                  "operation", "target", "distribution", "stopping_condition_max_sum"}
+                  "operation", "target", "distribution", "stopping_condition_max_sum",
+                  "num_nearest_neighbors", "stopping_condition_minimum_typicality"}
 #: The keys beside type and strength that each strategy takes.
 _OWN_KEYS = {"DIVERSITY": {"stopping_condition_minimum_distance"},
              "THRESHOLD": {"threshold", "operation"}, "BALANCE": {"target", "distribution"},
-             "WEIGHTS": {"stopping_condition_max_sum"}}
+             "WEIGHTS": {"stopping_condition_max_sum"},
+             "TYPICALITY": {"num_nearest_neighbors", "stopping_condition_minimum_typicality"}}
 
 
 class SelectionConfigError(ValueError):
@@ -53,6 +56,8 @@ class Input:
     key: str | None = None
     random_seed: int = 0
     categories: tuple[str, ...] | None = None
+    query_filenames: tuple[str, ...] | None = None  # SIMILARITY: samples of the run
+    query_embeddings: str | None = None  # SIMILARITY: an embeddings file of query vectors
 
 
 @dataclass(frozen=True)
@@ -65,6 +70,8 @@ class Strategy:
     target: tuple[tuple[str, float], ...] | None = None
     distribution: str = "TARGET"
     max_sum: float | None = None  # WEIGHTS' stopping_condition_max_sum
+    neighbours: int = 20  # TYPICALITY's num_nearest_neighbors
+    min_typicality: float | None = None  # TYPICALITY's stopping_condition_minimum_typicality
 
 
 @dataclass(frozen=True)
@@ -148,9 +155,21 @@ def _input(data: Any, path: str) -> Input:
     if categories is not None and not (isinstance(categories, list)
                                        and all(isinstance(c, str) for c in categories)):
         raise _fail(f"{path}.categories", "must be a list of class names")
+    for key in ("dataset_id", "tag_name"):
+        if key in data:
+            raise _fail(f"{path}.{key}", "pretag has no other datasets to query: give "
+                                         "SIMILARITY query_filenames (samples of the run) or "
+                                         "query_embeddings (an embeddings file)")
+    queries = data.get("query_filenames")
+    if queries is not None and not (isinstance(queries, list) and queries
+                                    and all(isinstance(q, str) for q in queries)):
+        raise _fail(f"{path}.query_filenames", "must be a non-empty list of file names")
+    query_file = data.get("query_embeddings")
+    if query_file is not None and not isinstance(query_file, str):
+        raise _fail(f"{path}.query_embeddings", "must be a file's path")
     return Input(kind, data.get("task"), name, data.get("score"), data.get("key"),
-                 seed,
-                 tuple(categories) if categories is not None else None)
+                 seed, tuple(categories) if categories is not None else None,
+                 tuple(queries) if queries is not None else None, query_file)
 
 
 def _target(data: Any, path: str) -> tuple[tuple[str, float], ...]:
@@ -190,6 +209,14 @@ def _strategy(data: Any, path: str) -> Strategy:
         return Strategy(kind, strength, minimum_distance=_number(
             data["stopping_condition_minimum_distance"],
             f"{path}.stopping_condition_minimum_distance", 0.0, 2.0))
+    if kind == "TYPICALITY":
+        k = data.get("num_nearest_neighbors", 20)
+        if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= 1000:
+            raise _fail(f"{path}.num_nearest_neighbors", f"must be a whole number in "
+                                                         f"[1, 1000], not {k!r}")
+        low = data.get("stopping_condition_minimum_typicality")
+        return Strategy(kind, strength, neighbours=k, min_typicality=None if low is None else
+                        _number(low, f"{path}.stopping_condition_minimum_typicality", 0.0, 1.0))
     if kind == "WEIGHTS" and "stopping_condition_max_sum" in data:
         return Strategy(kind, strength, max_sum=_number(
             data["stopping_condition_max_sum"], f"{path}.stopping_condition_max_sum", 0.0))
@@ -206,6 +233,13 @@ def _step(data: Any, path: str) -> Step:
     if kind not in allowed:  # the pairing first: it says more than the strategy's own keys
         raise _fail(f"{path}.strategy.type", f"{source.type} inputs go with "
                                              f"{', '.join(allowed)}, not {kind}")
+    queries = (source.query_filenames is not None) + (source.query_embeddings is not None)
+    if kind == "SIMILARITY" and queries != 1:
+        raise _fail(f"{path}.input", "SIMILARITY needs one of query_filenames (samples of "
+                                     "the run) and query_embeddings (an embeddings file)")
+    if kind != "SIMILARITY" and queries:
+        raise _fail(f"{path}.input", "query_filenames and query_embeddings go with "
+                                     "SIMILARITY")
     return Step(source, _strategy(data["strategy"], f"{path}.strategy"))
 
 
@@ -343,5 +377,8 @@ def load(path: Path, n_samples: int | None = None) -> SelectionConfig:
     def beside(value: str | None) -> str | None:  # a path relative to the config file
         return value if value is None or Path(value).is_absolute() else str(path.parent / value)
 
+    steps = tuple(replace(step, input=replace(
+        step.input, query_embeddings=beside(step.input.query_embeddings)))
+        for step in config.steps)
     return replace(config, relevant_filenames_file=beside(config.relevant_filenames_file),
-                   embeddings=beside(config.embeddings))
+                   embeddings=beside(config.embeddings), steps=steps)

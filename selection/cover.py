@@ -193,6 +193,36 @@ def nearest_distances(centres: np.ndarray, x: np.ndarray,
     return np.sqrt(np.maximum(found[:, 0].astype(np.float64), 0.0))
 
 
+def mean_neighbour_distance(x: np.ndarray, k: int, exact_pairs: int = EXACT_PAIRS
+                            ) -> np.ndarray:
+    """Each row's mean Euclidean distance to its ``k`` nearest other rows (faiss; exact up
+    to the same bound as :func:`nearest_distances`, an inverted file beyond)."""
+    import faiss
+
+    x = np.ascontiguousarray(x, np.float32)
+    n, dim = x.shape
+    k = min(k, n - 1)
+    if k < 1:
+        return np.zeros(n)
+    index: Any
+    if n * n * dim <= exact_pairs * 1280:
+        index = faiss.IndexFlatL2(dim)
+    else:
+        lists = max(1, int(4 * np.sqrt(n)))
+        index = faiss.IndexIVFFlat(faiss.IndexFlatL2(dim), dim, lists)
+        sample = np.sort(np.random.default_rng(0).choice(n, min(n, 40 * lists), replace=False))
+        index.train(x[sample])
+        index.nprobe = min(_PROBES, lists)
+    index.add(x)
+    found, ids = index.search(x, k + 1)
+    d = np.sqrt(np.maximum(found.astype(np.float64), 0.0))
+    own = ids == np.arange(n)[:, None]  # each row finds itself (or a copy at distance 0)
+    d[own] = np.nan
+    keep = np.where(own.any(axis=1, keepdims=True), d, np.pad(d[:, :k], ((0, 0), (0, 1)),
+                                                              constant_values=np.nan))
+    return np.nanmean(keep, axis=1)
+
+
 def distances(x: np.ndarray, sq_x: np.ndarray, c: np.ndarray) -> np.ndarray:
     """Euclidean distances of the rows of ``x`` (squared norms ``sq_x``) to ``c``. einsum,
     not BLAS: BLAS sums a row in another order depending on how many rows come with it,

@@ -23,10 +23,11 @@ from pretag.job.relevant import RelevantError, is_relevant, read_relevant
 from pretag.job.vectors import embeddings_dir, load_embeddings
 from pretag.job.video import frame_source
 from pretag.selection.config import SelectionConfig, SelectionConfigError, Step
-from pretag.selection.custom import custom_vectors
+from pretag.selection.cover import mean_neighbour_distance, nearest_distances
+from pretag.selection.custom import custom_vectors, load_custom
 from pretag.selection.datapool import earlier_picks, identity, write_pool
 from pretag.selection.export import crop_source, export_coco, export_lightly, write_crops
-from pretag.selection.greedy import Objective, Pick, greedy, normalise, passes
+from pretag.selection.greedy import TINY, Objective, Pick, greedy, normalise, passes
 from pretag.selection.predictions import RunPredictions, read_run, staged
 from pretag.selection.report import Earlier, write_report
 from pretag.selection.samples import Samples
@@ -150,15 +151,50 @@ def values_of(step: Step, samples: Samples) -> np.ndarray:
 
 
 def objective_of(step: Step, samples: Samples) -> Objective:
-    if step.strategy.type == "DIVERSITY":
+    kind = step.strategy.type
+    if kind in ("DIVERSITY", "SIMILARITY", "TYPICALITY"):
         if samples.vectors is None:
             raise SelectionConfigError("EMBEDDINGS needs stored vectors: pretag run "
                                        "--embeddings image (the default)")
-        return Objective(step.strategy, "diversity", normalise(samples.vectors))
+        unit = normalise(samples.vectors)
+        if kind == "DIVERSITY":
+            return Objective(step.strategy, "diversity", unit)
+        values = (typicality(unit, step.strategy.neighbours) if kind == "TYPICALITY"
+                  else similarity(unit, queries(step, samples)))
+        return Objective(step.strategy, "weights", values)
     if step.strategy.type == "BALANCE":
         counts, target = _balance_target(step, samples)
         return Objective(step.strategy, "balance", counts, target)
     return Objective(step.strategy, "weights", values_of(step, samples))
+
+
+def typicality(unit: np.ndarray, k: int) -> np.ndarray:
+    """TYPICALITY: the inverse of the mean distance to the ``k`` nearest neighbours (as in
+    Lightly, after Hacohen et al., "Active learning on a budget"), scaled so the most
+    typical sample has 1."""
+    mean = mean_neighbour_distance(unit, k)
+    inverse = 1.0 / np.maximum(mean, TINY)
+    return inverse / max(float(inverse.max(initial=0.0)), TINY)
+
+
+def similarity(unit: np.ndarray, query: np.ndarray) -> np.ndarray:
+    """SIMILARITY: 1 - (distance to the nearest query vector) / 2, in [0, 1] on unit
+    vectors: 1 for a query itself, 0 for the opposite direction."""
+    return 1.0 - nearest_distances(normalise(query.copy()), unit) / 2.0
+
+
+def queries(step: Step, samples: Samples) -> np.ndarray:
+    """SIMILARITY's query vectors: the named samples', or an embeddings file's."""
+    if step.input.query_embeddings is not None:
+        return load_custom(Path(step.input.query_embeddings))[1]
+    where = {n: i for i, n in enumerate(samples.names)}
+    names = step.input.query_filenames or ()
+    missing = [n for n in names if n not in where]
+    if missing:
+        raise SelectionConfigError(f"query_filenames: {missing[0]} is not a sample of the "
+                                   f"run ({len(missing)} of {len(names)} are not)")
+    assert samples.vectors is not None
+    return np.asarray(samples.vectors[[where[n] for n in names]], np.float32)
 
 
 def select(config: SelectionConfig, samples: Samples, prior: np.ndarray | None = None,
@@ -172,12 +208,16 @@ def select(config: SelectionConfig, samples: Samples, prior: np.ndarray | None =
     for step in config.steps:
         if step.strategy.type == "THRESHOLD":
             mask &= passes(values_of(step, samples), step.strategy)
+    objectives = [objective_of(s, samples) for s in config.steps
+                  if s.strategy.type != "THRESHOLD"]
+    for step, objective in zip((s for s in config.steps if s.strategy.type != "THRESHOLD"),
+                               objectives, strict=True):
+        if step.strategy.min_typicality is not None:  # samples below it are never picked
+            mask &= objective.data >= step.strategy.min_typicality
     count = config.count(len(samples.names))
     if count > int(mask.sum()):
         log.warning("asked for %d samples, %d are available: selecting all of them", count,
                     int(mask.sum()))
-    objectives = [objective_of(s, samples) for s in config.steps
-                  if s.strategy.type != "THRESHOLD"]
     return greedy(objectives, mask, count, prior=prior if prior is not None and len(prior)
                   else None)
 

@@ -568,3 +568,45 @@ def test_hostile_config_files_are_refused_before_they_cost_anything(tmp_path: Pa
         {"input": {"type": "EMBEDDINGS", "task": task}, "strategy": {"type": "DIVERSITY"}}]}))
     with pytest.raises(SelectionConfigError, match="nested more than 32 levels"):
         load(nested)
+
+
+def test_typicality_and_similarity_on_embeddings(tmp_path: Path):
+    from pretag.selection import select as select_arrays
+    from pretag.selection.run import typicality
+
+    rng = np.random.default_rng(3)
+    dense = rng.normal(0, 0.05, (60, 8)) + np.eye(8)[0]  # a tight cluster
+    sparse = rng.normal(0, 1.0, (40, 8))  # spread out
+    vectors = np.concatenate([dense, sparse]).astype(np.float32)
+    unit = normalise(vectors.copy())
+    d = np.sqrt(np.maximum(((unit[:, None] - unit[None]) ** 2).sum(-1), 0))
+    np.fill_diagonal(d, np.inf)
+    brute = 1 / np.sort(d, axis=1)[:, :5].mean(axis=1)
+    np.testing.assert_allclose(typicality(unit, 5), brute / brute.max(), rtol=1e-4)
+    typical = {"n_samples": 10, "strategies": [{"input": {"type": "EMBEDDINGS"}, "strategy": {
+        "type": "TYPICALITY", "num_nearest_neighbors": 5}}]}
+    assert all(i < 60 for i in select_arrays(typical, embeddings=vectors))  # the cluster
+    floor = {"n_samples": 100, "strategies": [{"input": {"type": "EMBEDDINGS"}, "strategy": {
+        "type": "TYPICALITY", "num_nearest_neighbors": 5,
+        "stopping_condition_minimum_typicality": 0.5}}]}
+    kept = select_arrays(floor, embeddings=vectors)
+    assert sorted(kept) == sorted(np.flatnonzero(brute / brute.max() >= 0.5).tolist())
+
+    similar = {"n_samples": 5, "strategies": [{"input": {
+        "type": "EMBEDDINGS", "query_filenames": ["70"]}, "strategy": {"type": "SIMILARITY"}}]}
+    picks = select_arrays(similar, embeddings=vectors)
+    assert picks[0] == 70 and picks[1:] == [int(i) for i in np.argsort(d[70])[:4]]
+    query = tmp_path / "query.csv"
+    query.write_text("filenames," + ",".join(f"embedding_{i}" for i in range(8)) + "\n"
+                     "q.jpg," + ",".join(str(v) for v in vectors[70]) + "\n")
+    by_file = {"n_samples": 5, "strategies": [{"input": {
+        "type": "EMBEDDINGS", "query_embeddings": str(query)},
+        "strategy": {"type": "SIMILARITY"}}]}
+    assert select_arrays(by_file, embeddings=vectors) == picks
+    with pytest.raises(SelectionConfigError, match="SIMILARITY needs one of query_filenames"):
+        parse({"n_samples": 5, "strategies": [{"input": {"type": "EMBEDDINGS"},
+                                               "strategy": {"type": "SIMILARITY"}}]})
+    with pytest.raises(SelectionConfigError, match="tag_name: pretag has no other datasets"):
+        parse({"n_samples": 5, "strategies": [{"input": {"type": "EMBEDDINGS",
+                                                         "tag_name": "x"},
+                                               "strategy": {"type": "SIMILARITY"}}]})

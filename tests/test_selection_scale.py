@@ -119,7 +119,7 @@ def test_bench_select_command(tmp_path: Path):
 
 def test_max_sum_stops_weights_and_both_loops_agree():
     n = 3000
-    vectors, counts = synthetic(Synthetic(n, dim=32, seed=11))
+    vectors, _ = synthetic(Synthetic(n, dim=32, seed=11))
     rng = np.random.default_rng(12)
     values = rng.random(n)
     objectives = [Objective(Strategy("DIVERSITY"), "diversity", vectors),
