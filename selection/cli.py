@@ -12,6 +12,7 @@ from typing import Any
 from pretag.job.stream import RunError
 from pretag.selection.config import SelectionConfigError, load
 from pretag.selection.export import FORMATS
+from pretag.selection.handoff import LOCAL_FILES
 from pretag.selection.run import run_selection
 
 log = logging.getLogger("pretag")
@@ -31,8 +32,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                                     "their boxes in the report; needed by --export")
     add("--export", action="append", choices=FORMATS, default=[],
         help="also write the picks with pretag's boxes for labelling: coco "
-             "(selection/coco.json) or lightly (selection/lightly/.lightly/predictions); "
-             "repeatable")
+             "(selection/coco.json), lightly (selection/lightly/.lightly/predictions), yolo "
+             "(selection/yolo/: Ultralytics' layout), cvat (selection/cvat/annotations.xml, "
+             "CVAT for images 1.1) or label-studio (selection/label_studio/tasks.json and "
+             "labeling_config.xml); repeatable")
+    add("--url-prefix", default=LOCAL_FILES,
+        help=f"label-studio: each task's image URL is this plus the image's name (default "
+             f"{LOCAL_FILES}, Label Studio's local files with --images as its document root)")
     add("--embeddings", type=Path, metavar="FILE",
         help="your own vectors instead of the run's: Lightly's embeddings.csv (filenames, "
              "embedding_0..D-1, labels) or Parquet (as worker_config.embeddings)")
@@ -75,7 +81,7 @@ def run(args: argparse.Namespace) -> int:
             raise SelectionConfigError("--write-crops needs --images and object-level "
                                        "selection (worker_config.object_level)")
         run_selection(args.run_dir, config, args.output_dir, metadata, args.images,
-                      tuple(args.export), args.write_crops)
+                      tuple(args.export), args.write_crops, args.url_prefix)
     except (SelectionConfigError, RunError, OSError, ValueError) as exc:
         log.error("%s", exc)
         return 2

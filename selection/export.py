@@ -21,7 +21,7 @@ from pretag.preprocess import ImageError
 from pretag.selection.config import SelectionConfigError
 from pretag.selection.predictions import RunPredictions
 
-FORMATS = ("coco", "lightly")
+FORMATS = ("coco", "lightly", "yolo", "cvat", "label-studio")  # the last three: handoff.py
 
 
 def _sized(run: RunPredictions, images: Path, names: list[str]

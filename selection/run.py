@@ -28,6 +28,12 @@ from pretag.selection.custom import custom_vectors, load_custom
 from pretag.selection.datapool import earlier_picks, identity, write_pool
 from pretag.selection.export import crop_source, export_coco, export_lightly, write_crops
 from pretag.selection.greedy import TINY, Objective, Pick, greedy, normalise, passes
+from pretag.selection.handoff import (
+    LOCAL_FILES,
+    export_cvat,
+    export_label_studio,
+    export_yolo,
+)
 from pretag.selection.predictions import RunPredictions, read_run, staged
 from pretag.selection.report import Earlier, write_report
 from pretag.selection.samples import Samples
@@ -234,7 +240,7 @@ def target_of(config: SelectionConfig) -> dict[str, float] | None:
 def run_selection(run_dir: Path, config: SelectionConfig, output_dir: Path | None = None,
                   metadata: dict[str, dict[str, Any]] | None = None,
                   images: Path | None = None, exports: tuple[str, ...] = (),
-                  crops: bool = False) -> list[str]:
+                  crops: bool = False, url_prefix: str = LOCAL_FILES) -> list[str]:
     """Select over ``run_dir`` and write the outputs and the report (see
     :mod:`pretag.selection.report`); returns the picked names in order. ``images``: the
     run's input folder, for debug images of the picks, the ``exports`` (coco, lightly)
@@ -268,6 +274,8 @@ def run_selection(run_dir: Path, config: SelectionConfig, output_dir: Path | Non
                 export_coco(run, images, names, out / "coco.json")
             if "lightly" in exports and images is not None:
                 export_lightly(run, images, names, out / "lightly")
+            if images is not None:
+                _handoff(run_dir, run, images, names, out, exports, url_prefix)
             if crops and images is not None:
                 count = write_crops(run, images, names, config.padding, out / "crops")
                 log.info("wrote %d crops to %s", count, base / "selection" / "crops")
@@ -279,6 +287,17 @@ def run_selection(run_dir: Path, config: SelectionConfig, output_dir: Path | Non
     log.info("selected %d of %d samples into %s", len(names), len(samples.names),
              base / "selection")
     return names
+
+
+def _handoff(run_dir: Path, run: RunPredictions, images: Path, names: list[str], out: Path,
+             exports: tuple[str, ...], url_prefix: str) -> None:
+    """The labelling tools' formats asked for (selection/handoff.py)."""
+    if "yolo" in exports:
+        export_yolo(run, images, names, out / "yolo")
+    if "cvat" in exports:
+        export_cvat(run, images, names, out / "cvat")
+    if "label-studio" in exports:
+        export_label_studio(run, images, names, out / "label_studio", run_dir, url_prefix)
 
 
 @dataclass(frozen=True)
