@@ -272,8 +272,16 @@ def test_frames_are_samples_for_selection_crops_and_exports(
         {"input": {"type": "EMBEDDINGS"}, "strategy": {"type": "DIVERSITY"}}]}))
     out = tmp_path / "picked"
     assert main(["select", str(run), "--config", str(config), "--output-dir", str(out),
-                 "--images", str(folder), "--export", "coco", "--export", "lightly"]) == 0
+                 "--images", str(folder), "--export", "coco", "--export", "lightly",
+                 "--export", "yolo", "--export", "cvat", "--export", "label-studio"]) == 0
     picked = (out / "selection" / "selected.txt").read_text().split()
+    for name in picked:  # the frames written out under their names, for the tools
+        frame = cv2.imread(str(out / "selection" / "cvat" / "images" / name))
+        assert frame is not None and frame.shape == (180, 320, 3)
+        assert (out / "selection" / "yolo" / "images" / "train" /
+                name.replace("/", "__")).is_file()
+    tasks = json.loads((out / "selection" / "label_studio" / "tasks.json").read_text())
+    assert [t["data"]["filename"] for t in tasks] == picked
     assert len(picked) == 10 and all(p.startswith("sub/drive-") and p.endswith("-mp4.png")
                                      for p in picked)
     coco = json.loads((out / "selection" / "coco.json").read_text())
