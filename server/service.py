@@ -34,7 +34,7 @@ def payload(request: pb.DetectRequest) -> bytes | Pixels:
     if len(raw.pixels) != expected:
         raise InvalidInput(f"raw pixels: {len(raw.pixels)} bytes for {raw.width}x{raw.height}"
                            f"x3 = {expected}")
-    image = np.frombuffer(raw.pixels, np.uint8).reshape(raw.height, raw.width, 3)
+    image: np.ndarray = np.frombuffer(raw.pixels, np.uint8).reshape(raw.height, raw.width, 3)
     if raw.format == pb.PIXEL_FORMAT_RGB24:
         image = image[:, :, ::-1]
     original = ((raw.original_height, raw.original_width)
