@@ -243,3 +243,38 @@ def test_metrics_endpoint_is_scraped_and_parsed(server: BackgroundServer, client
     assert after["pretag_pending_requests{}"] == 0
     assert after["pretag_images_per_second{}"] > 0
 
+
+
+def test_raw_pixels_detect_as_the_same_image_file(client: Client, coco128: Path, direct,
+                                                  server: BackgroundServer):
+    """DetectRequest.raw (a video frame's transport): BGR or RGB, full size or resized for
+    the model beforehand, the detections of the encoded file; sizes that disagree are
+    INVALID_ARGUMENT naming the request."""
+    import grpc
+
+    from pretag.contract import ResizeSpec
+    from pretag.preprocess import Pixels, decode_bgr, resize_image
+    from pretag.v1 import pretag_pb2 as pb
+    from pretag.v1 import pretag_pb2_grpc as pb_grpc
+
+    for path in _images(coco128)[:4]:
+        data = path.read_bytes()
+        bgr = decode_bgr(data)
+        full = client.detect(Pixels(bgr), id="full")
+        assert_same(full, direct(data))
+        resize = ResizeSpec.from_json(client.model_info().resize_json)
+        small = client.detect(Pixels(resize_image(bgr, resize), bgr.shape[:2]), id="small")
+        assert_same(small, direct(data))
+        assert (small.width, small.height) == (bgr.shape[1], bgr.shape[0])
+        with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+            stub = pb_grpc.PretaggerStub(channel)
+            rgb = np.ascontiguousarray(bgr[:, :, ::-1])
+            answer = stub.Detect(pb.DetectRequest(id="rgb", raw=pb.RawImage(
+                pixels=rgb.tobytes(), height=rgb.shape[0], width=rgb.shape[1],
+                format=pb.PIXEL_FORMAT_RGB24)))
+            assert [d.label for d in answer.detections] == full.labels
+            with pytest.raises(grpc.RpcError) as refused:
+                stub.Detect(pb.DetectRequest(id="short", raw=pb.RawImage(
+                    pixels=b"\0" * 10, height=4, width=4)))
+            assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            assert "short" in refused.value.details() and "48" in refused.value.details()
