@@ -24,7 +24,7 @@ from pretag.selection.predictions import RunPredictions
 FORMATS = ("coco", "lightly", "yolo", "cvat", "label-studio")  # the last three: handoff.py
 
 
-def _sized(run: RunPredictions, images: Path, names: list[str]
+def sized(run: RunPredictions, images: Path, names: list[str]
            ) -> list[tuple[str, dict[str, Any], int, int]]:
     """Each picked image's usable detections and pixel size (a video frame's, upright)."""
     samples = SampleImages(images)
@@ -52,7 +52,7 @@ def export_coco(run: RunPredictions, images: Path, names: list[str], path: Path)
     classes = run.classes
     coco: dict[str, Any] = {"images": [], "annotations": [], "categories": [
         {"id": i + 1, "name": c} for i, c in enumerate(classes)]}
-    for image_id, (name, entry, w, h) in enumerate(_sized(run, images, names), start=1):
+    for image_id, (name, entry, w, h) in enumerate(sized(run, images, names), start=1):
         coco["images"].append({"id": image_id, "file_name": name, "width": w, "height": h})
         for box, label, score in zip(entry["boxes"], entry["labels"], entry["scores"],
                                      strict=True):
@@ -68,7 +68,7 @@ def export_lightly(run: RunPredictions, images: Path, names: list[str], root: Pa
     classes = run.classes
     predictions = root / ".lightly" / "predictions"
     write_task_files(root, classes)  # the run's own layout: tasks.json and schema.json
-    for name, entry, w, h in _sized(run, images, names):
+    for name, entry, w, h in sized(run, images, names):
         record = {"file_name": name, "predictions": [
             {"category_id": classes.index(label), "bbox": _pixels(box, w, h), "score": score}
             for box, label, score in zip(entry["boxes"], entry["labels"], entry["scores"],

@@ -23,34 +23,17 @@ from __future__ import annotations
 import json
 import shutil
 from pathlib import Path
-from typing import Any
 from xml.etree import ElementTree as ET
 
 import cv2
 
 from pretag.job.outputs import read_settings, write_atomic
-from pretag.job.video import SampleImages, VideoError
-from pretag.preprocess import ImageError
-from pretag.selection.config import SelectionConfigError
+from pretag.job.video import SampleImages
+from pretag.selection.export import sized
 from pretag.selection.predictions import RunPredictions
 
 #: Label Studio's local-files URL: serve the run's input folder as its document root.
 LOCAL_FILES = "/data/local-files/?d="
-
-
-def _picked(run: RunPredictions, images: Path, names: list[str]
-            ) -> list[tuple[str, dict[str, Any], int, int]]:
-    samples = SampleImages(images)
-    rows = []
-    for name in names:
-        if name not in run.entries:
-            raise SelectionConfigError(f"no prediction for {name}")
-        try:
-            width, height = samples.size(name)
-        except (OSError, ImageError, VideoError) as exc:
-            raise SelectionConfigError(f"cannot read {images / name}: {exc}") from None
-        rows.append((name, run.usable(name), width, height))
-    return rows
 
 
 def flat_name(name: str) -> str:
@@ -70,7 +53,7 @@ def export_yolo(run: RunPredictions, images: Path, names: list[str], root: Path)
     classes = run.classes
     samples = SampleImages(images)
     (root / "labels" / "train").mkdir(parents=True, exist_ok=True)
-    for name, entry, _, _ in _picked(run, images, names):
+    for name, entry, _, _ in sized(run, images, names):
         _copy_image(samples, name, root / "images" / "train" / flat_name(name))
         lines = [f"{classes.index(label)} {(x1 + x2) / 2:.6f} {(y1 + y2) / 2:.6f} "
                  f"{x2 - x1:.6f} {y2 - y1:.6f}\n"
@@ -99,7 +82,7 @@ def export_cvat(run: RunPredictions, images: Path, names: list[str], root: Path)
         for key, value in (("name", "score"), ("mutable", "False"), ("input_type", "number"),
                            ("default_value", "0"), ("values", "0;1;0.001")):
             ET.SubElement(attributes, key).text = value
-    for image_id, (name, entry, w, h) in enumerate(_picked(run, images, names)):
+    for image_id, (name, entry, w, h) in enumerate(sized(run, images, names)):
         _copy_image(samples, name, root / "images" / name)
         image = ET.SubElement(annotations, "image", id=str(image_id), name=name,
                               width=str(w), height=str(h))
@@ -126,7 +109,7 @@ def export_label_studio(run: RunPredictions, images: Path, names: list[str], roo
     settings = read_settings(run_dir) or {}
     version = f"{settings.get('model', 'pretag')}@{str(settings.get('source_sha256'))[:12]}"
     tasks = []
-    for name, entry, w, h in _picked(run, images, names):
+    for name, entry, w, h in sized(run, images, names):
         result = [{"id": f"{i}", "from_name": "label", "to_name": "image",
                    "type": "rectanglelabels", "original_width": w, "original_height": h,
                    "image_rotation": 0, "score": score,
