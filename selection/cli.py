@@ -74,9 +74,9 @@ def run(args: argparse.Namespace) -> int:
         if not (args.run_dir / ".lightly" / "predictions").is_dir():
             raise SelectionConfigError(f"{args.run_dir} holds no predictions (pretag run "
                                        f"writes them)")
-        if args.export and (args.images is None or config.object_level_task):
+        if args.export and args.images is None:
             raise SelectionConfigError("--export needs --images (the run's input folder, for "
-                                       "pixel sizes) and image-level selection")
+                                       "pixel sizes)")
         if args.write_crops and (args.images is None or not config.object_level_task):
             raise SelectionConfigError("--write-crops needs --images and object-level "
                                        "selection (worker_config.object_level)")

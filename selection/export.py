@@ -77,6 +77,22 @@ def export_lightly(run: RunPredictions, images: Path, names: list[str], root: Pa
         write_atomic(target, json.dumps(record) + "\n")
 
 
+def parents(run: RunPredictions, crops: list[str]) -> tuple[RunPredictions, list[str]]:
+    """Object-level picks as their parent images holding only the picked boxes (what every
+    export writes for them), and those images in the order of their first pick."""
+    keep: dict[str, list[int]] = {}
+    for crop in crops:
+        name, index = crop_source(crop)
+        keep.setdefault(name, []).append(index)
+    entries = {}
+    for name, indices in keep.items():
+        entry = run.entries[name]
+        chosen = sorted(set(indices))
+        entries[name] = {**entry, **{key: [entry[key][i] for i in chosen]
+                                     for key in ("boxes", "labels", "scores")}}
+    return RunPredictions(run.classes, entries, {}), list(keep)
+
+
 def crop_source(crop: str) -> tuple[str, int]:
     """The image and detection index of a crop named ``<stem>-<index>-<ext>``."""
     path = PurePosixPath(crop)

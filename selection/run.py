@@ -26,7 +26,13 @@ from pretag.selection.config import SelectionConfig, SelectionConfigError, Step
 from pretag.selection.cover import mean_neighbour_distance, nearest_distances
 from pretag.selection.custom import custom_vectors, load_custom
 from pretag.selection.datapool import earlier_picks, identity, write_pool
-from pretag.selection.export import crop_source, export_coco, export_lightly, write_crops
+from pretag.selection.export import (
+    crop_source,
+    export_coco,
+    export_lightly,
+    parents,
+    write_crops,
+)
 from pretag.selection.greedy import TINY, Objective, Pick, greedy, normalise, passes
 from pretag.selection.handoff import (
     LOCAL_FILES,
@@ -270,12 +276,14 @@ def run_selection(run_dir: Path, config: SelectionConfig, output_dir: Path | Non
             if picked.sequences and images is not None:
                 info = sequence_information(picked.windows, images)
                 write_atomic(out / "sequence_information.json", json.dumps(info, indent=1))
+            shown, shown_names = (parents(run, names) if config.object_level_task
+                                  else (run, names))  # crops: their images, picked boxes only
             if "coco" in exports and images is not None:
-                export_coco(run, images, names, out / "coco.json")
+                export_coco(shown, images, shown_names, out / "coco.json")
             if "lightly" in exports and images is not None:
-                export_lightly(run, images, names, out / "lightly")
+                export_lightly(shown, images, shown_names, out / "lightly")
             if images is not None:
-                _handoff(run_dir, run, images, names, out, exports, url_prefix)
+                _handoff(run_dir, shown, images, shown_names, out, exports, url_prefix)
             if crops and images is not None:
                 count = write_crops(run, images, names, config.padding, out / "crops")
                 log.info("wrote %d crops to %s", count, base / "selection" / "crops")

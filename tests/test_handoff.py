@@ -33,7 +33,7 @@ def picked(tmp_path_factory: pytest.TempPathFactory, coco128: Path, yolox_model:
         target.symlink_to(path)
     run = root / "run"
     assert main(["run", str(folder), "--output-dir", str(run), "--model", str(yolox_model),
-                 "--score-threshold", "0.3", "--quiet"]) == 0
+                 "--score-threshold", "0.3", "--embeddings", "all", "--quiet"]) == 0
     config = root / "diverse.json"
     config.write_text(json.dumps(DIVERSE))
     assert main(["select", str(run), "--config", str(config), "--images", str(folder),
@@ -126,3 +126,42 @@ def test_label_studio_tasks_convert_to_coco_with_its_own_converter(
         name = next(n for n in names if image["file_name"].endswith(Path(n).name))
         _same(sorted(by_image.get(image["id"], []), key=_key), _pixel_boxes(run, folder, name))
     assert len(coco["images"]) == len(names)
+
+
+def test_object_level_picks_export_as_their_images_with_the_picked_boxes_only(
+        picked: tuple[Path, Path, list[str]], tmp_path: Path):
+    import datumaro as dm
+
+    from pretag.selection.export import crop_source
+
+    run, folder, _ = picked
+    config = tmp_path / "objects.json"
+    config.write_text(json.dumps({
+        "worker_config": {"object_level": {"task_name": "lightly_pretagging"}},
+        "selection_config": {"n_samples": 6, "strategies": [
+            {"input": {"type": "EMBEDDINGS"}, "strategy": {"type": "DIVERSITY"}}]}}))
+    out = tmp_path / "out"
+    assert main(["select", str(run), "--config", str(config), "--output-dir", str(out),
+                 "--images", str(folder), "--export", "coco", "--export", "cvat",
+                 "--export", "yolo", "--export", "label-studio"]) == 0
+    crops = (out / "selection" / "selected.txt").read_text().split()
+    want: dict[str, list[tuple[str, np.ndarray]]] = {}
+    for crop in crops:
+        name, index = crop_source(crop)
+        boxes = dict(enumerate(_pixel_boxes_unsorted(run, folder, name)))
+        want.setdefault(name, []).append(boxes[index])
+    coco = json.loads((out / "selection" / "coco.json").read_text())
+    assert sorted(i["file_name"] for i in coco["images"]) == sorted(want)
+    assert len(coco["annotations"]) == len(set(crops))
+    dataset = dm.Dataset.import_from(str(out / "selection" / "cvat"), "cvat")
+    labels = [c.name for c in dataset.categories()[dm.AnnotationType.label]]
+    for item in dataset:
+        _same(_datumaro_boxes(item, labels), sorted(want[item.id + ".jpg"], key=_key))
+
+
+def _pixel_boxes_unsorted(run: Path, folder: Path, name: str) -> list[tuple[str, np.ndarray]]:
+    entry = json.loads(prediction_path(run, name).read_text())[0]
+    height, width = cv2.imread(str(folder / name)).shape[:2]
+    scale = np.array([width, height, width, height])
+    return [(label, np.array(box) * scale)
+            for box, label in zip(entry["boxes"], entry["labels"], strict=True)]
