@@ -38,7 +38,7 @@ from typing import Any
 from upath import UPath
 
 from pretag.job.storage import AnyPath, put
-from pretag.job.stream import RunError
+from pretag.job.stream import RunError, StoreOutage
 
 log = logging.getLogger(__name__)
 
@@ -154,10 +154,19 @@ def _hold_remote(output_dir: UPath, what: str) -> Iterator[None]:
     beat.start()
     try:
         yield
-    finally:
+    except StoreOutage:  # the store does not answer: the lease cannot be removed now
+        stop.set()  # (a heartbeat stuck on it is a daemon thread, not waited for)
+        log.warning("%s stays until a later run takes it over (this host's) or it goes "
+                    "stale (%d s): the store does not answer", path, STALE_S)
+        raise
+    except BaseException:
         stop.set()
         beat.join()
         _release(path, holder)
+        raise
+    stop.set()
+    beat.join()
+    _release(path, holder)
 
 
 def _gone(holder: dict[str, Any]) -> bool:

@@ -51,7 +51,15 @@ from pretag.job.storage import (
     remove_tree,
     storage_outage,
 )
-from pretag.job.stream import Ask, Job, JobState, RunError, StreamSettings, Target
+from pretag.job.stream import (
+    Ask,
+    Job,
+    JobState,
+    RunError,
+    StoreOutage,
+    StreamSettings,
+    Target,
+)
 from pretag.job.vectors import VectorStore, embeddings_dir
 from pretag.job.video import FrameSettings, VideoError, expand, read_frame
 from pretag.model import ModelDescription
@@ -302,11 +310,17 @@ def execute(plan: Plan, executor: Executor,
     with tqdm(total=plan.total, initial=plan.total - len(plan.todo), unit="img",
               desc="pretag", disable=config.quiet, smoothing=0.1,
               postfix={"failed": len(plan.state.errors)}) as progress:
+        down = False
         try:
             executor(plan, progress, on_result)
+        except StoreOutage:
+            down = True  # errors.jsonl cannot reach the store; the re-run lists them again
+            raise
         finally:
             try:
-                write_errors(config.output_dir / "report" / "errors.jsonl", plan.state.errors)
+                if not down:
+                    write_errors(config.output_dir / "report" / "errors.jsonl",
+                                 plan.state.errors)
             except Exception as exc:
                 if storage_outage(exc) is None and not isinstance(exc, OSError):
                     raise

@@ -17,15 +17,12 @@ import posixpath
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import Any, Protocol
 
 from upath import UPath
 
 from pretag.job.errors import Code, record
 from pretag.job.storage import AnyPath, StorageError, find_sized
-
-if TYPE_CHECKING:
-    from pretag.job.video import Video
 
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"})
 # the Lightly Worker's (any case); job/video.py turns each into its frames
@@ -44,7 +41,7 @@ class ImageItem:
     path: AnyPath  # where to read it
     name: str  # relative POSIX path: the "filename" written in its prediction
     size: int | None = None  # bytes, when the listing gave it (object storage)
-    video: Video | None = None  # the video it is a frame of
+    video: Any = None  # the pretag.job.video.Video it is a frame of (None: an image file)
     frame: int = -1  # its frame number in the video
 
 

@@ -18,6 +18,7 @@ an image or a detector.
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 from pathlib import Path
@@ -25,6 +26,8 @@ from typing import Any, TypeAlias
 from urllib.parse import urlsplit
 
 from upath import UPath
+
+log = logging.getLogger(__name__)
 
 AnyPath: TypeAlias = Path | UPath
 
@@ -64,6 +67,7 @@ def location(text: str | os.PathLike[str], timeout_s: float = DEFAULT_TIMEOUT_S)
     if "://" in value:
         protocol = value.split("://", 1)[0]
         path = UPath(value, **storage_options(protocol, timeout_s))
+        _quiet_stray_failures()
         if protocol in ("s3", "s3a"):
             # s3fs's own retry loop (a class attribute, not an option) around botocore's:
             # one try, so that botocore's attempts are the bound (fsspec caches this
@@ -71,6 +75,32 @@ def location(text: str | os.PathLike[str], timeout_s: float = DEFAULT_TIMEOUT_S)
             path.fs.retries = 1
         return path
     return Path(value)
+
+
+_QUIET_LOOPS: set[int] = set()
+
+
+def _quiet_stray_failures() -> None:
+    """fsspec's I/O loop: a request task whose connection dies with the store (and that no
+    caller waits for any more) is logged at debug level instead of asyncio's default, a
+    traceback on stderr; the call that waited for it reports the outage itself."""
+    try:
+        from fsspec.asyn import get_loop
+    except ImportError:
+        return
+    loop = get_loop()
+    if id(loop) in _QUIET_LOOPS:
+        return
+
+    def handler(loop: Any, context: dict[str, Any]) -> None:
+        exc = context.get("exception")
+        if exc is not None and isinstance(exc, _network_errors()):
+            log.debug("a request to the store failed with nobody waiting for it: %r", exc)
+            return
+        loop.default_exception_handler(context)
+
+    loop.set_exception_handler(handler)
+    _QUIET_LOOPS.add(id(loop))
 
 
 def _network_errors() -> tuple[type[BaseException], ...]:

@@ -40,6 +40,7 @@ from pretag.job.work import (  # re-exported: the job's callers import them from
     JobState,
     NotAFile,
     RunError,
+    StoreOutage,
     StreamClient,
     StreamSettings,
     Target,
@@ -99,7 +100,8 @@ class Job:
             for task in [*tasks, *workers, done_wait, all_workers]:
                 task.cancel()
             await asyncio.gather(*tasks, *workers, return_exceptions=True)
-            await self._flush_vectors()
+            if not isinstance(self.fatal, StoreOutage):  # a dead store: nothing more to it
+                await self._flush_vectors()
             self.pool.shutdown(wait=True)
         if self.fatal is not None:
             raise self.fatal
@@ -175,9 +177,9 @@ class Job:
         read (its error, and go on)."""
         problem = storage_outage(exc)
         if problem is not None:  # the store, not this image: every read would fail
-            self._stop(RunError(f"cannot read {item.path}: {problem}. Stopped with "
-                                f"{self.state.written} of {len(self.todo)} images "
-                                f"written; {_RESUME}"))
+            self._stop(StoreOutage(f"cannot read {item.path}: {problem}. Stopped with "
+                                   f"{self.state.written} of {len(self.todo)} images "
+                                   f"written; {_RESUME}"))
             return False
         if not isinstance(exc, OSError):
             raise exc
@@ -338,10 +340,11 @@ class Job:
             if not fatal:
                 self._finish(item, None, reason, Code.WRITE)
                 return
-            hint = (_RESUME if storage_outage(exc) else
-                    "free space and run the same command again to resume")
-            self._stop(RunError(f"{reason}. Stopped with {self.state.written} of "
-                                f"{len(self.todo)} images written; {hint}"))
+            down = storage_outage(exc) is not None
+            hint = _RESUME if down else "free space and run the same command again to resume"
+            self._stop((StoreOutage if down else RunError)(
+                f"{reason}. Stopped with {self.state.written} of {len(self.todo)} images "
+                f"written; {hint}"))
             return
         shard = None if self.vectors is None else self.vectors.add(item.name, pred)
         if shard is not None:  # before _finish: the last image's ends the job, and a
@@ -357,8 +360,8 @@ class Job:
             problem = storage_outage(exc)
             if problem is None and not isinstance(exc, (OSError, ValueError)):
                 raise
-            self._stop(RunError(f"cannot write vectors to {self.vectors.root}: "
-                                f"{problem or exc}; {_RESUME}"))
+            self._stop((StoreOutage if problem else RunError)(
+                f"cannot write vectors to {self.vectors.root}: {problem or exc}; {_RESUME}"))
 
 
 @dataclass

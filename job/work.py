@@ -26,6 +26,12 @@ class RunError(RuntimeError):
     """The run cannot start or cannot go on (exit code 2); the message says what to do."""
 
 
+class StoreOutage(RunError):
+    """The run stopped because the object store does not answer: what is left to write on
+    the way out (vectors, errors.jsonl, the lease) is not tried against it; a re-run redoes
+    the images whose vectors were not stored and takes over the lease."""
+
+
 # Out of room or read-only: every later write would fail too, so the job stops.
 _DISK_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS})
 
