@@ -19,6 +19,7 @@ import posixpath
 import re
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from fractions import Fraction
 from pathlib import Path
@@ -29,7 +30,7 @@ import numpy as np
 from pretag.contract import ResizeSpec
 from pretag.job.errors import Code, record
 from pretag.job.sources import VIDEO_SUFFIXES, ImageItem, Listing
-from pretag.job.storage import AnyPath
+from pretag.job.storage import AnyPath, storage_outage
 from pretag.preprocess import decode_bgr, image_size, resize_image
 
 log = logging.getLogger(__name__)
@@ -94,12 +95,25 @@ def is_video(name: str) -> bool:
     return posixpath.splitext(name)[1].lower() in VIDEO_SUFFIXES
 
 
-def _open(path: AnyPath) -> Any:
+@contextmanager
+def _open(path: AnyPath) -> Iterator[Any]:
+    """The container; on object storage over an fsspec file, closed with it."""
     import av
 
     if isinstance(path, Path):
-        return av.open(str(path))
-    return av.open(path.open("rb"))
+        with av.open(str(path)) as container:
+            yield container
+        return
+    with path.open("rb") as file, av.open(file) as container:
+        yield container
+
+
+def _unreadable(exc: OSError, frames_read: int = 0) -> VideoError:
+    """This file cannot be read; a store that does not answer is raised as it is (the job
+    stops for it, as for an image)."""
+    if storage_outage(exc) is not None:
+        raise exc
+    return VideoError(f"cannot read file: {exc.strerror or exc}", frames_read)
 
 
 def probe(path: AnyPath, name: str, max_pixels: int) -> Video:
@@ -123,7 +137,7 @@ def probe(path: AnyPath, name: str, max_pixels: int) -> Video:
     except av.FFmpegError as exc:
         raise VideoError(f"not a readable video ({exc})") from None
     except OSError as exc:
-        raise VideoError(f"cannot read file: {exc.strerror or exc}") from None
+        raise _unreadable(exc) from None
     if not pts:
         raise VideoError("the video holds no frames" + (f" that can be read ({cut})"
                                                         if cut else ""))
@@ -260,7 +274,7 @@ class FrameReader:
         except av.FFmpegError as exc:
             raise VideoError(f"decoding stopped: {exc}", self.read) from None
         except OSError as exc:
-            raise VideoError(f"cannot read file: {exc.strerror or exc}", self.read) from None
+            raise _unreadable(exc, self.read) from None
         if todo:
             raise VideoError(f"the video ended before frame {min(todo)}", self.read)
 

@@ -126,6 +126,12 @@ def read_video(batch: Batch, resize: ResizeSpec, frames_per_batch: int,
             for k, frame in enumerate(sorted(names)):
                 out.append((index_of[frame], names[frame], _EMPTY, (0, 0),
                             Code.VIDEO if k == 0 else SKIP, line if k == 0 else ""))
+        except Exception as exc:  # the store, not this video: the driver stops the job
+            problem = storage_outage(exc)
+            if problem is None:
+                raise
+            out += [(index_of[frame], names[frame], _EMPTY, (0, 0), STOP,
+                     f"cannot read {video.path}: {problem}") for frame in sorted(names)]
         if out:
             yield _frame_rows(out, video)
 
