@@ -1,4 +1,4 @@
-"""``pretag bench {model,server,job,ray,select}``: thin flags over the benchmark functions.
+"""``pretag bench {model,server,job,ray,select,read}``: thin flags over the benchmark functions.
 
 Every command writes its figures as JSON (``--output``) and a markdown table
 (``--markdown``), with the machine, the model and the commit they were taken on.
@@ -71,9 +71,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     sel.add_argument("--spread", action="store_true",
                      help="vectors spread evenly over the sphere (the worst case) instead of "
                           "the structured synthetic set")
+    rd = sub.add_parser("read", parents=[out], help="the read path alone: read, decode, "
+                                                    "resize (reduced JPEG decode vs plain)")
+    rd.add_argument("--images", type=Path, required=True, help="folder of images")
+    rd.add_argument("--input-size", type=int, default=640,
+                    help="letterbox canvas side, as YOLOX's (default 640)")
+    rd.add_argument("--model", type=Path, help="take the canvas from this contract model "
+                                               "instead of --input-size")
+    rd.add_argument("--threads", type=int, default=1, help="reading threads (default 1)")
+    rd.add_argument("--rounds", type=int, default=5, help="alternated rounds (median)")
     j = sub.add_parser("job", parents=[common], help="pretag run vs in-process ONNX Runtime")
     j.add_argument("--batch-size", type=int, default=BatchingConfig.max_batch_size)
     j.add_argument("--repeats", type=int, default=2)
+    j.add_argument("--layouts", nargs="+", default=["auto"],
+                   help="embedded server session layouts, alternated: auto or SESSIONSxTHREADS "
+                        "(e.g. --layouts 1x2 auto)")
     r = sub.add_parser("ray", parents=[common], help="pretag run --ray vs the embedded gRPC "
                                                     "path, alternated")
     r.add_argument("--copies", type=int, default=8,
@@ -145,9 +157,16 @@ def _server(args: argparse.Namespace) -> tuple[dict[str, Any], str]:
 def _job(args: argparse.Namespace) -> tuple[dict[str, Any], str]:
     from pretag.bench.job import JobBench, bench_job
 
-    r = bench_job(JobBench(args.model, args.images, args.batch_size, args.repeats))
-    table = markdown_table([r], ["images", "inprocess_images_per_s", "run_images_per_s",
-                                 "run_over_inprocess", "run_wall_s_with_startup"])
+    r = bench_job(JobBench(args.model, args.images, args.batch_size, args.repeats,
+                           layouts=tuple(args.layouts)))
+    table = markdown_table(r["rows"], ["layout", "images", "run_images_per_s",
+                                       "run_over_inprocess", "run_over_model_only",
+                                       "run_wall_s_with_startup"])
+    table += (f"\nIn-process loop (read, decode, resize, run; one session on every core): "
+              f"{r['inprocess_images_per_s']:.1f} images/s; model only (batches prepared "
+              f"beforehand): {r['model_only_images_per_s']:.1f} images/s\n")
+    for layout, ratio in r.get("over_first_layout", {}).items():
+        table += f"{layout} / {args.layouts[0]}: {ratio:.2f}x\n"
     return r, table
 
 
@@ -175,13 +194,42 @@ def _select(args: argparse.Namespace) -> tuple[dict[str, Any], str]:
     return r, markdown_table(r["rows"], columns)
 
 
+def _read(args: argparse.Namespace) -> tuple[dict[str, Any], str]:
+    from pretag.bench.read import ReadBench, bench_read
+
+    r = bench_read(ReadBench(args.images, args.input_size, args.threads, args.rounds,
+                             model=args.model))
+    table = markdown_table(r["rows"], ["images", "files", "threads", "images_per_s",
+                                       "images_per_s_per_thread", "plain_images_per_s",
+                                       "over_plain"])
+    scales = ", ".join(f"{k}: {v}" for k, v in r["decode_scales"].items())
+    return r, table + f"\nDecode scales used ({r['resize']} {r['max_size']}): {scales}\n"
+
+
+def _problem(args: argparse.Namespace) -> str | None:
+    if args.bench == "select":
+        return None
+    if args.bench == "read":
+        if not args.images.is_dir():
+            return f"--images {args.images}: not a folder"
+        if args.model is not None and not args.model.is_file():
+            return f"--model {args.model}: not a file"
+        if args.threads < 1 or args.rounds < 1 or args.input_size < 1:
+            return "--threads, --rounds and --input-size must be at least 1"
+        return None
+    if not args.model.is_file() or not args.images.is_dir():
+        return "--model must be a file and --images a folder"
+    return None
+
+
 def run(args: argparse.Namespace) -> int:
-    if args.bench != "select" and (not args.model.is_file() or not args.images.is_dir()):
-        log.error("--model must be a file and --images a folder")
+    problem = _problem(args)
+    if problem:
+        log.error("%s", problem)
         return 2
     start = time.time()
     result, table = {"model": _model, "server": _server, "job": _job, "ray": _ray,
-                     "select": _select}[args.bench](args)
+                     "select": _select, "read": _read}[args.bench](args)
     meta = {"benchmark": args.bench, "model_file": str(getattr(args, "model", "")),
             "images": str(getattr(args, "images", "")),
             "commit": git_commit(), "machine": machine(),

@@ -33,6 +33,30 @@ class JobBench:
     batch_size: int = BatchingConfig.max_batch_size
     repeats: int = 2
     window: int = 32
+    #: server session layouts to run, alternated: "auto" or "IxT" (sessions x threads)
+    layouts: tuple[str, ...] = ("auto",)
+
+
+def layout_settings(layout: str) -> dict[str, Any]:
+    """``auto`` or ``IxT`` (e.g. ``1x2``: one session of two threads) as server settings."""
+    if layout == "auto":
+        return {"instances": "auto"}
+    instances, x, threads = layout.partition("x")
+    if not (x and instances.isdigit() and threads.isdigit()) or \
+            int(instances) < 1 or int(threads) < 1:
+        raise ValueError(f"layout {layout!r}: expected auto or SESSIONSxTHREADS, e.g. 2x1")
+    return {"instances": int(instances), "threads": int(threads)}
+
+
+def model_only(backend: OrtBackend, data: Sequence[bytes], batch_size: int) -> float:
+    """Images/s of the model alone: the same batches decoded and resized beforehand."""
+    batches = [preprocess(list(data[i:i + batch_size]), backend.spec.resize)[0]
+               for i in range(0, len(data), batch_size)]
+    backend.run(batches[0])
+    start = time.perf_counter()
+    for batch in batches:
+        backend.run(batch)
+    return len(data) / (time.perf_counter() - start)
 
 
 def inprocess_ort(backend: OrtBackend, images: Sequence[AnyPath | bytes], batch_size: int
@@ -51,28 +75,57 @@ def inprocess_ort(backend: OrtBackend, images: Sequence[AnyPath | bytes], batch_
     return {"images": len(images), "seconds": seconds, "images_per_s": len(images) / seconds}
 
 
+def _run(cfg: JobBench, layout: str) -> tuple[float, float]:
+    """One ``pretag run`` with the embedded server in ``layout``: (images/s, wall s)."""
+    out = Path(tempfile.mkdtemp(prefix="pretag-bench-"))
+    try:
+        start = time.perf_counter()
+        summary = run_locally(RunConfig(cfg.images, out, quiet=True,
+                                        stream=StreamSettings(window=cfg.window)),
+                              cfg.model, max_batch_size=cfg.batch_size,
+                              server_settings=layout_settings(layout))
+        wall = time.perf_counter() - start
+    finally:
+        shutil.rmtree(out, ignore_errors=True)
+    if summary.failed:
+        raise RuntimeError(f"{summary.failed} images failed during the benchmark")
+    return summary.images_per_second, wall
+
+
 def bench_job(cfg: JobBench) -> dict[str, Any]:
+    """Each repeat runs the in-process loop, then every layout, in that order."""
+    for layout in cfg.layouts:
+        layout_settings(layout)  # refuse a bad one before any work
     paths = [i.path for i in list_images(cfg.images).items]
-    backend = OrtBackend(cfg.model)  # the same default providers as pretag run
+    backend = OrtBackend(cfg.model)  # one session on every core, as a user's own loop
     inprocess_ort(backend, paths[:cfg.batch_size], cfg.batch_size)  # warm-up
-    ort_rates, run_rates, run_walls = [], [], []
+    data = [p.read_bytes() for p in paths]
+    ort_rates, model_rates = [], []
+    rates: dict[str, list[float]] = {layout: [] for layout in cfg.layouts}
+    walls: dict[str, list[float]] = {layout: [] for layout in cfg.layouts}
     for _ in range(cfg.repeats):
         ort_rates.append(inprocess_ort(backend, paths, cfg.batch_size)["images_per_s"])
-        out = Path(tempfile.mkdtemp(prefix="pretag-bench-"))
-        try:
-            start = time.perf_counter()
-            summary = run_locally(RunConfig(cfg.images, out, quiet=True,
-                                            stream=StreamSettings(window=cfg.window)),
-                                  cfg.model, max_batch_size=cfg.batch_size)
-            run_walls.append(time.perf_counter() - start)
-        finally:
-            shutil.rmtree(out, ignore_errors=True)
-        if summary.failed:
-            raise RuntimeError(f"{summary.failed} images failed during the benchmark")
-        run_rates.append(summary.images_per_second)
-        log.info("in-process %.1f images/s, pretag run %.1f images/s", ort_rates[-1],
-                 run_rates[-1])
-    ort, run = statistics.median(ort_rates), statistics.median(run_rates)
-    return {"images": len(paths), "inprocess_images_per_s": ort, "run_images_per_s": run,
-            "run_over_inprocess": run / ort, "run_wall_s_with_startup": min(run_walls),
-            "inprocess_rates": ort_rates, "run_rates": run_rates}
+        model_rates.append(model_only(backend, data, cfg.batch_size))
+        for layout in cfg.layouts:
+            rate, wall = _run(cfg, layout)
+            rates[layout].append(rate)
+            walls[layout].append(wall)
+            log.info("in-process %.1f images/s, model only %.1f, pretag run (%s) %.1f",
+                     ort_rates[-1], model_rates[-1], layout, rate)
+    ort, model = statistics.median(ort_rates), statistics.median(model_rates)
+    rows: list[dict[str, Any]] = [{"layout": layout, "images": len(paths),
+             "run_images_per_s": statistics.median(rates[layout]),
+             "run_over_inprocess": statistics.median(rates[layout]) / ort,
+             "run_over_model_only": statistics.median(rates[layout]) / model,
+             "run_wall_s_with_startup": min(walls[layout]), "run_rates": rates[layout]}
+            for layout in cfg.layouts]
+    first = rows[0]
+    result = {"images": len(paths), "inprocess_images_per_s": ort,
+              "model_only_images_per_s": model, "inprocess_rates": ort_rates,
+              "model_only_rates": model_rates, "rows": rows,
+              **{k: first[k] for k in ("run_images_per_s", "run_over_inprocess",
+                                       "run_wall_s_with_startup", "run_rates")}}
+    if len(rows) > 1:
+        result["over_first_layout"] = {row["layout"]: row["run_images_per_s"]
+                                       / first["run_images_per_s"] for row in rows}
+    return result

@@ -40,6 +40,7 @@ class ImageHeader:
     width: int
     height: int
     bytes_per_sample: int  # 1 for 8-bit images, 2 for 16-bit, 4 for 32-bit
+    format: str = ""  # Pillow's name for the format: "JPEG", "PNG", ...
 
     @property
     def decode_bytes(self) -> int:
@@ -65,7 +66,8 @@ def read_header(data: bytes) -> ImageHeader:
     """Size and sample depth from the file header alone."""
     try:
         with Image.open(io.BytesIO(data)) as img:
-            return ImageHeader(img.size[0], img.size[1], _bytes_per_sample(img))
+            return ImageHeader(img.size[0], img.size[1], _bytes_per_sample(img),
+                               img.format or "")
     except UnidentifiedImageError:
         raise ImageError("not a recognised image format") from None
     except (OSError, ValueError, SyntaxError) as exc:
@@ -90,8 +92,27 @@ def check_header(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> ImageHead
     return header
 
 
+#: libjpeg-turbo's DCT scaling as OpenCV exposes it: decode at 1/factor of the size.
+_REDUCED = {1: cv2.IMREAD_COLOR | cv2.IMREAD_ANYDEPTH, 2: cv2.IMREAD_REDUCED_COLOR_2,
+            4: cv2.IMREAD_REDUCED_COLOR_4, 8: cv2.IMREAD_REDUCED_COLOR_8}
+
+
+def reduction(header: ImageHeader, spec: ResizeSpec) -> int:
+    """The largest JPEG decode scale 1/8, 1/4 or 1/2 whose result is still at least the
+    model's input size on both sides (so only a downscale follows); 1 where none is, and
+    for every other format (their decoders have no reduced mode; OpenCV's flag would
+    decode in full and resize)."""
+    if header.format != "JPEG" or header.bytes_per_sample != 1:
+        return 1
+    height, width = target_size(header.height, header.width, spec)
+    for factor in (8, 4, 2):  # libjpeg rounds up; floor keeps the check safe
+        if header.height // factor >= height and header.width // factor >= width:
+            return factor
+    return 1
+
+
 def decode_bgr(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS,
-               header: ImageHeader | None = None) -> np.ndarray:
+               header: ImageHeader | None = None, factor: int = 1) -> np.ndarray:
     """Decode an encoded image into a BGR uint8 array [H, W, 3] (OpenCV's order).
 
     Raises :class:`ImageError` for empty, unrecognised, truncated or oversized
@@ -100,13 +121,14 @@ def decode_bgr(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS,
     8 bits in one pass, with no wider copies. The server keeps BGR until
     :func:`pad_batch` (``bgr=True``) flips channels in the copy it makes anyway.
     ``header``: what :func:`check_header` already returned for ``data`` (not read again).
+    ``factor``: decode a JPEG at 1/2, 1/4 or 1/8 of its size (:func:`reduction`).
     """
     if header is None:
         check_header(data, max_pixels)
     buf = np.frombuffer(data, dtype=np.uint8)
     # IMREAD_COLOR applies EXIF orientation and converts gray/RGBA/CMYK to 3 channels;
     # ANYDEPTH keeps 16-bit samples so they can be scaled rather than truncated.
-    img = cv2.imdecode(buf, cv2.IMREAD_COLOR | cv2.IMREAD_ANYDEPTH)
+    img = cv2.imdecode(buf, _REDUCED[factor])
     if img is None:
         raise ImageError("image data is corrupt or truncated")
     if img.dtype == np.uint16:
@@ -166,17 +188,35 @@ class DecodeBudget:
 
 
 def prepare(data: bytes, resize: ResizeSpec, max_pixels: int = DEFAULT_MAX_PIXELS,
-            budget: DecodeBudget | None = None) -> tuple[np.ndarray, tuple[int, int]]:
+            budget: DecodeBudget | None = None, reduced: bool = True
+            ) -> tuple[np.ndarray, tuple[int, int]]:
     """The one image-preparation step of every executor: header check (size limits before
     any pixel is decoded), decode within ``budget``, resize to the model's canvas.
+    ``reduced``: a JPEG larger than the canvas is decoded at 1/2, 1/4 or 1/8 of its size
+    where that still covers the canvas (:func:`reduction`; 2.6x the full decode + resize
+    of a 1600x900 frame for a 640 canvas, benchmarks/RESULTS.md), then resized to exactly
+    the size a full decode would be resized to.
     Returns the resized BGR image and the original (height, width); ImageError."""
     header = check_header(data, max_pixels)
+    factor = reduction(header, resize) if reduced else 1
     if budget is None:
-        image = decode_bgr(data, max_pixels, header)
-        return resize_image(image, resize), (image.shape[0], image.shape[1])
+        return _decode_resize(data, max_pixels, header, factor, resize)
     with budget.reserve(header.decode_bytes):
-        image = decode_bgr(data, max_pixels, header)
+        return _decode_resize(data, max_pixels, header, factor, resize)
+
+
+def _decode_resize(data: bytes, max_pixels: int, header: ImageHeader, factor: int,
+                   resize: ResizeSpec) -> tuple[np.ndarray, tuple[int, int]]:
+    image = decode_bgr(data, max_pixels, header, factor)
+    if factor == 1:
         return resize_image(image, resize), (image.shape[0], image.shape[1])
+    # The decoder applied EXIF orientation: a side-swapping one turns the header's size.
+    height, width = header.height, header.width
+    if abs(image.shape[0] - math.ceil(height / factor)) > 1 or \
+            abs(image.shape[1] - math.ceil(width / factor)) > 1:
+        height, width = width, height
+    new_h, new_w = target_size(height, width, resize)
+    return cv2.resize(image, (new_w, new_h), interpolation=cv2.INTER_LINEAR), (height, width)
 
 
 @dataclass(frozen=True)
@@ -276,9 +316,10 @@ def normalize_boxes(boxes: np.ndarray, valid_size: tuple[int, int]) -> np.ndarra
     return np.clip(np.asarray(boxes, dtype=np.float32).reshape(-1, 4) / scale, 0.0, 1.0)
 
 
-def preprocess(data_list: list[bytes], spec: ResizeSpec,
-               max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[Batch, list[tuple[int, int]]]:
-    """Decode, resize and pad encoded images; also returns the original (h, w) of each."""
-    decoded = [decode_bgr(d, max_pixels) for d in data_list]
-    originals = [(img.shape[0], img.shape[1]) for img in decoded]
-    return pad_batch([resize_image(img, spec) for img in decoded], spec, bgr=True), originals
+def preprocess(data_list: list[bytes], spec: ResizeSpec, max_pixels: int = DEFAULT_MAX_PIXELS,
+               reduced: bool = True) -> tuple[Batch, list[tuple[int, int]]]:
+    """Decode, resize and pad encoded images as the server does (:func:`prepare`); also
+    returns the original (h, w) of each. ``reduced=False``: every image decoded in full."""
+    prepared = [prepare(d, spec, max_pixels, reduced=reduced) for d in data_list]
+    return pad_batch([image for image, _ in prepared], spec, bgr=True), \
+        [original for _, original in prepared]

@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 from pretag.job.run import RunConfig, RunSummary, run_job
 from pretag.job.stream import RunError
@@ -51,12 +52,13 @@ def default_model() -> Path:
 
 
 @contextmanager
-def local_server(model: Path | None, *, window: int, max_batch_size: int | None = None
-                 ) -> Iterator[str]:
+def local_server(model: Path | None, *, window: int, max_batch_size: int | None = None,
+                 settings: Mapping[str, Any] | None = None) -> Iterator[str]:
     """A server for ``model`` (None: the default model) on a free local port; its address.
 
     Its queue holds four windows (at least the server default), so one client's window
-    is never refused; ``max_batch_size`` None keeps the server default.
+    is never refused; ``max_batch_size`` None keeps the server default. ``settings``:
+    more server settings named as the flags (e.g. ``instances``, ``threads``).
     """
     from pretag.server.app import BackgroundServer
     from pretag.server.config import BatchingConfig, server_config
@@ -67,7 +69,8 @@ def local_server(model: Path | None, *, window: int, max_batch_size: int | None 
     batching = {} if max_batch_size is None else {"max_batch_size": max_batch_size}
     server = BackgroundServer(server_config(
         model=path, host="127.0.0.1", port=0, metrics_port=None,
-        max_queue=max(BatchingConfig().max_queue, 4 * window), **batching))
+        max_queue=max(BatchingConfig().max_queue, 4 * window), **batching,
+        **(settings or {})))
     address = f"127.0.0.1:{server.start()}"
     try:
         yield address
@@ -76,7 +79,9 @@ def local_server(model: Path | None, *, window: int, max_batch_size: int | None 
 
 
 def run_locally(config: RunConfig, model: Path | None, *, max_batch_size: int | None = None,
-                on_result: Callable[[str, bool], None] | None = None) -> RunSummary:
+                on_result: Callable[[str, bool], None] | None = None,
+                server_settings: Mapping[str, Any] | None = None) -> RunSummary:
     """:func:`run_job` against a local server for ``model``."""
-    with local_server(model, window=config.stream.window, max_batch_size=max_batch_size) as address:
+    with local_server(model, window=config.stream.window, max_batch_size=max_batch_size,
+                      settings=server_settings) as address:
         return run_job(config.with_servers((address,)), on_result=on_result)

@@ -101,6 +101,35 @@ def parse_provider_options(texts: Iterable[str]) -> dict[str, dict[str, str]]:
     return out
 
 
+#: ``--instances auto``: a model file up to this size counts as small (YOLOX-Nano is 3.7 MB,
+#: Faster R-CNN R50-FPN 167 MB).
+SMALL_MODEL_BYTES = 64 * 2**20
+#: ``--instances auto`` runs at most this many sessions: each needs a batch of its own
+#: queued to be busy, and each holds its own weights and activation arena.
+MAX_AUTO_INSTANCES = 8
+
+
+def session_layout(model: Path, providers: Sequence[str], cores: int,
+                   threads: int | None = None) -> tuple[int, int]:
+    """(sessions, intra-op threads per session) for ``--instances auto``.
+
+    Measured with ``pretag bench server`` and ``pretag run`` (benchmarks/RESULTS.md): a
+    small model's convolutions are too small to split well over threads, so on the CPU
+    single-thread sessions side by side beat one session on every core (YOLOX-Nano 416 on
+    2 cores: 2 x 1 against 1 x 2, 1.2x); a large model's kernels split well, so it gets
+    sessions of up to 4 threads. An accelerator gets one session: the batcher keeps it
+    fed. ``threads`` given: as many sessions of that many threads as the cores hold.
+    """
+    cores = max(1, cores)
+    if any(p != "CPUExecutionProvider" for p in providers):
+        return 1, threads or cores
+    if threads is None:
+        threads = 1 if model.stat().st_size <= SMALL_MODEL_BYTES else min(cores, 4)
+        instances = min(MAX_AUTO_INSTANCES, max(1, cores // threads))
+        return instances, max(1, cores // instances)
+    return min(MAX_AUTO_INSTANCES, max(1, cores // threads)), threads
+
+
 def resolve_providers(requested: Sequence[str] | None, available: Sequence[str]) -> list[str]:
     """Providers to ask ONNX Runtime for, in order.
 

@@ -28,6 +28,15 @@ _B, _E = BatchingConfig(), EngineConfig()
 _S = ServerConfig.__dataclass_fields__
 
 
+def _instances(text: str) -> int | str:
+    if text == "auto":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: a whole number or auto") from None
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Flags default to None so that only those given override the config file."""
     add = parser.add_argument
@@ -38,8 +47,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add("--providers", nargs="+", metavar="NAME",
         help="ONNX Runtime providers in order: tensorrt, cuda, cpu or full names "
              "(default: TensorRT, CUDA, CPU, whichever are installed)")
-    add("--instances", type=int,
-        help=f"model sessions running batches at once (default {_B.instances})")
+    add("--instances", type=_instances,
+        help="model sessions running batches at once, or auto (the default): from the "
+             "cores and the model, e.g. one single-thread session per core for a small "
+             "CPU model (README)")
     add("--threads", type=int, help="ONNX Runtime threads per instance (default cores/instances)")
     add("--provider-option", dest="provider_options", action="append", metavar="P:KEY=VALUE",
         help="an ONNX Runtime provider option, e.g. tensorrt:trt_engine_cache_enable=True "

@@ -11,6 +11,8 @@ Settings arrive flat, named as the flags (``max_batch_size``): defaults < a TOML
 
 from __future__ import annotations
 
+import logging
+import os
 import tomllib
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -23,7 +25,14 @@ from pretag.runtime.backend import (
     BackendConfig,
     BackendError,
     parse_provider_options,
+    resolve_providers,
+    session_layout,
 )
+
+log = logging.getLogger(__name__)
+
+#: ``--instances auto``: sessions and threads chosen from the cores and the model.
+AUTO = "auto"
 
 
 class ConfigError(ValueError):
@@ -128,10 +137,17 @@ KNOWN = _BATCHING | _ENGINE | _BACKEND | _SERVER  # the flat names: flags and co
 
 
 def server_config(**values: Any) -> ServerConfig:
-    """A :class:`ServerConfig` from flat settings named as the flags."""
+    """A :class:`ServerConfig` from flat settings named as the flags. ``instances`` may be
+    ``"auto"`` (the default here, not in :class:`BatchingConfig`): sessions and threads
+    chosen from the cores and the model (:func:`pretag.runtime.backend.session_layout`)."""
     unknown = sorted(values.keys() - KNOWN)
     if unknown:
         raise ConfigError(f"unknown settings: {', '.join(unknown)}")
+    if values.get("instances") in (None, AUTO):
+        values = _auto_layout(values)
+    elif isinstance(values["instances"], bool) or not isinstance(values["instances"], int):
+        raise ConfigError(f"instances must be a whole number or {AUTO!r}, not "
+                          f"{values['instances']!r}")
     for key in set(_PATHS) & values.keys():
         if values[key] is not None:
             values[key] = Path(values[key])
@@ -150,6 +166,26 @@ def server_config(**values: Any) -> ServerConfig:
                             **{k: v for k, v in values.items() if k in _SERVER})
     except (TypeError, BackendError) as exc:
         raise ConfigError(str(exc)) from exc
+
+
+def _auto_layout(values: dict[str, Any]) -> dict[str, Any]:
+    """``instances: auto`` resolved for the model and providers the settings name."""
+    import onnxruntime as ort
+
+    model = Path(values.get("model") or "")
+    if not model.is_file():  # ServerConfig says so
+        return {**values, "instances": BatchingConfig.instances}
+    try:
+        providers = resolve_providers(values.get("providers"), ort.get_available_providers())
+    except BackendError as exc:
+        raise ConfigError(str(exc)) from exc
+    threads = values.get("threads")
+    if threads is not None and (not isinstance(threads, int) or threads < 1):
+        raise ConfigError("threads must be at least 1")
+    instances, threads = session_layout(model, providers, os.cpu_count() or 1, threads)
+    log.info("--instances auto: %d session(s) x %d thread(s) for %s (%.1f MB) on %s",
+             instances, threads, model.name, model.stat().st_size / 2**20, providers[0])
+    return {**values, "instances": instances, "threads": threads}
 
 
 def _metrics_switch(values: dict[str, Any], source: str) -> dict[str, Any]:

@@ -243,7 +243,7 @@ def test_expired_deadline_is_dropped_before_compute(yolox_model: Path, coco128: 
 
     backend = SlowBackend(validate_model(yolox_model), seconds=1.0)
     config = server_config(model=yolox_model, host="127.0.0.1", port=0, metrics_port=None,
-                          warmup=False, max_batch_size=1)
+                          warmup=False, max_batch_size=1, instances=1)
     data = next(coco128.glob("images/**/*.jpg")).read_bytes()
 
     async def scenario(port: int) -> None:
@@ -342,8 +342,8 @@ def test_provider_options_from_flags_and_file_reach_the_sessions(yolox_model, tm
     path.write_text(f'model = "{yolox_model}"\nproviders = ["cpu"]\n'
                     '[provider_options.cpu]\narena_extend_strategy = "kSameAsRequested"\n')
     from_file = build_config(read_config_file(path), {})
-    assert from_file.backend == BackendConfig(
-        providers=("cpu",), provider_options={"cpu": {"arena_extend_strategy": "kSameAsRequested"}})
+    assert (from_file.backend.providers, from_file.backend.provider_options) == (
+        ("cpu",), {"cpu": {"arena_extend_strategy": "kSameAsRequested"}})
     flags = build_config(read_config_file(path), {"provider_options": ["cpu:x=1"], "threads": 2})
     assert flags.backend.provider_options == {"cpu": {"x": "1"}} and flags.backend.threads == 2
     with pytest.raises(ConfigError, match="threads must be at least 1"):
