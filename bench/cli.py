@@ -84,8 +84,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     j.add_argument("--batch-size", type=int, default=BatchingConfig.max_batch_size)
     j.add_argument("--repeats", type=int, default=2)
     j.add_argument("--layouts", nargs="+", default=["auto"],
-                   help="embedded server session layouts, alternated: auto or SESSIONSxTHREADS "
-                        "(e.g. --layouts 1x2 auto)")
+                   help="embedded server session layouts, alternated: auto or SESSIONSxTHREADS, "
+                        "+full for full-size JPEG decoding (e.g. --layouts 1x2+full auto)")
     r = sub.add_parser("ray", parents=[common], help="pretag run --ray vs the embedded gRPC "
                                                     "path, alternated")
     r.add_argument("--copies", type=int, default=8,

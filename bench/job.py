@@ -38,14 +38,20 @@ class JobBench:
 
 
 def layout_settings(layout: str) -> dict[str, Any]:
-    """``auto`` or ``IxT`` (e.g. ``1x2``: one session of two threads) as server settings."""
-    if layout == "auto":
-        return {"instances": "auto"}
-    instances, x, threads = layout.partition("x")
+    """``auto`` or ``IxT`` (e.g. ``1x2``: one session of two threads) as server settings;
+    a ``+full`` suffix (``1x2+full``) decodes JPEGs at full size (the path before issue 26)."""
+    base, plus, suffix = layout.partition("+")
+    if plus and suffix != "full":
+        raise ValueError(f"layout {layout!r}: the only suffix is +full")
+    extra = {"full_decode": True} if plus else {}
+    if base == "auto":
+        return {"instances": "auto", **extra}
+    instances, x, threads = base.partition("x")
     if not (x and instances.isdigit() and threads.isdigit()) or \
             int(instances) < 1 or int(threads) < 1:
-        raise ValueError(f"layout {layout!r}: expected auto or SESSIONSxTHREADS, e.g. 2x1")
-    return {"instances": int(instances), "threads": int(threads)}
+        raise ValueError(f"layout {layout!r}: expected auto or SESSIONSxTHREADS, e.g. 2x1, "
+                         "optionally +full")
+    return {"instances": int(instances), "threads": int(threads), **extra}
 
 
 def model_only(backend: OrtBackend, data: Sequence[bytes], batch_size: int) -> float:

@@ -67,6 +67,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help=f"memory for images being decoded at once; more wait their turn (default "
              f"{_E.decode_memory_mb}; a single larger image is decoded alone)")
     add("--score-threshold", type=float, help="default threshold (default: the model's)")
+    add("--full-decode", dest="full_decode", action="store_const", const=True,
+        help="decode JPEGs at full size before resizing (default: at 1/2, 1/4 or 1/8 where "
+             "the canvas allows; 2-3x faster on large frames, boxes within ~2 px)")
     add("--no-warmup", dest="warmup", action="store_const", const=False,
         help="report SERVING without running every batch size first")
     add("--metrics-port", type=int, help=f"Prometheus /metrics port (default "

@@ -174,7 +174,7 @@ class Engine:
             if isinstance(data, Pixels):  # decoded already: nothing to budget
                 return Prepared(*prepare_pixels(data, self.spec.resize, self.config.max_pixels))
             return Prepared(*prepare(data, self.spec.resize, self.config.max_pixels,
-                                     self.decode_budget))
+                                     self.decode_budget, reduced=not self.config.full_decode))
         except ImageError as exc:
             raise InvalidInput(str(exc)) from None
 

@@ -59,6 +59,9 @@ def test_bench_model_server_and_job_commands(yolox_model: Path, shared: Path, tm
 
     out = tmp_path / "job.json"
     assert main(["bench", "job", "--model", str(yolox_model), "--images", str(images),
-                 "--repeats", "1", "--output", str(out)]) == 0
+                 "--repeats", "1", "--layouts", "1x1+full", "auto", "--output", str(out)]) == 0
     result = json.loads(out.read_text())
     assert result["images"] == 11 and result["run_over_inprocess"] > 0
+    assert [r["layout"] for r in result["rows"]] == ["1x1+full", "auto"]
+    assert result["over_first_layout"]["1x1+full"] == 1
+    assert all(r["run_over_model_only"] > 0 for r in result["rows"])
