@@ -4,15 +4,21 @@ plain full decode + resize, alternated round by round in one process over the sa
 
 ``threads`` workers each take every ``threads``-th image; OpenCV's own thread pool is set
 to one thread for the measurement so that ``threads`` is the number of cores used.
+
+Each row (all files, then each image format) is measured in a fresh process: the full-size
+decode's speed depends on the allocator's state (glibc serves a 4 MB buffer from fresh
+mmap'd pages, each faulted in, until a freed chunk raises its mmap threshold), so a row run
+after another over larger images would find a warmer allocator than a real first pass.
 """
 
 from __future__ import annotations
 
 import logging
+import multiprocessing
 import statistics
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -62,7 +68,9 @@ def _timed_round(paths: list[Path], spec: ResizeSpec, step: Callable[[bytes, Res
 
 
 def _rates(paths: list[Path], cfg: ReadBench, spec: ResizeSpec) -> dict[str, float]:
-    """Median images/s of each path over ``cfg.rounds`` alternated rounds."""
+    """Median images/s of each path over ``cfg.rounds`` alternated rounds (in this process,
+    OpenCV on one thread)."""
+    cv2.setNumThreads(1)
     copies = max(1, -(-cfg.min_images // max(1, len(paths))))
     work = paths * copies
     seconds: dict[str, list[float]] = {name: [] for name in PATHS}
@@ -89,14 +97,9 @@ def bench_read(cfg: ReadBench) -> dict[str, Any]:
         groups.setdefault(header.format or "other", []).append(path)
         factor = reduction(header, spec)
         factors[factor] = factors.get(factor, 0) + 1
-    threads_before = cv2.getNumThreads()
-    cv2.setNumThreads(1)
-    try:
-        rows = [_row("all", paths, cfg, spec)]
-        if len(groups) > 1:
-            rows += [_row(fmt, group, cfg, spec) for fmt, group in sorted(groups.items())]
-    finally:
-        cv2.setNumThreads(threads_before)
+    rows = [_row("all", paths, cfg, spec)]
+    if len(groups) > 1:
+        rows += [_row(fmt, group, cfg, spec) for fmt, group in sorted(groups.items())]
     total = rows[0]
     return {"images_count": len(paths), "canvas": list(spec.canvas or ()),
             "resize": spec.policy, "max_size": spec.max_size, "threads": cfg.threads,
@@ -109,7 +112,8 @@ def bench_read(cfg: ReadBench) -> dict[str, Any]:
 
 
 def _row(name: str, paths: list[Path], cfg: ReadBench, spec: ResizeSpec) -> dict[str, Any]:
-    rates = _rates(paths, cfg, spec)
+    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as child:
+        rates = child.submit(_rates, paths, cfg, spec).result()
     log.info("%s (%d files): pretag %.1f images/s, plain %.1f", name, len(paths),
              rates["pretag"], rates["plain"])
     return {"images": name, "files": len(paths), "threads": cfg.threads,
