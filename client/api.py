@@ -128,6 +128,8 @@ class Prediction:
     error: PretagError | None = None
     embedding: np.ndarray | None = None
     object_embeddings: np.ndarray | None = None
+    #: Lightly's pixel metadata (pretag.health keys but width/height), when asked for
+    metadata: dict[str, float] | None = None
 
     @classmethod
     def from_proto(cls, r: pb.DetectResponse) -> Prediction:
@@ -141,7 +143,16 @@ class Prediction:
                    [d.score for d in dets], r.width, r.height, r.timing.queue_ms,
                    r.timing.compute_ms, r.timing.batch_size,
                    embedding=np.array(r.embedding, dtype=np.float32) if len(r.embedding)
-                   else None, object_embeddings=objects)
+                   else None, object_embeddings=objects,
+                   metadata=_metadata(r) if r.HasField("pixel_metadata") else None)
+
+
+def _metadata(r: pb.DetectResponse) -> dict[str, float]:
+    """A response's pixel metadata under Lightly's names (see :mod:`pretag.health`)."""
+    m = r.pixel_metadata
+    return {"width": float(r.width), "height": float(r.height), "sharpness": m.sharpness,
+            "contrast": m.contrast, "meanRed": m.mean_red, "meanGreen": m.mean_green,
+            "meanBlue": m.mean_blue, "uniformRowRatio": m.uniform_row_ratio}
 
 
 @dataclass(frozen=True)
@@ -187,11 +198,12 @@ def raw_image(pixels: Pixels) -> pb.RawImage:
 
 
 def _request(item_id: str, image: Image, threshold: float | None,
-             embeddings: str = "none") -> pb.DetectRequest:
+             embeddings: str = "none", pixel_metadata: bool = False) -> pb.DetectRequest:
     request = (pb.DetectRequest(id=item_id, raw=raw_image(image),
-                                embeddings=EMBEDDINGS[embeddings])
+                                embeddings=EMBEDDINGS[embeddings], pixel_metadata=pixel_metadata)
                if isinstance(image, Pixels) else
-               pb.DetectRequest(id=item_id, image=image, embeddings=EMBEDDINGS[embeddings]))
+               pb.DetectRequest(id=item_id, image=image, embeddings=EMBEDDINGS[embeddings],
+                                pixel_metadata=pixel_metadata))
     if threshold is not None:
         request.score_threshold = threshold
     return request
@@ -210,10 +222,13 @@ class Client:
         self._stub = pb_grpc.PretaggerStub(self._channel)
 
     def detect(self, image: Image, id: str = "", score_threshold: float | None = None,
-               timeout: float | None = None, embeddings: str = "none") -> Prediction:
-        """``embeddings``: none, image, objects or all (vectors from the same pass)."""
+               timeout: float | None = None, embeddings: str = "none",
+               pixel_metadata: bool = False) -> Prediction:
+        """``embeddings``: none, image, objects or all (vectors from the same pass);
+        ``pixel_metadata``: also the image's pixel metadata (``Prediction.metadata``)."""
         try:
-            response = self._stub.Detect(_request(id, image, score_threshold, embeddings),
+            response = self._stub.Detect(_request(id, image, score_threshold, embeddings,
+                                                  pixel_metadata),
                                          timeout=timeout, metadata=self.connection.metadata())
         except grpc.RpcError as exc:
             raise _from_rpc(exc, self.connection) from None
@@ -221,8 +236,8 @@ class Client:
 
     def detect_stream(self, items: Iterable[tuple[str, Image]],
                       score_threshold: float | None = None, timeout: float | None = None,
-                      window: int | None = None, embeddings: str = "none"
-                      ) -> Iterator[Prediction]:
+                      window: int | None = None, embeddings: str = "none",
+                      pixel_metadata: bool = False) -> Iterator[Prediction]:
         """(id, image) pairs in, predictions out as they finish (any order).
 
         ``window`` bounds the requests in flight; items are read lazily.
@@ -233,7 +248,7 @@ class Client:
             for item_id, data in items:
                 if slots is not None:
                     slots.acquire()
-                yield _request(item_id, data, score_threshold, embeddings)
+                yield _request(item_id, data, score_threshold, embeddings, pixel_metadata)
 
         try:
             for response in self._stub.DetectStream(requests(), timeout=timeout,
@@ -274,9 +289,11 @@ class AsyncClient:
         self._stub = pb_grpc.PretaggerStub(self._channel)
 
     async def detect(self, image: Image, id: str = "", score_threshold: float | None = None,
-                     timeout: float | None = None, embeddings: str = "none") -> Prediction:
+                     timeout: float | None = None, embeddings: str = "none",
+                     pixel_metadata: bool = False) -> Prediction:
         try:
-            response = await self._stub.Detect(_request(id, image, score_threshold, embeddings),
+            response = await self._stub.Detect(_request(id, image, score_threshold, embeddings,
+                                                        pixel_metadata),
                                                timeout=timeout,
                                                metadata=self.connection.metadata())
         except grpc.RpcError as exc:
@@ -287,7 +304,8 @@ class AsyncClient:
                             score_threshold: float | None = None,
                             timeout: float | None = None,
                             window: int | None = None,
-                            embeddings: str = "none") -> AsyncIterator[Prediction]:
+                            embeddings: str = "none",
+                            pixel_metadata: bool = False) -> AsyncIterator[Prediction]:
         """(id, image) pairs in, predictions out as they finish; ``window`` bounds in-flight."""
         slots = asyncio.Semaphore(window) if window else None
 
@@ -295,7 +313,7 @@ class AsyncClient:
             async for item_id, data in items:
                 if slots is not None:
                     await slots.acquire()
-                yield _request(item_id, data, score_threshold, embeddings)
+                yield _request(item_id, data, score_threshold, embeddings, pixel_metadata)
 
         call = self._stub.DetectStream(requests(), timeout=timeout,
                                        metadata=self.connection.metadata())

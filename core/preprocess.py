@@ -20,6 +20,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from pretag.contract import ResizeSpec
+from pretag.health import pixel_metadata
 
 DEFAULT_MAX_PIXELS = 100_000_000
 #: Memory that decodes running at once may take (the server's --decode-memory-mb).
@@ -193,30 +194,46 @@ def prepare(data: bytes, resize: ResizeSpec, max_pixels: int = DEFAULT_MAX_PIXEL
     """The one image-preparation step of every executor: header check (size limits before
     any pixel is decoded), decode within ``budget``, resize to the model's canvas.
     ``reduced``: a JPEG larger than the canvas is decoded at 1/2, 1/4 or 1/8 of its size
-    where that still covers the canvas (:func:`reduction`; 2.6x the full decode + resize
+    where that still covers the canvas (:func:`reduction`; 2-2.9x the full decode + resize
     of a 1600x900 frame for a 640 canvas, benchmarks/RESULTS.md), then resized to exactly
     the size a full decode would be resized to.
     Returns the resized BGR image and the original (height, width); ImageError."""
+    image, original, _ = prepare_inspected(data, resize, max_pixels, budget, reduced,
+                                           metadata=False)
+    return image, original
+
+
+def prepare_inspected(data: bytes, resize: ResizeSpec, max_pixels: int = DEFAULT_MAX_PIXELS,
+                      budget: DecodeBudget | None = None, reduced: bool = True,
+                      metadata: bool = True
+                      ) -> tuple[np.ndarray, tuple[int, int], dict[str, float] | None]:
+    """:func:`prepare`, and with ``metadata`` the image's pixel metadata
+    (:func:`pretag.health.pixel_metadata`) from the decoded pixels before the resize."""
     header = check_header(data, max_pixels)
     factor = reduction(header, resize) if reduced else 1
     if budget is None:
-        return _decode_resize(data, max_pixels, header, factor, resize)
+        return _decode_resize(data, max_pixels, header, factor, resize, metadata)
     with budget.reserve(header.decode_bytes):
-        return _decode_resize(data, max_pixels, header, factor, resize)
+        return _decode_resize(data, max_pixels, header, factor, resize, metadata)
 
 
 def _decode_resize(data: bytes, max_pixels: int, header: ImageHeader, factor: int,
-                   resize: ResizeSpec) -> tuple[np.ndarray, tuple[int, int]]:
+                   resize: ResizeSpec, metadata: bool
+                   ) -> tuple[np.ndarray, tuple[int, int], dict[str, float] | None]:
     image = decode_bgr(data, max_pixels, header, factor)
+    height, width = image.shape[0], image.shape[1]
+    if factor != 1:
+        # The decoder applied EXIF orientation: a side-swapping one turns the header's size.
+        height, width = header.height, header.width
+        if abs(image.shape[0] - math.ceil(height / factor)) > 1 or \
+                abs(image.shape[1] - math.ceil(width / factor)) > 1:
+            height, width = width, height
+    meta = pixel_metadata(image, (height, width)) if metadata else None
     if factor == 1:
-        return resize_image(image, resize), (image.shape[0], image.shape[1])
-    # The decoder applied EXIF orientation: a side-swapping one turns the header's size.
-    height, width = header.height, header.width
-    if abs(image.shape[0] - math.ceil(height / factor)) > 1 or \
-            abs(image.shape[1] - math.ceil(width / factor)) > 1:
-        height, width = width, height
+        return resize_image(image, resize), (height, width), meta
     new_h, new_w = target_size(height, width, resize)
-    return cv2.resize(image, (new_w, new_h), interpolation=cv2.INTER_LINEAR), (height, width)
+    resized = cv2.resize(image, (new_w, new_h), interpolation=cv2.INTER_LINEAR)
+    return resized, (height, width), meta
 
 
 @dataclass(frozen=True)

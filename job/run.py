@@ -28,6 +28,7 @@ from tqdm import tqdm
 from pretag.client.api import AsyncClient, Connection, PretagError
 from pretag.contract import threshold_problem
 from pretag.job.errors import Code, record
+from pretag.job.health import Health
 from pretag.job.lock import hold
 from pretag.job.outputs import (
     name_problem,
@@ -104,6 +105,8 @@ class RunConfig:
     max_pixels: int = DEFAULT_MAX_PIXELS  # largest video frame decoded (images: the server's)
     frames: FrameSettings = field(default_factory=FrameSettings)  # which frames of videos
     relevant: tuple[str, ...] = ()  # relevant_filenames_file entries (job/relevant.py)
+    #: ask the servers for each image's pixel metadata (data health: job/health.py)
+    pixel_metadata: bool = True
     stream: StreamSettings = field(default_factory=StreamSettings)
     connection: ConnectSettings = field(default_factory=ConnectSettings)
 
@@ -132,7 +135,7 @@ class RunSummary:
         return 3 if self.failed else 0
 
 
-def _resume(config: RunConfig, items: list[ImageItem], hist: Histogram,
+def _resume(config: RunConfig, items: list[ImageItem], hist: Histogram, health: Health,
             vectors: VectorStore | None, written: set[str]
             ) -> tuple[list[ImageItem], list[dict[str, Any]]]:
     """Images still to do; those with a readable prediction (and their vectors, when
@@ -168,6 +171,7 @@ def _resume(config: RunConfig, items: list[ImageItem], hist: Histogram,
             todo.append(item)
         else:
             hist.add(entry)
+            health.add(entry)
     return todo, errors
 
 
@@ -291,8 +295,9 @@ def plan_job(config: RunConfig, listing: Listing, info: ModelDescription) -> Pla
     vectors = (None if mode == "none"
                else VectorStore(config.output_dir, mode, config.shard_images,
                                 info.object_embedding_dim))
-    todo, name_errors = _resume(config, items, hist, vectors, written)
-    state = JobState(hist, errors=listing.problems + name_errors)
+    health = Health()
+    todo, name_errors = _resume(config, items, hist, health, vectors, written)
+    state = JobState(hist, errors=listing.problems + name_errors, health=health)
     plan = Plan(config, info, todo, state, mode, vectors, len(items) + len(listing.problems),
                 len(items) - len(todo) - len(name_errors))
     if plan.skipped:
@@ -333,6 +338,7 @@ def report(plan: Plan, listing: Listing, seconds: float, where: tuple[str, ...]
     """The histograms and debug images of a finished job, and its summary."""
     config, state = plan.config, plan.state
     write_histogram(config.output_dir / "report", state.hist, config.score_threshold)
+    state.health.write(config.output_dir / "report", state.errors)
     if config.debug_images:
         _debug_images(config, listing.items, state.hist.class_names)
     frames = sum(1 for item in listing.items if item.video is not None)
@@ -348,7 +354,8 @@ def _grpc_executor(connections: list[Connection], infos: list[pb.ModelInfoRespon
         window = config.stream.window
         targets = [Target.of(c, i, window) for c, i in zip(connections, infos, strict=True)]
         job = Job(targets, plan.todo, config.output_dir, plan.state, config.stream,
-                  Ask(config.score_threshold, plan.mode, plan.info.resize), progress,
+                  Ask(config.score_threshold, plan.mode, plan.info.resize,
+                      config.pixel_metadata), progress,
                   on_result, vectors=plan.vectors)
         asyncio.run(job.run())
 

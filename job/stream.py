@@ -28,6 +28,7 @@ from tqdm import tqdm
 from pretag.client.api import AsyncClient, Image, Prediction, PretagError
 from pretag.job.backoff import Backoff
 from pretag.job.errors import Code
+from pretag.job.health import content_hash, metadata_entry
 from pretag.job.outputs import make_entry, write_prediction
 from pretag.job.sources import ImageItem
 from pretag.job.storage import AnyPath, storage_outage
@@ -54,6 +55,14 @@ from pretag.preprocess import Pixels
 log = logging.getLogger(__name__)
 
 _RESUME = "what was written is kept: run the same command again to resume"
+
+
+def _read_hashed(path: AnyPath) -> tuple[bytes, str]:
+    """The file's bytes and their content hash (exact duplicates), in the reading thread."""
+    data = path.read_bytes()
+    return data, content_hash(data)
+
+
 # Bytes of a DetectRequest beside the image and its id (field tags, lengths, threshold).
 _REQUEST_OVERHEAD = 64
 
@@ -132,13 +141,13 @@ class Job:
                              f"{self.max_image_bytes / 2**20:.1f} MiB a request may carry "
                              f"(the servers' --max-message-mb)", Code.TOO_LARGE)
                 return True
-            data = await loop.run_in_executor(self.pool, item.path.read_bytes)
+            data, digest = await loop.run_in_executor(self.pool, _read_hashed, item.path)
         except NotAFile as exc:
             self._finish(item, None, str(exc), Code.NOT_A_FILE)
             return True
         except Exception as exc:
             return self._read_failed(item, exc)
-        self.queue.put_nowait(Work(item, data))
+        self.queue.put_nowait(Work(item, data, digest=digest))
         return True
 
     async def _read_frames(self, video: Video, frames: list[ImageItem]) -> bool:
@@ -253,7 +262,8 @@ class Job:
         try:
             async for pred in client.detect_stream(self._feed(attempt, backoff),
                                                    self.ask.threshold,
-                                                   embeddings=self.ask.embeddings):
+                                                   embeddings=self.ask.embeddings,
+                                                   pixel_metadata=self.ask.pixel_metadata):
                 attempt.answered()
                 work = attempt.inflight.pop(pred.id, None)
                 if work is not None:
@@ -314,7 +324,7 @@ class Job:
         error = pred.error
         if error is None:
             backoff.ok()
-            await self._store(work.item, pred)
+            await self._store(work.item, pred, work.digest)
         elif error.retryable and work.attempts + 1 < self.settings.max_attempts:
             work.attempts += 1
             backoff.pause()  # this server is busy or going away: let the others take work
@@ -322,12 +332,18 @@ class Job:
         else:
             self._finish(work.item, None, str(error), error.code.name)
 
-    async def _store(self, item: ImageItem, pred: Prediction) -> None:
-        """The prediction file, then the vectors: an image is done only when all of it
+    async def _store(self, item: ImageItem, pred: Prediction, digest: str | None = None
+                     ) -> None:
+        """The prediction file (with the image's pixel metadata and content hash, when
+        known: job.health), then the vectors: an image is done only when all of it
         is stored. A vector shard that cannot be written stops the job (it covers many
         images already counted; the re-run redoes them)."""
         loop = asyncio.get_running_loop()
         entry = make_entry(item.name, pred.boxes, pred.labels, pred.scores)
+        if pred.metadata is not None:
+            entry["metadata"] = metadata_entry(pred.metadata)
+        if digest is not None:
+            entry["content_hash"] = digest
         try:  # checked first: an answer without its vectors leaves no prediction behind
             if self.vectors is not None:
                 self.vectors.check(item.name, pred)

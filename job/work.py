@@ -15,6 +15,7 @@ from typing import Any, Protocol
 from pretag.client.api import Connection, Image, Prediction
 from pretag.contract import ResizeSpec
 from pretag.job.errors import record
+from pretag.job.health import Health
 from pretag.job.sources import ImageItem
 from pretag.job.stats import Histogram
 from pretag.job.storage import AnyPath, storage_outage
@@ -56,6 +57,7 @@ class Ask:
     threshold: float
     embeddings: str = "none"  # none|image|objects|all
     resize: ResizeSpec | None = None  # None: frames go at full size
+    pixel_metadata: bool = False  # ask each answer for the image's pixel metadata
 
 
 @dataclass(frozen=True)
@@ -85,6 +87,7 @@ class Work:
     item: ImageItem
     data: Image
     attempts: int = 0
+    digest: str | None = None  # the file's content hash (job.health), for exact duplicates
 
 
 STOP_WORK: Any = object()  # the end-of-work marker on the job's queue
@@ -98,12 +101,14 @@ class JobState:
     errors: list[dict[str, Any]] = field(default_factory=list)
     written: int = 0
     finished: int = 0
+    health: Health = field(default_factory=Health)
 
     def record(self, item: ImageItem, entry: dict[str, Any] | None, error: str | None,
                code: str = "") -> None:
         """One image finished: its entry counted, or its error kept for errors.jsonl."""
         if entry is not None:
             self.hist.add(entry)
+            self.health.add(entry)
             self.written += 1
         else:
             self.errors.append(record(item.path, item.name, code, error))
@@ -119,7 +124,8 @@ class StreamClient(Protocol):
 
     def detect_stream(self, items: AsyncIterable[tuple[str, Image]],
                       score_threshold: float | None = None, *,
-                      embeddings: str = "none") -> AsyncIterator[Prediction]: ...
+                      embeddings: str = "none",
+                      pixel_metadata: bool = False) -> AsyncIterator[Prediction]: ...
 
 
 Connect = Callable[[Connection], StreamClient]

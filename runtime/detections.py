@@ -46,6 +46,7 @@ class Result:
     info: BatchInfo
     embedding: np.ndarray | None = None  # [D]
     object_embeddings: np.ndarray | None = None  # [n, E], aligned with boxes
+    metadata: dict[str, float] | None = None  # pixel metadata (pretag.health), when asked
 
 
 def split_outputs(out: Outputs, valid: Sequence[tuple[int, int]]) -> list[Raw]:

@@ -13,6 +13,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from pretag.health import DEFAULT_MAX_UNIFORM_ROW_RATIO
 from pretag.job.outputs import TASK
 from pretag.selection.worker import check_flat, check_worker, known_worker_keys
 
@@ -93,6 +94,9 @@ class SelectionConfig:
     update_datapool: bool = True  # worker_config.datasource.enable_datapool_update
     relevant_filenames_file: str | None = None  # worker_config.relevant_filenames_file
     embeddings: str | None = None  # worker_config.embeddings: a custom embeddings file
+    #: worker_config.corruptness_check.corruption_threshold: an image whose uniformRowRatio
+    #: is above it is corrupt and no candidate (pretag.job.health)
+    corruption_threshold: float = DEFAULT_MAX_UNIFORM_ROW_RATIO
 
     def count(self, available: int) -> int:
         """How many samples to pick out of ``available``."""
@@ -300,7 +304,17 @@ def parse(data: Any, n_samples: int | None = None) -> SelectionConfig:
         raise _fail("worker_config.embeddings", "custom embeddings are one per image; they "
                                                 "cannot go with object_level")
     return SelectionConfig(steps, count, proportion, task, padding, length, pool,
-                           process_all, update, relevant, embeddings)
+                           process_all, update, relevant, embeddings,
+                           _corruption_threshold(worker))
+
+
+def _corruption_threshold(worker: dict[str, Any]) -> float:
+    check = worker.get("corruptness_check", {})
+    if not isinstance(check, dict):
+        raise _fail("worker_config.corruptness_check", "must be an object")
+    _unknown(check, {"corruption_threshold"}, "worker_config.corruptness_check")
+    return _number(check.get("corruption_threshold", DEFAULT_MAX_UNIFORM_ROW_RATIO),
+                   "worker_config.corruptness_check.corruption_threshold", 0.0, 1.0)
 
 
 def _flag(data: dict[str, Any], key: str, path: str) -> bool:

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from pretag.job.health import corrupt_reason, duplicate_groups
 from pretag.job.outputs import (
     RESERVED,
     TASK,
@@ -81,6 +82,39 @@ def read_run(run_dir: Path) -> RunPredictions:
                     "(listed in selection.json; first: %s #%d: %s)", len(run.rejected()),
                     len(bad), first["filename"], first["detection"], first["reason"])
     return run
+
+
+def healthy(run: RunPredictions, threshold: float
+            ) -> tuple[RunPredictions, dict[str, str]]:
+    """``run`` without the images that are no candidates (pretag.job.health): corrupt ones
+    (uniformRowRatio above ``threshold``) and every exact duplicate but the first of its
+    group; and those left out, with why."""
+    excluded: dict[str, str] = {}
+    hashes: dict[str, str] = {}
+    for name, entry in run.entries.items():
+        reason = corrupt_reason(entry, threshold)
+        if reason is not None:
+            excluded[name] = f"corrupt ({reason}: uniformRowRatio above {threshold:g})"
+        elif isinstance(entry.get("content_hash"), str):
+            hashes[name] = entry["content_hash"]
+    for group in duplicate_groups(hashes):
+        for name in group[1:]:
+            excluded[name] = f"exact duplicate of {group[0]}"
+    if not excluded:
+        return run, excluded
+    entries = {n: e for n, e in run.entries.items() if n not in excluded}
+    bad = {n: b for n, b in run.bad.items() if n not in excluded}
+    log.info("%d images are no candidates: %d corrupt, %d exact duplicates (listed in "
+             "selection/excluded.json)", len(excluded),
+             sum(r.startswith("corrupt") for r in excluded.values()),
+             sum(r.startswith("exact") for r in excluded.values()))
+    return RunPredictions(run.classes, entries, bad), excluded
+
+
+def lightly_metadata(run: RunPredictions) -> dict[str, dict[str, Any]]:
+    """Each image's pixel metadata as METADATA inputs name it: ``lightly.<key>``."""
+    return {name: {f"lightly.{k}": v for k, v in entry["metadata"].items()}
+            for name, entry in run.entries.items() if isinstance(entry.get("metadata"), dict)}
 
 
 @contextmanager

@@ -40,7 +40,13 @@ from pretag.selection.handoff import (
     export_label_studio,
     export_yolo,
 )
-from pretag.selection.predictions import RunPredictions, read_run, staged
+from pretag.selection.predictions import (
+    RunPredictions,
+    healthy,
+    lightly_metadata,
+    read_run,
+    staged,
+)
 from pretag.selection.report import Earlier, write_report
 from pretag.selection.samples import Samples
 from pretag.selection.sequences import sequence_information, sequence_samples, window_count
@@ -258,7 +264,8 @@ def run_selection(run_dir: Path, config: SelectionConfig, output_dir: Path | Non
                                    "(the run's input folder): the frames' timestamps are "
                                    "read from the videos")
     with hold(base, "pretag select"):
-        run = read_run(run_dir)
+        run, excluded = healthy(read_run(run_dir), config.corruption_threshold)
+        metadata = _with_lightly(run, metadata or {})
         if config.object_level_task:
             samples = object_samples(run_dir, metadata or {}, run)
         else:
@@ -273,6 +280,7 @@ def run_selection(run_dir: Path, config: SelectionConfig, output_dir: Path | Non
         names = [name for window in picked.windows for name in window]
         with staged(base) as out:
             _write_picks(out, config, picked, names, run)
+            write_atomic(out / "excluded.json", json.dumps(excluded, indent=1) + "\n")
             if picked.sequences and images is not None:
                 info = sequence_information(picked.windows, images)
                 write_atomic(out / "sequence_information.json", json.dumps(info, indent=1))
@@ -295,6 +303,16 @@ def run_selection(run_dir: Path, config: SelectionConfig, output_dir: Path | Non
     log.info("selected %d of %d samples into %s", len(names), len(samples.names),
              base / "selection")
     return names
+
+
+def _with_lightly(run: RunPredictions, given: dict[str, dict[str, Any]]
+                  ) -> dict[str, dict[str, Any]]:
+    """The run's pixel metadata (``lightly.<key>``) beside the user's ``--metadata``, whose
+    values win where both name a key."""
+    merged = lightly_metadata(run)
+    for name, values in given.items():
+        merged[name] = {**merged.get(name, {}), **values}
+    return merged
 
 
 def _handoff(run_dir: Path, run: RunPredictions, images: Path, names: list[str], out: Path,

@@ -30,6 +30,10 @@ HONOURED: dict[str, str] = {
                   "instead of the run's vectors (also pretag select --embeddings FILE)",
     "normalize_embeddings": "true: vectors are L2-normalised, as always here (false is "
                             "refused)",
+    "corruptness_check.corruption_threshold": "images whose uniformRowRatio (pretag run's "
+                                              "pixel metadata) is above it are corrupt and "
+                                              "no candidates (default 0.025); so are files "
+                                              "that failed to decode (DIR/report/corrupt.json)",
 }
 
 _TRAIN = ("pretag does not train or load an embedding model: its vectors come from the "
@@ -40,8 +44,6 @@ REFUSED: dict[str, str] = {
     "checkpoint_run_id": _TRAIN,
     "enable_training": _TRAIN,
     "training": _TRAIN,
-    "corruptness_check": "pretag has no corruptness check yet: files that cannot be read "
-                         "are listed in DIR/report/errors.jsonl by pretag run",
     "crops": "pretag uploads nothing: write the picked crops with pretag select "
              "--write-crops",
     "num_processes": "set pretag run --read-threads, or the server's --threads",
@@ -54,11 +56,13 @@ REFUSED: dict[str, str] = {
                         "--images DIR",
     "pretagging_config": "keep images with enough objects of a class with a THRESHOLD "
                          "strategy on a PREDICTIONS CATEGORY_COUNT input",
-    "enable_corruptness_check": "pretag has no corruptness check yet: files that cannot be "
-                                "read are listed in DIR/report/errors.jsonl",
-    "remove_exact_duplicates": "pretag does not remove duplicates yet: a DIVERSITY "
-                               "strategy's stopping_condition_minimum_distance (0.1-0.2) "
-                               "drops near duplicates",
+    "enable_corruptness_check": "the check always runs: corrupt images "
+                                "(DIR/report/corrupt.json) are never candidates; set its "
+                                "threshold with worker_config.corruptness_check."
+                                "corruption_threshold",
+    "remove_exact_duplicates": "exact duplicates are always removed: one image of each "
+                               "group of byte-identical files is a candidate "
+                               "(DIR/report/duplicates.json)",
     "stopping_condition": "use selection_config.n_samples (or proportion_samples) and a "
                           "DIVERSITY strategy's stopping_condition_minimum_distance",
     "datapool": "use worker_config.use_datapool: true (the record is DIR/datapool.json)",
@@ -111,4 +115,4 @@ def check_flat(data: dict[str, Any], fail: Any) -> None:
 
 def known_worker_keys() -> set[str]:
     """The top-level worker_config keys pretag takes."""
-    return {k for k in HONOURED if "." not in k} | {"datasource"}
+    return {k for k in HONOURED if "." not in k} | {"datasource", "corruptness_check"}

@@ -8,6 +8,7 @@ servicers (Pretagger, KServe v2) are thin layers over :meth:`Engine.detect`.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import os
 import time
@@ -17,6 +18,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from pretag import health
 from pretag.contract import threshold_problem
 from pretag.preprocess import (
     DecodeBudget,
@@ -24,7 +26,7 @@ from pretag.preprocess import (
     Pixels,
     canvas_size,
     pad_batch,
-    prepare,
+    prepare_inspected,
     prepare_pixels,
     resize_image,
 )
@@ -49,6 +51,7 @@ class Reservation:
 class Prepared:
     image: np.ndarray  # resized BGR [h, w, 3]; pad_batch flips it to RGB
     original: tuple[int, int]  # (height, width) before resizing
+    metadata: dict[str, float] | None = None  # pixel metadata, when asked for
 
 
 class Engine:
@@ -145,9 +148,10 @@ class Engine:
 
     async def detect(self, data: bytes | Pixels, score_threshold: float | None = None,
                      deadline: float | None = None,
-                     reservation: Reservation | None = None) -> Result:
-        """Detections for one encoded image (or decoded pixels). Raises
-        :class:`ServeError` subclasses."""
+                     reservation: Reservation | None = None,
+                     pixel_metadata: bool = False) -> Result:
+        """Detections for one encoded image (or decoded pixels), with its pixel metadata
+        when asked for (:mod:`pretag.health`). Raises :class:`ServeError` subclasses."""
         if reservation is None:
             self._admit(1)
         elif reservation.left > 0:
@@ -162,19 +166,22 @@ class Engine:
             if problem:
                 raise InvalidInput(problem)
             prepared = await asyncio.get_running_loop().run_in_executor(
-                self._decode_pool, self._prepare, data)
+                self._decode_pool, self._prepare, data, pixel_metadata)
         finally:
             self._decoding -= 1
         key = canvas_size([prepared.image.shape[:2]], self.spec.resize)
         raw, info = await self._batcher.submit(prepared, key, deadline)
         return self._finish(raw, prepared, info, threshold)
 
-    def _prepare(self, data: bytes | Pixels) -> Prepared:
+    def _prepare(self, data: bytes | Pixels, metadata: bool = False) -> Prepared:
         try:
             if isinstance(data, Pixels):  # decoded already: nothing to budget
-                return Prepared(*prepare_pixels(data, self.spec.resize, self.config.max_pixels))
-            return Prepared(*prepare(data, self.spec.resize, self.config.max_pixels,
-                                     self.decode_budget, reduced=not self.config.full_decode))
+                image, original = prepare_pixels(data, self.spec.resize, self.config.max_pixels)
+                return Prepared(image, original, health.pixel_metadata(data.image, original)
+                                if metadata else None)
+            return Prepared(*prepare_inspected(
+                data, self.spec.resize, self.config.max_pixels, self.decode_budget,
+                reduced=not self.config.full_decode, metadata=metadata))
         except ImageError as exc:
             raise InvalidInput(str(exc)) from None
 
@@ -190,4 +197,7 @@ class Engine:
                 threshold: float) -> Result:
         if self.metrics is not None:
             self.metrics.observe_request(info)
-        return to_result(raw, prepared.original, info, threshold, self.spec.class_names)
+        result = to_result(raw, prepared.original, info, threshold, self.spec.class_names)
+        if prepared.metadata is not None:
+            result = dataclasses.replace(result, metadata=prepared.metadata)
+        return result

@@ -27,11 +27,12 @@ def deadline_of(context: grpc.aio.ServicerContext) -> float | None:
 
 async def guarded_detect(engine: Engine, method: str, request_id: str, data: bytes | Pixels,
                          threshold: float | None, deadline: float | None,
-                         reservation: Reservation | None = None) -> Result:
+                         reservation: Reservation | None = None,
+                         pixel_metadata: bool = False) -> Result:
     """engine.detect with every failure turned into a :class:`ServeError` and counted."""
     code = None  # stays None only for exits other than these (KeyboardInterrupt, ...)
     try:
-        result = await engine.detect(data, threshold, deadline, reservation)
+        result = await engine.detect(data, threshold, deadline, reservation, pixel_metadata)
         code = "OK"
         return result
     except ServeError as exc:

@@ -86,6 +86,12 @@ def to_response(request: pb.DetectRequest, result: Result) -> pb.DetectResponse:
                          batch_size=info.batch_size))
     if request.embeddings in _IMAGE and result.embedding is not None:
         response.embedding.extend(result.embedding.tolist())
+    if result.metadata is not None:
+        m = result.metadata
+        response.pixel_metadata.CopyFrom(pb.PixelMetadata(
+            uniform_row_ratio=m["uniformRowRatio"], sharpness=m["sharpness"],
+            contrast=m["contrast"], mean_red=m["meanRed"], mean_green=m["meanGreen"],
+            mean_blue=m["meanBlue"]))
     return response
 
 
@@ -110,7 +116,8 @@ class PretaggerService(pb_grpc.PretaggerServicer):
             check_embeddings(self.engine, request)
             result = await guarded_detect(self.engine, "Detect", request.id,
                                           payload(request), _threshold(request),
-                                          deadline_of(context))
+                                          deadline_of(context),
+                                          pixel_metadata=request.pixel_metadata)
         except ServeError as exc:
             await context.abort(grpc_code(exc), describe(exc, request.id))
         return to_response(request, result)
@@ -129,7 +136,8 @@ class PretaggerService(pb_grpc.PretaggerServicer):
             try:
                 check_embeddings(self.engine, request)
                 result = await guarded_detect(self.engine, "DetectStream", request.id,
-                                              payload(request), _threshold(request), deadline)
+                                              payload(request), _threshold(request), deadline,
+                                              pixel_metadata=request.pixel_metadata)
             except ServeError as exc:
                 return error_response(request.id, exc)
             return to_response(request, result)

@@ -65,7 +65,8 @@ class FakeClient:
 
     async def detect_stream(self, items: AsyncIterable[tuple[str, bytes]],
                             score_threshold: float | None = None, *,
-                            embeddings: str = "none") -> AsyncIterator[Prediction]:
+                            embeddings: str = "none",
+                            pixel_metadata: bool = False) -> AsyncIterator[Prediction]:
         server = self.server
         server.streams.append(asyncio.get_running_loop().time())  # the fake clock
         if server.down:
@@ -192,8 +193,11 @@ def test_prediction_files_are_what_the_server_answered(tmp_path: Path):
     run_job(tmp_path, [FakeServer("a")], count=3)
     entry = json.loads((tmp_path / "out" / ".lightly" / "predictions" / "lightly_pretagging"
                         / "img001.json").read_text())
+    from pretag.job.health import content_hash
+
     assert entry == [{"filename": "img001.jpg", "boxes": [[0.1, 0.1, 0.5, 0.5]],
-                      "labels": ["a"], "scores": [0.9]}]
+                      "labels": ["a"], "scores": [0.9],
+                      "content_hash": content_hash(b"fake image bytes")}]
 
 
 def test_answers_without_the_vectors_asked_for_are_reported(tmp_path: Path):

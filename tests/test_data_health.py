@@ -1,0 +1,164 @@
+"""Data health end to end (issue 24, gRPC executor): real frames broken here go through
+``pretag run`` with a real server, and come out in report/corrupt.json and
+report/duplicates.json; ``pretag select`` leaves them out and takes the pixel metadata as
+METADATA inputs."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+from pretag.cli import main
+from pretag.job.health import content_hash
+
+PREDICTIONS = Path(".lightly") / "predictions" / "lightly_pretagging"
+
+
+@pytest.fixture(scope="module")
+def broken(shared: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Two real frames, a byte copy, a re-encoded copy, a blank frame, a frame grey from
+    half way down (a decoder that gave up) and a JPEG cut in half."""
+    src = shared / "data" / "driving"
+    folder = tmp_path_factory.mktemp("broken")
+    image = cv2.imread(str(src / "nuscenes_cam_front.jpg"))
+    shutil.copy(src / "nuscenes_cam_front.jpg", folder / "front.jpg")
+    shutil.copy(src / "nuscenes_cam_front.jpg", folder / "front_copy.jpg")
+    shutil.copy(src / "kitti_000007.png", folder / "kitti.png")
+    cv2.imwrite(str(folder / "reencoded.jpg"), image, [cv2.IMWRITE_JPEG_QUALITY, 80])
+    cv2.imwrite(str(folder / "blank.jpg"), np.full_like(image, 128))
+    half = image.copy()
+    half[450:] = 128
+    cv2.imwrite(str(folder / "half_grey.jpg"), half)
+    raw = (src / "nuscenes_cam_back.jpg").read_bytes()
+    (folder / "cut.jpg").write_bytes(raw[:len(raw) // 2])
+    return folder
+
+
+@pytest.fixture(scope="module")
+def health_run(broken: Path, yolox_model: Path, tmp_path_factory: pytest.TempPathFactory
+               ) -> Path:
+    out = tmp_path_factory.mktemp("run") / "out"
+    assert main(["run", str(broken), "--output-dir", str(out), "--model", str(yolox_model),
+                 "--quiet"]) == 3  # the cut JPEG fails (exit 3: some images failed)
+    return out
+
+
+def _report(out: Path, name: str) -> dict:
+    return json.loads((out / "report" / name).read_text())
+
+
+def test_corrupt_and_duplicate_inputs_are_reported(health_run: Path, broken: Path):
+    corrupt = _report(health_run, "corrupt.json")
+    assert corrupt["corrupt_samples"].keys() == {"blank.jpg", "half_grey.jpg", "cut.jpg"}
+    assert corrupt["corrupt_samples"]["blank.jpg"] == "built-in"  # Lightly's own reason
+    assert "corrupt or truncated" in corrupt["corrupt_samples"]["cut.jpg"]
+    assert corrupt["corrupt_videos"] == {}
+    duplicates = _report(health_run, "duplicates.json")
+    assert duplicates["groups"] == [["front.jpg", "front_copy.jpg"]]
+    assert duplicates["removed"] == ["front_copy.jpg"] and duplicates["hashed_images"] == 6
+    entry = json.loads((health_run / PREDICTIONS / "front.json").read_text())[0]
+    assert entry["content_hash"] == content_hash((broken / "front.jpg").read_bytes())
+    meta = entry["metadata"]
+    assert (meta["width"], meta["height"]) == (1600, 900) and meta["uniformRowRatio"] == 0
+    assert meta["sharpness"] > 100 and 0 < meta["meanRed"] < 255
+    half = json.loads((health_run / PREDICTIONS / "half_grey.json").read_text())[0]
+    assert half["metadata"]["uniformRowRatio"] == pytest.approx(0.5, abs=0.02)
+
+
+def test_a_resumed_run_reports_the_same(health_run: Path, broken: Path, yolox_model: Path):
+    before = {n: _report(health_run, n) for n in ("corrupt.json", "duplicates.json")}
+    assert main(["run", str(broken), "--output-dir", str(health_run), "--model",
+                 str(yolox_model), "--quiet"]) == 3  # nothing predicted again but cut.jpg
+    assert {n: _report(health_run, n) for n in before} == before
+
+
+def test_without_pixel_metadata_only_decode_failures_are_corrupt(broken: Path,
+                                                                 yolox_model: Path,
+                                                                 tmp_path: Path):
+    out = tmp_path / "out"
+    assert main(["run", str(broken), "--output-dir", str(out), "--model", str(yolox_model),
+                 "--quiet", "--no-pixel-metadata"]) == 3
+    assert _report(out, "corrupt.json")["corrupt_samples"].keys() == {"cut.jpg"}
+    entry = json.loads((out / PREDICTIONS / "blank.json").read_text())[0]
+    assert "metadata" not in entry and entry["content_hash"].startswith("blake2b:")
+
+
+def _select(run: Path, config: dict, tmp_path: Path) -> tuple[list[str], dict]:
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(config))
+    out = tmp_path / "sel"
+    assert main(["select", str(run), "--config", str(path), "--output-dir", str(out)]) == 0
+    picked = (out / "selection" / "selected.txt").read_text().split()
+    return picked, json.loads((out / "selection" / "excluded.json").read_text())
+
+
+def test_selection_leaves_corrupt_and_duplicate_images_out(health_run: Path, tmp_path: Path):
+    config = {"worker_config": {"pretagging": True},
+              "selection_config": {"n_samples": 10, "strategies": [
+                  {"input": {"type": "EMBEDDINGS"}, "strategy": {"type": "DIVERSITY"}}]}}
+    picked, excluded = _select(health_run, config, tmp_path)
+    assert sorted(picked) == ["front.jpg", "kitti.png", "reencoded.jpg"]
+    assert excluded == {"blank.jpg": "corrupt (built-in: uniformRowRatio above 0.025)",
+                        "half_grey.jpg": "corrupt (built-in: uniformRowRatio above 0.025)",
+                        "front_copy.jpg": "exact duplicate of front.jpg"}
+    # a threshold above the half-grey frame's 0.5 keeps it (and the blank one's 1.0 out)
+    config["worker_config"]["corruptness_check"] = {"corruption_threshold": 0.6}
+    picked, excluded = _select(health_run, config, tmp_path / "loose")
+    assert "half_grey.jpg" in picked and "blank.jpg" in excluded
+
+
+def test_pixel_metadata_are_metadata_inputs(health_run: Path, tmp_path: Path):
+    """THRESHOLD on lightly.sharpness (BIGGER) keeps what is sharper than the bound: all
+    three candidates below the least sharp of them, none above the sharpest."""
+    sharp = {n: json.loads((health_run / PREDICTIONS / f"{n}.json").read_text())[0]
+             ["metadata"]["sharpness"] for n in ("front", "kitti", "reencoded")}
+    bound = min(sharp.values()) - 1
+    config = {"worker_config": {"pretagging": True},
+              "selection_config": {"n_samples": 10, "strategies": [
+                  {"input": {"type": "METADATA", "key": "lightly.sharpness"},
+                   "strategy": {"type": "THRESHOLD", "threshold": bound,
+                                "operation": "BIGGER"}}]}}
+    picked, _ = _select(health_run, config, tmp_path)
+    assert sorted(picked) == ["front.jpg", "kitti.png", "reencoded.jpg"]
+    config["selection_config"]["strategies"][0]["strategy"]["threshold"] = max(sharp.values())
+    picked, _ = _select(health_run, config, tmp_path / "none")
+    assert picked == []  # nothing is sharper than the sharpest
+
+
+@pytest.mark.parametrize("check, problem", [
+    ({"corruption_threshold": 2}, "outside [0.0, 1.0]"),
+    ({"corruption_threshold": float("nan")}, "finite"),
+    ({"threshold": 0.1}, "unknown key"),
+    ("strict", "must be an object"),
+])
+def test_a_bad_corruptness_check_is_refused(health_run: Path, tmp_path: Path, check: object,
+                                            problem: str, caplog: pytest.LogCaptureFixture):
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps({"worker_config": {"corruptness_check": check},
+                                "selection_config": {"n_samples": 1, "strategies": [
+                                    {"input": {"type": "EMBEDDINGS"},
+                                     "strategy": {"type": "DIVERSITY"}}]}}))
+    assert main(["select", str(health_run), "--config", str(path)]) == 2
+    assert "corruptness_check" in caplog.text and problem in caplog.text
+
+
+def test_the_server_answers_pixel_metadata_only_when_asked(broken: Path, yolox_model: Path):
+    from pretag.client.api import Client
+    from pretag.local import local_server
+
+    data = (broken / "half_grey.jpg").read_bytes()
+    with local_server(yolox_model, window=4) as address, Client(address) as client:
+        plain = client.detect(data, id="a")
+        asked = client.detect(data, id="b", pixel_metadata=True)
+        streamed = list(client.detect_stream([("c", data)], pixel_metadata=True))
+    assert plain.metadata is None
+    assert asked.metadata is not None and streamed[0].metadata == asked.metadata
+    assert asked.metadata["uniformRowRatio"] == pytest.approx(0.5, abs=0.02)
+    assert (asked.metadata["width"], asked.metadata["height"]) == (1600, 900)
+    assert asked.boxes == plain.boxes  # the same detections either way
