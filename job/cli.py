@@ -76,6 +76,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="skip the data-health values (Lightly's pixel metadata: uniformRowRatio, "
              "sharpness, ...) the servers compute per image (about 2-4 ms of a decoding "
              "thread each); corrupt.json then lists only inputs that fail to decode")
+    add("--near-duplicate-distance", type=float, default=_D.near_duplicate_distance,
+        metavar="D", help=f"list image pairs whose vectors are within cosine distance D in "
+                          f"DIR/report/near_duplicates.json (default "
+                          f"{_D.near_duplicate_distance:g}, chosen on re-encoded, resized and "
+                          f"shifted copies with YOLOX's vectors; 0: no search)")
     add("--overwrite", action="store_true",
         help="predict every image again (default: resume, keeping existing predictions "
              "if they were made with the same model and threshold)")
@@ -104,6 +109,7 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
                      debug_images=args.debug_images, quiet=args.quiet,
                      overwrite=args.overwrite, embeddings=args.embeddings,
                      pixel_metadata=args.pixel_metadata,
+                     near_duplicate_distance=args.near_duplicate_distance,
                      shard_images=args.shard_images, max_pixels=args.max_pixels,
                      frames=FrameSettings(stride=args.frame_stride, fps=args.fps),
                      relevant=(read_relevant(args.relevant_filenames_file)
@@ -153,6 +159,9 @@ def run(args: argparse.Namespace, local_server: LocalServer | None = None,
                 args.shard_images < 1:
             raise RunError("--server-timeout-s, --storage-timeout-s and --shard-images must "
                            "be positive")
+        if not 0 <= args.near_duplicate_distance < 1:  # NaN fails this too
+            raise RunError(f"--near-duplicate-distance must be in [0, 1), not "
+                           f"{args.near_duplicate_distance}")
         config = config_from_args(args)
         listing = load_listing(config)  # before any server is started for it
         if runner is not None:

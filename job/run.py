@@ -30,6 +30,7 @@ from pretag.contract import threshold_problem
 from pretag.job.errors import Code, record
 from pretag.job.health import Health
 from pretag.job.lock import hold
+from pretag.job.neardup import DEFAULT_DISTANCE, write_near_duplicates
 from pretag.job.outputs import (
     name_problem,
     prediction_path,
@@ -61,7 +62,7 @@ from pretag.job.stream import (
     StreamSettings,
     Target,
 )
-from pretag.job.vectors import VectorStore, embeddings_dir
+from pretag.job.vectors import VectorStore, embeddings_dir, load_embeddings
 from pretag.job.video import FrameSettings, VideoError, expand, read_frame
 from pretag.model import ModelDescription
 from pretag.preprocess import DEFAULT_MAX_PIXELS
@@ -107,6 +108,8 @@ class RunConfig:
     relevant: tuple[str, ...] = ()  # relevant_filenames_file entries (job/relevant.py)
     #: ask the servers for each image's pixel metadata (data health: job/health.py)
     pixel_metadata: bool = True
+    #: near duplicates among the stored image vectors (job/neardup.py); 0: not searched
+    near_duplicate_distance: float = DEFAULT_DISTANCE
     stream: StreamSettings = field(default_factory=StreamSettings)
     connection: ConnectSettings = field(default_factory=ConnectSettings)
 
@@ -339,6 +342,10 @@ def report(plan: Plan, listing: Listing, seconds: float, where: tuple[str, ...]
     config, state = plan.config, plan.state
     write_histogram(config.output_dir / "report", state.hist, config.score_threshold)
     state.health.write(config.output_dir / "report", state.errors)
+    if plan.mode in ("image", "all") and config.near_duplicate_distance > 0:
+        names, vectors = load_embeddings(config.output_dir)
+        write_near_duplicates(config.output_dir / "report", names, vectors,
+                              config.near_duplicate_distance)
     if config.debug_images:
         _debug_images(config, listing.items, state.hist.class_names)
     frames = sum(1 for item in listing.items if item.video is not None)

@@ -226,12 +226,12 @@ def _read(plan: Plan, settings: RaySettings) -> Any:
     if images:
         parts.append(ray.data.from_items(images).map_batches(
             partial(read_images, resize=resize, max_pixels=settings.max_pixels,
-                    timeout_s=config.storage_timeout_s),
+                    timeout_s=config.storage_timeout_s, pixel_metadata=config.pixel_metadata),
             batch_size=settings.read_images, batch_format="numpy", num_cpus=cpus))
     if videos:  # one task decodes a video in order, giving frames out as it goes
         parts.append(ray.data.from_items(videos).map_batches(
             partial(read_video, resize=resize, frames_per_batch=settings.read_images,
-                    timeout_s=config.storage_timeout_s),
+                    timeout_s=config.storage_timeout_s, pixel_metadata=config.pixel_metadata),
             batch_size=1, batch_format="numpy", num_cpus=cpus))
     return parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]
 

@@ -29,8 +29,10 @@ from typing import Any
 
 import numpy as np
 
+from pretag import health
 from pretag.contract import ResizeSpec
 from pretag.job.errors import Code
+from pretag.job.health import content_hash, metadata_entry
 from pretag.job.outputs import Detections, make_entry, write_prediction
 from pretag.job.storage import DEFAULT_TIMEOUT_S, location, storage_outage
 from pretag.job.stream import write_failure
@@ -42,7 +44,7 @@ from pretag.preprocess import (
     ImageError,
     canvas_size,
     pad_batch,
-    prepare,
+    prepare_inspected,
 )
 from pretag.runtime.backend import BackendConfig, OrtBackend
 from pretag.runtime.detections import BatchInfo, Raw, request_message, split_outputs, to_result
@@ -65,34 +67,42 @@ def _column(values: list[Any]) -> np.ndarray:
     return out
 
 
-def _read_one(path: str, name: str, resize: ResizeSpec, max_pixels: int, timeout_s: float
-              ) -> tuple[np.ndarray, tuple[int, int], str, str]:
+def _read_one(path: str, name: str, resize: ResizeSpec, max_pixels: int, timeout_s: float,
+              pixel_metadata: bool = True
+              ) -> tuple[np.ndarray, tuple[int, int], str, str, str, str]:
+    """(image, original, code, reason, metadata JSON or "", content hash or "")."""
     try:
         data = location(path, timeout_s).read_bytes()
     except Exception as exc:
         problem = storage_outage(exc)
         if problem is not None:  # the store, not this image: the driver stops the job
-            return _EMPTY, (0, 0), STOP, f"cannot read {path}: {problem}"
+            return _EMPTY, (0, 0), STOP, f"cannot read {path}: {problem}", "", ""
         if not isinstance(exc, OSError):
             raise
-        return _EMPTY, (0, 0), Code.READ, f"cannot read file: {exc.strerror or exc}"
+        return _EMPTY, (0, 0), Code.READ, f"cannot read file: {exc.strerror or exc}", "", ""
+    digest = content_hash(data)
     try:  # the server's own step, under a decode budget of the same default size
-        image, original = prepare(data, resize, max_pixels, _BUDGET)
+        image, original, meta = prepare_inspected(data, resize, max_pixels, _BUDGET,
+                                                  metadata=pixel_metadata)
     except ImageError as exc:  # what the server answers for the same bytes
-        return _EMPTY, (0, 0), Code.INVALID_ARGUMENT, request_message(name, str(exc))
-    return image, original, "", ""
+        return (_EMPTY, (0, 0), Code.INVALID_ARGUMENT, request_message(name, str(exc)), "",
+                digest)
+    return image, original, "", "", json.dumps(meta) if meta else "", digest
 
 
 def read_images(batch: Batch, resize: ResizeSpec, max_pixels: int,
-                timeout_s: float = DEFAULT_TIMEOUT_S) -> Batch:
-    """Read, decode and resize each row's image (BGR, as the server's engine does)."""
-    read = [_read_one(str(p), str(n), resize, max_pixels, timeout_s)
+                timeout_s: float = DEFAULT_TIMEOUT_S, pixel_metadata: bool = True) -> Batch:
+    """Read, decode and resize each row's image (BGR, as the server's engine does), with
+    its pixel metadata and content hash (pretag.job.health)."""
+    read = [_read_one(str(p), str(n), resize, max_pixels, timeout_s, pixel_metadata)
             for p, n in zip(batch["path"], batch["name"], strict=True)]
     return {**batch,
             "image": _column([r[0] for r in read]),
             "original": np.array([r[1] for r in read], np.int64).reshape(-1, 2),
             "code": np.array([r[2] for r in read], dtype=object),
-            "reason": np.array([r[3] for r in read], dtype=object)}
+            "reason": np.array([r[3] for r in read], dtype=object),
+            "metadata": np.array([r[4] for r in read], dtype=object),
+            "digest": np.array([r[5] for r in read], dtype=object)}
 
 
 #: ``code`` of a frame not read because its video failed before it: counted, not listed
@@ -101,7 +111,8 @@ SKIP = "SKIP"
 
 
 def read_video(batch: Batch, resize: ResizeSpec, frames_per_batch: int,
-               timeout_s: float = DEFAULT_TIMEOUT_S) -> Iterator[Batch]:
+               timeout_s: float = DEFAULT_TIMEOUT_S, pixel_metadata: bool = True
+               ) -> Iterator[Batch]:
     """The frames still to do of each video row (``job.video.to_row`` plus ``indices``,
     ``names``, ``frames``), decoded in order by this one task and given out
     ``frames_per_batch`` at a time, as :func:`read_images` rows. A video that fails gives
@@ -119,7 +130,7 @@ def read_video(batch: Batch, resize: ResizeSpec, frames_per_batch: int,
             for frame, image, original in reader:
                 out.append((index_of[frame], names.pop(frame), image, original, "", ""))
                 if len(out) == frames_per_batch:
-                    yield _frame_rows(out, video)
+                    yield _frame_rows(out, video, pixel_metadata)
                     out = []
         except VideoError as exc:
             line = json.dumps(failure(video, list(names), exc))
@@ -133,18 +144,23 @@ def read_video(batch: Batch, resize: ResizeSpec, frames_per_batch: int,
             out += [(index_of[frame], names[frame], _EMPTY, (0, 0), STOP,
                      f"cannot read {video.path}: {problem}") for frame in sorted(names)]
         if out:
-            yield _frame_rows(out, video)
+            yield _frame_rows(out, video, pixel_metadata)
 
 
 def _frame_rows(rows: list[tuple[int, str, np.ndarray, tuple[int, int], str, str]],
-                video: Video) -> Batch:
+                video: Video, metadata: bool = True) -> Batch:
     return {"index": np.array([r[0] for r in rows], np.int64),
             "name": np.array([r[1] for r in rows], dtype=object),
             "path": np.array([str(video.path)] * len(rows), dtype=object),
             "image": _column([r[2] for r in rows]),
             "original": np.array([r[3] for r in rows], np.int64).reshape(-1, 2),
             "code": np.array([r[4] for r in rows], dtype=object),
-            "reason": np.array([r[5] for r in rows], dtype=object)}
+            "reason": np.array([r[5] for r in rows], dtype=object),
+            # as the gRPC path: frames' metadata from the pixels sent to the model, no hash
+            "metadata": np.array([json.dumps(health.pixel_metadata(r[2], tuple(r[3])))
+                                  if metadata and r[2].size else "" for r in rows],
+                                 dtype=object),
+            "digest": np.array([""] * len(rows), dtype=object)}
 
 
 @dataclass(frozen=True)
@@ -260,6 +276,10 @@ def write_block(batch: Batch, config: WriteConfig) -> Batch:
             continue
         pred = _prediction(batch, i, config)
         entry = make_entry(pred.id, pred.boxes, pred.labels, pred.scores)
+        if batch.get("metadata") is not None and batch["metadata"][i]:
+            entry["metadata"] = metadata_entry(json.loads(batch["metadata"][i]))
+        if batch.get("digest") is not None and batch["digest"][i]:
+            entry["content_hash"] = str(batch["digest"][i])
         try:  # as the gRPC path: vectors checked, prediction stored, then vectors kept
             if config.mode != "none":
                 shard.check(pred.id, pred, images, objects)

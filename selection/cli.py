@@ -42,6 +42,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add("--embeddings", type=Path, metavar="FILE",
         help="your own vectors instead of the run's: Lightly's embeddings.csv (filenames, "
              "embedding_0..D-1, labels) or Parquet (as worker_config.embeddings)")
+    add("--remove-near-duplicates", action="store_true",
+        help="leave out all but the first image of each group in the run's "
+             "report/near_duplicates.json (pretag run --near-duplicate-distance)")
     add("--write-crops", action="store_true",
         help="object level: write each picked crop (with the config's padding) as a PNG "
              "under selection/crops/; needs --images")
@@ -70,6 +73,8 @@ def run(args: argparse.Namespace) -> int:
             if config.object_level_task:
                 raise SelectionConfigError("--embeddings are one vector per image; they "
                                            "cannot go with object_level")
+        if args.remove_near_duplicates:
+            config = replace(config, remove_near_duplicates=True)
         metadata = _metadata(args.metadata)
         if not (args.run_dir / ".lightly" / "predictions").is_dir():
             raise SelectionConfigError(f"{args.run_dir} holds no predictions (pretag run "

@@ -97,6 +97,9 @@ class SelectionConfig:
     #: worker_config.corruptness_check.corruption_threshold: an image whose uniformRowRatio
     #: is above it is corrupt and no candidate (pretag.job.health)
     corruption_threshold: float = DEFAULT_MAX_UNIFORM_ROW_RATIO
+    #: pretag select --remove-near-duplicates: report/near_duplicates.json's "removed"
+    #: images are no candidates
+    remove_near_duplicates: bool = False
 
     def count(self, available: int) -> int:
         """How many samples to pick out of ``available``."""

@@ -84,12 +84,28 @@ def read_run(run_dir: Path) -> RunPredictions:
     return run
 
 
-def healthy(run: RunPredictions, threshold: float
+def near_duplicates(run_dir: Path) -> dict[str, str]:
+    """The images ``report/near_duplicates.json`` removes, each with the one it keeps."""
+    path = run_dir / "report" / "near_duplicates.json"
+    try:
+        data = json.loads(path.read_text())
+        groups = data["groups"]
+        if not all(isinstance(g, list) and all(isinstance(n, str) for n in g) for g in groups):
+            raise TypeError("groups must be lists of names")
+    except FileNotFoundError:
+        raise SelectionConfigError(f"--remove-near-duplicates: {path} does not exist; pretag "
+                                   f"run writes it when it stores image vectors") from None
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise SelectionConfigError(f"{path} cannot be read ({exc})") from None
+    return {name: f"near duplicate of {group[0]}" for group in groups for name in group[1:]}
+
+
+def healthy(run: RunPredictions, threshold: float, near: dict[str, str] | None = None
             ) -> tuple[RunPredictions, dict[str, str]]:
     """``run`` without the images that are no candidates (pretag.job.health): corrupt ones
-    (uniformRowRatio above ``threshold``) and every exact duplicate but the first of its
-    group; and those left out, with why."""
-    excluded: dict[str, str] = {}
+    (uniformRowRatio above ``threshold``), every exact duplicate but the first of its
+    group and the ``near`` duplicates to leave out; and those left out, with why."""
+    excluded: dict[str, str] = {n: why for n, why in (near or {}).items() if n in run.entries}
     hashes: dict[str, str] = {}
     for name, entry in run.entries.items():
         reason = corrupt_reason(entry, threshold)
@@ -104,10 +120,11 @@ def healthy(run: RunPredictions, threshold: float
         return run, excluded
     entries = {n: e for n, e in run.entries.items() if n not in excluded}
     bad = {n: b for n, b in run.bad.items() if n not in excluded}
-    log.info("%d images are no candidates: %d corrupt, %d exact duplicates (listed in "
-             "selection/excluded.json)", len(excluded),
+    log.info("%d images are no candidates: %d corrupt, %d exact and %d near duplicates "
+             "(listed in selection/excluded.json)", len(excluded),
              sum(r.startswith("corrupt") for r in excluded.values()),
-             sum(r.startswith("exact") for r in excluded.values()))
+             sum(r.startswith("exact") for r in excluded.values()),
+             sum(r.startswith("near") for r in excluded.values()))
     return RunPredictions(run.classes, entries, bad), excluded
 
 

@@ -44,6 +44,7 @@ from pretag.selection.predictions import (
     RunPredictions,
     healthy,
     lightly_metadata,
+    near_duplicates,
     read_run,
     staged,
 )
@@ -264,7 +265,8 @@ def run_selection(run_dir: Path, config: SelectionConfig, output_dir: Path | Non
                                    "(the run's input folder): the frames' timestamps are "
                                    "read from the videos")
     with hold(base, "pretag select"):
-        run, excluded = healthy(read_run(run_dir), config.corruption_threshold)
+        near = near_duplicates(run_dir) if config.remove_near_duplicates else None
+        run, excluded = healthy(read_run(run_dir), config.corruption_threshold, near)
         metadata = _with_lightly(run, metadata or {})
         if config.object_level_task:
             samples = object_samples(run_dir, metadata or {}, run)

@@ -162,3 +162,85 @@ def test_the_server_answers_pixel_metadata_only_when_asked(broken: Path, yolox_m
     assert asked.metadata["uniformRowRatio"] == pytest.approx(0.5, abs=0.02)
     assert (asked.metadata["width"], asked.metadata["height"]) == (1600, 900)
     assert asked.boxes == plain.boxes  # the same detections either way
+
+
+@pytest.mark.slow
+def test_ray_finds_the_same_corrupt_and_duplicate_inputs(health_run: Path, broken: Path,
+                                                         yolox_model: Path, ray_cluster: str,
+                                                         tmp_path: Path):
+    import os
+    import subprocess
+    import sys
+
+    # as tests/test_ray.py: a cluster with token authentication needs drivers to opt in
+    env = {**os.environ, **({"RAY_AUTH_MODE": "token"}
+                            if (Path.home() / ".ray" / "auth_token").exists() else {})}
+    out = tmp_path / "ray"
+    done = subprocess.run([sys.executable, "-m", "pretag.cli", "run", str(broken),
+                           "--output-dir", str(out), "--model", str(yolox_model), "--quiet",
+                           "--ray", ray_cluster], capture_output=True, text=True,
+                          timeout=300, env=env)
+    assert done.returncode == 3, done.stderr
+    for name in ("corrupt.json", "duplicates.json"):
+        assert _report(out, name) == _report(health_run, name)
+    for path in sorted((health_run / PREDICTIONS).glob("*.json")):
+        if path.name != "schema.json":  # the same entries: detections, metadata, hash
+            assert (out / PREDICTIONS / path.name).read_text() == path.read_text(), path.name
+
+
+def test_near_duplicates_are_found_and_can_be_left_out(health_run: Path, tmp_path: Path):
+    near = _report(health_run, "near_duplicates.json")
+    assert near["distance"] == 0.02 and near["exact"] and near["images"] == 6
+    assert near["groups"] == [["front.jpg", "front_copy.jpg", "reencoded.jpg"]]
+    assert near["removed"] == ["front_copy.jpg", "reencoded.jpg"]
+    config = {"worker_config": {"pretagging": True},
+              "selection_config": {"n_samples": 10, "strategies": [
+                  {"input": {"type": "EMBEDDINGS"}, "strategy": {"type": "DIVERSITY"}}]}}
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(config))
+    out = tmp_path / "sel"
+    assert main(["select", str(health_run), "--config", str(path), "--output-dir", str(out),
+                 "--remove-near-duplicates"]) == 0
+    assert sorted((out / "selection" / "selected.txt").read_text().split()) == \
+        ["front.jpg", "kitti.png"]
+    excluded = json.loads((out / "selection" / "excluded.json").read_text())
+    assert excluded["reencoded.jpg"] == "near duplicate of front.jpg"
+
+
+def test_near_duplicate_search_exact_and_inverted_file_agree(monkeypatch: pytest.MonkeyPatch):
+    from pretag.job import neardup
+
+    rng = np.random.default_rng(0)
+    base = rng.normal(size=(3000, 64)).astype(np.float32)
+    base /= np.linalg.norm(base, axis=1, keepdims=True)
+    copies = base[:40] + rng.normal(scale=0.01, size=(40, 64)).astype(np.float32)
+    vectors = np.concatenate([base, copies])
+    exact, was_exact = neardup.find(vectors, 0.02)
+    assert was_exact
+    assert sorted((i, j) for i, j, _ in exact.pairs) == [(i, 3000 + i) for i in range(40)]
+    assert all(d <= 0.02 for *_, d in exact.pairs) and len(exact.groups) == 40
+    monkeypatch.setattr(neardup, "EXACT_MAX", 100)
+    approx, was_exact = neardup.find(vectors, 0.02)
+    assert not was_exact
+    found = {(i, j) for i, j, _ in approx.pairs}
+    assert len(found) >= 38 and found <= {(i, 3000 + i) for i in range(40)}
+
+
+def test_a_bad_near_duplicate_distance_is_exit_2(broken: Path, yolox_model: Path,
+                                                 tmp_path: Path, caplog: pytest.LogCaptureFixture):
+    for bad in ("1", "-0.1", "nan"):
+        assert main(["run", str(broken), "--output-dir", str(tmp_path / "out"), "--model",
+                     str(yolox_model), "--near-duplicate-distance", bad]) == 2
+    assert "--near-duplicate-distance must be in [0, 1)" in caplog.text
+
+
+def test_remove_near_duplicates_needs_the_report(health_run: Path, tmp_path: Path,
+                                                 caplog: pytest.LogCaptureFixture):
+    run = tmp_path / "run"
+    shutil.copytree(health_run, run)
+    (run / "report" / "near_duplicates.json").unlink()
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps({"selection_config": {"n_samples": 1, "strategies": [
+        {"input": {"type": "EMBEDDINGS"}, "strategy": {"type": "DIVERSITY"}}]}}))
+    assert main(["select", str(run), "--config", str(path), "--remove-near-duplicates"]) == 2
+    assert "near_duplicates.json does not exist" in caplog.text
