@@ -62,7 +62,10 @@ def test_embedded_run_writes_every_prediction_in_the_stated_format(clean_run: Pa
     preds = predictions(clean_run)
     assert len(preds) == 128
     for rel, entry in preds.items():
-        assert set(entry) == {"filename", "boxes", "labels", "scores"}
+        # the stated format, plus the data-health fields (job.health)
+        assert set(entry) == {"filename", "boxes", "labels", "scores", "metadata",
+                              "content_hash"}
+        assert entry["metadata"]["uniformRowRatio"] <= 0.025  # real photos, none corrupt
         assert rel == str(Path(entry["filename"]).with_suffix(".json"))
         assert entry["filename"].startswith("images/") and entry["filename"].endswith(".jpg")
         boxes = np.array(entry["boxes"], dtype=float).reshape(-1, 4)
