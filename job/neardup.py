@@ -7,7 +7,7 @@ health"): with YOLOX-Nano's image vectors, 95-99% of re-encoded (JPEG q70), half
 original, and no two distinct images of those 139 do (the closest distinct pair: 0.028).
 Another model's vectors need their own value (``--near-duplicate-distance``).
 
-Up to :data:`EXACT_MAX` vectors the search is exact (faiss ``IndexFlatIP``); beyond, an
+Up to :data:`EXACT_MAX` (50k) vectors the search is exact (faiss ``IndexFlatIP``); beyond, an
 inverted file (``IndexIVFFlat``, ``nlist`` about 4 sqrt(N), ``nprobe`` 16) trained on a
 sample, which may miss a pair whose vectors fall in cells not probed.
 """
@@ -29,7 +29,7 @@ from pretag.job.storage import AnyPath
 log = logging.getLogger(__name__)
 
 DEFAULT_DISTANCE = 0.02
-EXACT_MAX = 200_000
+EXACT_MAX = 50_000
 _BLOCK = 16_384  # queries per faiss call: bounds the result buffers
 
 

@@ -31,6 +31,15 @@ from pretag.job.report import draw_debug_image
 from pretag.job.stats import bar_chart, class_stats
 from pretag.job.video import SampleImages, VideoError
 from pretag.selection.greedy import normalise
+from pretag.selection.report_health import (
+    MAX_EXCLUDED_THUMBNAILS,
+    MAX_PICK_THUMBNAILS,
+    THUMB_PX,
+    health_record,
+    health_section,
+    shares_chart,
+    thumbnails,
+)
 from pretag.selection.samples import Samples
 
 log = logging.getLogger(__name__)
@@ -148,15 +157,19 @@ class Earlier:
 
 def write_report(run_dir: Path, out_dir: Path, samples: Samples, picked: list[int],
                  target: dict[str, float] | None, images: Path | None = None,
-                 earlier: Earlier | None = None) -> dict[str, Any]:
+                 earlier: Earlier | None = None,
+                 excluded: dict[str, str] | None = None) -> dict[str, Any]:
     """report/report.json, the histograms and report/report.html under ``out_dir``
-    (with a datapool: also the earlier picks', and both together)."""
+    (with a datapool: also the earlier picks', and both together; ``excluded``: the
+    images left out of the candidates, with why)."""
     report_dir = out_dir / "report"
     report_dir.mkdir(parents=True, exist_ok=True)
     rows = np.array(picked, dtype=int)
     before = class_stats_of(samples, np.arange(len(samples.names)))
     after = class_stats_of(samples, rows)
-    record: dict[str, Any] = {"before": before, "after": after}
+    record: dict[str, Any] = {"before": before, "after": after,
+                              "data_health": health_record(excluded or {}, len(samples.names),
+                                                           len(picked))}
     pngs = {}
     if earlier is not None:
         prior = np.array(earlier.rows, dtype=int)
@@ -177,6 +190,8 @@ def write_report(run_dir: Path, out_dir: Path, samples: Samples, picked: list[in
             got = np.array([*listed, max(0.0, sum(shares.values()) - sum(listed))])
             record[f"gap_to_target_{key}"] = float(np.abs(got - wanted).sum())
         record["target"] = target
+        pngs["shares"] = shares_chart(_plot, target, before["class_distribution"],
+                                      after["class_distribution"])
     pngs = {"before": _histogram(before, "before"), "after": _histogram(after, "after"),
             **pngs}
     for key, data in pngs.items():
@@ -189,10 +204,12 @@ def write_report(run_dir: Path, out_dir: Path, samples: Samples, picked: list[in
         maps = (f"<h2>Embeddings</h2><div class=row>{_img(scatter, 'png', 'PCA map')}"
                 f"{_img(spread, 'png', 'nearest-neighbour distances')}</div>")
     write_atomic(report_dir / "report.json", json.dumps(record, indent=1) + "\n")
-    debug = _debug_images(run_dir, images, [samples.names[i] for i in picked], report_dir,
-                          samples.classes)
+    names = [samples.names[i] for i in picked]
+    debug = _debug_images(run_dir, images, names, report_dir, samples.classes)
+    grids = (thumbnails(images, names, MAX_PICK_THUMBNAILS),
+             thumbnails(images, sorted(excluded or {}), MAX_EXCLUDED_THUMBNAILS, excluded))
     write_atomic(report_dir / "report.html",
-                 _page(run_dir, record, pngs, maps, debug))
+                 _page(run_dir, record, pngs, maps, debug, grids))
     return record
 
 
@@ -203,7 +220,7 @@ _SCRIPT = """window.addEventListener("load", () => {
 
 
 def _page(run_dir: Path, record: dict[str, Any], pngs: dict[str, bytes], maps: str,
-          debug: list[str]) -> str:
+          debug: list[str], grids: tuple[list[str], list[str]] = ([], [])) -> str:
     settings_path = run_dir / "report" / "run_settings.json"
     settings = settings_path.read_text() if settings_path.is_file() else "{}"
     before, after = record["before"], record["after"]
@@ -215,7 +232,8 @@ def _page(run_dir: Path, record: dict[str, Any], pngs: dict[str, bytes], maps: s
         gap = (f"<p>L1 gap to the target distribution: {record['gap_to_target_before']:.3f} "
                f"before, {record['gap_to_target_after']:.3f} after"
                + (f", {record['gap_to_target_both']:.3f} with the earlier picks"
-                  if "gap_to_target_both" in record else "") + ".</p>")
+                  if "gap_to_target_both" in record else "") + ".</p>"
+               + _img(pngs["shares"], "png", "class shares before, after and target"))
     pool = ""
     if "datapool" in record:
         earlier, both = record["datapool"]["earlier"], record["datapool"]["both"]
@@ -228,7 +246,8 @@ def _page(run_dir: Path, record: dict[str, Any], pngs: dict[str, bytes], maps: s
     return f"""<!doctype html>
 <html><head><meta charset="utf-8"><title>pretag selection report</title>
 <style>body{{font-family:sans-serif;margin:2em}} img{{max-width:48%;margin:4px}}
-.row{{display:flex;flex-wrap:wrap}} td,th{{padding:2px 10px;text-align:right}}</style>
+.row{{display:flex;flex-wrap:wrap}} td,th{{padding:2px 10px;text-align:right}}
+img.thumb{{max-width:{THUMB_PX}px}} figure{{margin:4px;font-size:70%;width:{THUMB_PX}px}}</style>
 <script>{_SCRIPT}</script></head>
 <body data-images="pending"><h1>Selection report</h1>
 <p>{before['samples']} samples before, {after['samples']} selected. Objects per sample:
@@ -239,7 +258,10 @@ after.</p>{gap}
 <table><tr><th>class</th><th>before</th><th>after</th></tr>{rows}</table>
 {pool}
 {maps}
+{health_section(record, grids[1])}
 <h2>Selected images</h2><div class=row>{''.join(debug) or '<p>(pass --images to draw)</p>'}</div>
+{f"<h2>All picks (first {len(grids[0])})</h2><div class=row>{''.join(grids[0])}</div>"
+ if grids[0] else ""}
 <h2>Run settings</h2><pre>{html.escape(settings)}</pre>
 </body></html>
 """

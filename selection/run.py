@@ -299,7 +299,8 @@ def run_selection(run_dir: Path, config: SelectionConfig, output_dir: Path | Non
                 log.info("wrote %d crops to %s", count, base / "selection" / "crops")
         write_report(run_dir, base, picked.samples, [p.index for p in picked.picks],
                      target_of(config), images,
-                     Earlier(prior.tolist(), missing) if config.use_datapool else None)
+                     Earlier(prior.tolist(), missing) if config.use_datapool else None,
+                     excluded)
         if config.use_datapool and config.update_datapool:  # after selection/ is in place:
             write_pool(base, record, ident, config, names)  # a kill before keeps the old
     log.info("selected %d of %d samples into %s", len(names), len(samples.names),

@@ -244,3 +244,34 @@ def test_remove_near_duplicates_needs_the_report(health_run: Path, tmp_path: Pat
         {"input": {"type": "EMBEDDINGS"}, "strategy": {"type": "DIVERSITY"}}]}}))
     assert main(["select", str(run), "--config", str(path), "--remove-near-duplicates"]) == 2
     assert "near_duplicates.json does not exist" in caplog.text
+
+
+def test_the_report_shows_data_health_shares_and_bounded_grids(health_run: Path, broken: Path,
+                                                               tmp_path: Path):
+    from pretag.selection.report_health import MAX_PICK_THUMBNAILS
+
+    config = {"worker_config": {"pretagging": True},
+              "selection_config": {"n_samples": 2, "strategies": [
+                  {"input": {"type": "EMBEDDINGS"}, "strategy": {"type": "DIVERSITY"}},
+                  {"input": {"type": "PREDICTIONS", "task": "lightly_pretagging",
+                             "name": "CLASS_DISTRIBUTION"},
+                   "strategy": {"type": "BALANCE", "target": {"car": 0.7, "truck": 0.3}}}]}}
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(config))
+    out = tmp_path / "sel"
+    assert main(["select", str(health_run), "--config", str(path), "--output-dir", str(out),
+                 "--images", str(broken), "--remove-near-duplicates"]) == 0
+    report = json.loads((out / "report" / "report.json").read_text())
+    assert report["data_health"] == {
+        "excluded": 4, "corrupt": 2, "exact_duplicates": 1, "near_duplicates": 1,
+        "candidates": 2, "selected": 2, "not_sent_to_labelling": 0,
+        "first_excluded": {"blank.jpg": "corrupt (built-in: uniformRowRatio above 0.025)",
+                           "front_copy.jpg": "exact duplicate of front.jpg",
+                           "half_grey.jpg": "corrupt (built-in: uniformRowRatio above 0.025)",
+                           "reencoded.jpg": "near duplicate of front.jpg"}}
+    page = (out / "report" / "report.html").read_text()
+    assert "<h2>Data health</h2>" in page and "4 images (2 corrupt, 1 exact" in page
+    assert 'alt="class shares before, after and target"' in page
+    assert page.count("<img class=thumb") == 2 + 4  # the picks, and the images left out
+    assert "blank.jpg: corrupt (built-in" in page  # an excluded thumbnail's caption
+    assert MAX_PICK_THUMBNAILS >= 2
