@@ -2,7 +2,7 @@
 with faiss after the run and written as ``report/near_duplicates.json``.
 
 The default distance, 0.02, was chosen on real copies (benchmarks/RESULTS.md, "Data
-health"): with YOLOX-Nano's image vectors, 95-99% of re-encoded (JPEG q70), half-size,
+health"): with YOLOX-Nano's image vectors, 94-99% of re-encoded (JPEG q70), half-size,
 8-px-shifted and 90%-cropped copies of coco128 and the driving frames lie within it of their
 original, and no two distinct images of those 139 do (the closest distinct pair: 0.028).
 Another model's vectors need their own value (``--near-duplicate-distance``).
