@@ -37,6 +37,7 @@ from pretag.selection.report_health import (
     THUMB_PX,
     health_record,
     health_section,
+    pair_thumbnails,
     shares_chart,
     thumbnails,
 )
@@ -207,7 +208,8 @@ def write_report(run_dir: Path, out_dir: Path, samples: Samples, picked: list[in
     names = [samples.names[i] for i in picked]
     debug = _debug_images(run_dir, images, names, report_dir, samples.classes)
     grids = (thumbnails(images, names, MAX_PICK_THUMBNAILS),
-             thumbnails(images, sorted(excluded or {}), MAX_EXCLUDED_THUMBNAILS, excluded))
+             thumbnails(images, sorted(excluded or {}), MAX_EXCLUDED_THUMBNAILS, excluded),
+             pair_thumbnails(images, excluded or {}))
     write_atomic(report_dir / "report.html",
                  _page(run_dir, record, pngs, maps, debug, grids))
     return record
@@ -220,7 +222,8 @@ _SCRIPT = """window.addEventListener("load", () => {
 
 
 def _page(run_dir: Path, record: dict[str, Any], pngs: dict[str, bytes], maps: str,
-          debug: list[str], grids: tuple[list[str], list[str]] = ([], [])) -> str:
+          debug: list[str], grids: tuple[list[str], list[str], list[str]] = ([], [], [])
+          ) -> str:
     settings_path = run_dir / "report" / "run_settings.json"
     settings = settings_path.read_text() if settings_path.is_file() else "{}"
     before, after = record["before"], record["after"]
@@ -258,7 +261,7 @@ after.</p>{gap}
 <table><tr><th>class</th><th>before</th><th>after</th></tr>{rows}</table>
 {pool}
 {maps}
-{health_section(record, grids[1])}
+{health_section(record, grids[1], grids[2])}
 <h2>Selected images</h2><div class=row>{''.join(debug) or '<p>(pass --images to draw)</p>'}</div>
 {f"<h2>All picks (first {len(grids[0])})</h2><div class=row>{''.join(grids[0])}</div>"
  if grids[0] else ""}

@@ -3,8 +3,9 @@ why (corrupt, exact and near duplicates), the samples not sent to labelling, cla
 before, after and the target side by side, and bounded thumbnail grids of the picks and of
 the images left out.
 
-Bounds: at most :data:`MAX_PICK_THUMBNAILS` thumbnails of the picks and
-:data:`MAX_EXCLUDED_THUMBNAILS` of the excluded images, each at most :data:`THUMB_PX` on
+Bounds: at most :data:`MAX_PICK_THUMBNAILS` thumbnails of the picks,
+:data:`MAX_EXCLUDED_THUMBNAILS` of the excluded images and :data:`MAX_PAIRS` kept/left-out
+duplicate pairs, each at most :data:`THUMB_PX` on
 its longer side as JPEG quality 70 (a few KB), and :data:`MAX_LISTED` excluded names in the
 page (all of them are in selection/excluded.json), so the page stays a few MB whatever the
 run's size.
@@ -30,6 +31,7 @@ log = logging.getLogger(__name__)
 MAX_PICK_THUMBNAILS = 48
 MAX_EXCLUDED_THUMBNAILS = 12
 MAX_LISTED = 50
+MAX_PAIRS = 6  # kept images shown beside a duplicate left out
 THUMB_PX = 160
 
 
@@ -102,7 +104,24 @@ def thumbnails(images: Path | None, names: Sequence[str], limit: int,
     return tags
 
 
-def health_section(record: Mapping[str, Any], excluded_tags: list[str]) -> str:
+def pair_thumbnails(images: Path | None, excluded: Mapping[str, str]) -> list[str]:
+    """Kept images beside a duplicate of theirs that was left out (exact or near), each
+    pair one row: what the selection did not lose."""
+    rows: list[str] = []
+    for name, reason in sorted(excluded.items()):
+        if len(rows) >= MAX_PAIRS:
+            break
+        kept = reason.split(" duplicate of ", 1)[1] if " duplicate of " in reason else None
+        if kept is None:
+            continue
+        tags = thumbnails(images, [kept, name], 2, {kept: "kept", name: reason})
+        if len(tags) == 2:
+            rows.append(f"<div class=row>{''.join(tags)}</div>")
+    return rows
+
+
+def health_section(record: Mapping[str, Any], excluded_tags: list[str],
+                   pairs: Sequence[str] = ()) -> str:
     """The page's data-health section."""
     health = record.get("data_health")
     if health is None:
@@ -118,4 +137,5 @@ def health_section(record: Mapping[str, Any], excluded_tags: list[str]) -> str:
             + (f"<table><tr><th>left out</th><th>why</th></tr>{listed}</table>" if listed
                else "")
             + (f"<p>... and {more} more (selection/excluded.json).</p>" if more > 0 else "")
-            + (f"<div class=row>{''.join(excluded_tags)}</div>" if excluded_tags else ""))
+            + (f"<div class=row>{''.join(excluded_tags)}</div>" if excluded_tags else "")
+            + (f"<h3>Kept, beside a duplicate left out</h3>{''.join(pairs)}" if pairs else ""))

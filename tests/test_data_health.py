@@ -272,6 +272,40 @@ def test_the_report_shows_data_health_shares_and_bounded_grids(health_run: Path,
     page = (out / "report" / "report.html").read_text()
     assert "<h2>Data health</h2>" in page and "4 images (2 corrupt, 1 exact" in page
     assert 'alt="class shares before, after and target"' in page
-    assert page.count("<img class=thumb") == 2 + 4  # the picks, and the images left out
+    # the picks, the images left out, and each kept image beside its duplicate left out
+    assert page.count("<img class=thumb") == 2 + 4 + 2 * 2
+    assert "<h3>Kept, beside a duplicate left out</h3>" in page
     assert "blank.jpg: corrupt (built-in" in page  # an excluded thumbnail's caption
     assert MAX_PICK_THUMBNAILS >= 2
+
+
+def _png_with(image: np.ndarray, damage: str) -> bytes:
+    """A PNG with one byte of its first IDAT chunk's data flipped, or its CRC."""
+    data = bytearray(cv2.imencode(".png", image)[1].tobytes())
+    at = data.find(b"IDAT")
+    length = int.from_bytes(data[at - 4:at], "big")
+    where = at + 4 + 20 if damage == "data" else at + 4 + length  # into the data / the CRC
+    data[where] ^= 0xFF
+    return bytes(data)
+
+
+def test_broken_pngs_and_a_video_cut_short_are_corrupt(shared: Path, yolox_model: Path,
+                                                       tmp_path: Path):
+    from pretag.bench.video import cut, make_video, pan_frames
+
+    folder = tmp_path / "in"
+    folder.mkdir()
+    image = cv2.imread(str(shared / "data" / "driving" / "kitti_000007.png"))
+    (folder / "data_flip.png").write_bytes(_png_with(image, "data"))
+    (folder / "crc_flip.png").write_bytes(_png_with(image, "crc"))
+    clip = make_video(tmp_path / "whole.mp4",
+                      pan_frames(sorted((shared / "data" / "driving").glob("*.jpg")), 30,
+                                 (320, 192)), gop=10)
+    cut(clip, folder / "cut.mp4", 0.5)
+    out = tmp_path / "out"
+    assert main(["run", str(folder), "--output-dir", str(out), "--model", str(yolox_model),
+                 "--quiet"]) == 3
+    corrupt = _report(out, "corrupt.json")
+    assert corrupt["corrupt_samples"].keys() == {"data_flip.png", "crc_flip.png"}
+    assert all("corrupt or truncated" in r for r in corrupt["corrupt_samples"].values())
+    assert list(corrupt["corrupt_videos"]) == ["cut.mp4"]
