@@ -62,7 +62,7 @@ from pretag.job.stream import (
     StreamSettings,
     Target,
 )
-from pretag.job.vectors import VectorStore, embeddings_dir, load_embeddings
+from pretag.job.vectors import VectorError, VectorStore, embeddings_dir, load_embeddings
 from pretag.job.video import FrameSettings, VideoError, expand, read_frame
 from pretag.model import ModelDescription
 from pretag.preprocess import DEFAULT_MAX_PIXELS
@@ -343,9 +343,13 @@ def report(plan: Plan, listing: Listing, seconds: float, where: tuple[str, ...]
     write_histogram(config.output_dir / "report", state.hist, config.score_threshold)
     state.health.write(config.output_dir / "report", state.errors)
     if plan.mode in ("image", "all") and config.near_duplicate_distance > 0:
-        names, vectors = load_embeddings(config.output_dir)
-        write_near_duplicates(config.output_dir / "report", names, vectors,
-                              config.near_duplicate_distance)
+        try:
+            names, vectors = load_embeddings(config.output_dir)
+        except VectorError as exc:  # the predictions stand; the search needs every vector
+            log.error("no near-duplicate search: %s", exc)
+        else:
+            write_near_duplicates(config.output_dir / "report", names, vectors,
+                                  config.near_duplicate_distance)
     if config.debug_images:
         _debug_images(config, listing.items, state.hist.class_names)
     frames = sum(1 for item in listing.items if item.video is not None)

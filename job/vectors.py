@@ -205,18 +205,27 @@ def _shards(output_dir: AnyPath, kind: str) -> Iterator[AnyPath]:
         yield path
 
 
+class VectorError(ValueError):
+    """A stored vector shard cannot be used; the message names the file."""
+
+
 def load_embeddings(output_dir: AnyPath, kind: str = "images") -> tuple[list[str], np.ndarray]:
     """(filenames, float32 [rows, D]) of a run's image (or object) vectors.
 
     The array is allocated once from the shards' row counts and filled shard by shard,
-    so a million rows never sit in memory twice.
+    so a million rows never sit in memory twice. A shard that is not Parquet, holds
+    vectors of another length than the others' or values that are not finite is a
+    :class:`VectorError` naming it.
     """
     paths, total = [], 0
     for path in _shards(output_dir, kind):
-        with _parquet(path) as shard:
-            if "vector" in shard.schema_arrow.names:
-                paths.append(path)
-                total += shard.metadata.num_rows
+        try:
+            with _parquet(path) as shard:
+                if "vector" in shard.schema_arrow.names:
+                    paths.append(path)
+                    total += shard.metadata.num_rows
+        except (pa.ArrowException, OSError) as exc:
+            raise VectorError(f"{path} is not a readable vector shard ({exc})") from None
     names: list[str] = []
     out: np.ndarray | None = None
     row = 0
@@ -224,10 +233,19 @@ def load_embeddings(output_dir: AnyPath, kind: str = "images") -> tuple[list[str
         with _parquet(path) as shard:
             table = shard.read(columns=["filename", "vector"])
         vectors = table["vector"].combine_chunks()
-        dim = vectors.type.list_size
+        dim = getattr(vectors.type, "list_size", None)
+        if dim is None or (out is not None and dim != out.shape[1]):
+            raise VectorError(f"{path} holds vectors of {dim or 'no fixed'} values, the shards "
+                              f"before it {out.shape[1] if out is not None else '?'}: it does "
+                              f"not belong to this run (run pretag run --overwrite)")
         if out is None:
             out = np.empty((total, dim), np.float32)
-        out[row:row + len(table)] = vectors.flatten().to_numpy().reshape(-1, dim)
+        block = out[row:row + len(table)]
+        block[:] = vectors.flatten().to_numpy(zero_copy_only=False).reshape(-1, dim)
+        bad = int((~np.isfinite(block)).any(axis=1).sum())
+        if bad:
+            raise VectorError(f"{path}: {bad} vectors hold values that are not finite "
+                              f"(NaN or inf); run pretag run --overwrite to store them again")
         names.extend(table["filename"].to_pylist())
         row += len(table)
         del table, vectors

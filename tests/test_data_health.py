@@ -309,3 +309,34 @@ def test_broken_pngs_and_a_video_cut_short_are_corrupt(shared: Path, yolox_model
     assert corrupt["corrupt_samples"].keys() == {"data_flip.png", "crc_flip.png"}
     assert all("corrupt or truncated" in r for r in corrupt["corrupt_samples"].values())
     assert list(corrupt["corrupt_videos"]) == ["cut.mp4"]
+
+
+@pytest.mark.parametrize("damage, problem", [
+    ("length", "holds vectors of 10 values, the shards before it 448"),
+    ("nan", "1 vectors hold values that are not finite"),
+    ("garbage", "is not a readable vector shard"),
+])
+def test_a_damaged_vector_shard_is_refused_naming_it(health_run: Path, tmp_path: Path,
+                                                     damage: str, problem: str,
+                                                     caplog: pytest.LogCaptureFixture):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    run = tmp_path / "run"
+    shutil.copytree(health_run, run)
+    shard = run / ".lightly" / "embeddings" / "lightly_pretagging" / "images-999999.parquet"
+    if damage == "garbage":
+        shard.write_bytes(b"not parquet at all")
+    else:
+        dim = 10 if damage == "length" else 448
+        values = np.ones(dim, np.float16)
+        if damage == "nan":
+            values[3] = np.nan
+        pq.write_table(pa.table({"filename": ["extra.jpg"], "vector":
+                                 pa.FixedSizeListArray.from_arrays(pa.array(values), dim)}),
+                       shard)
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps({"selection_config": {"n_samples": 1, "strategies": [
+        {"input": {"type": "EMBEDDINGS"}, "strategy": {"type": "DIVERSITY"}}]}}))
+    assert main(["select", str(run), "--config", str(path)]) == 2
+    assert "images-999999.parquet" in caplog.text and problem in caplog.text
