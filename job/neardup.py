@@ -8,8 +8,8 @@ original, and no two distinct images of those 139 do (the closest distinct pair:
 Another model's vectors need their own value (``--near-duplicate-distance``).
 
 Up to :data:`EXACT_MAX` (50k) vectors the search is exact (faiss ``IndexFlatIP``); beyond, an
-inverted file (``IndexIVFFlat``, ``nlist`` about 4 sqrt(N), ``nprobe`` 16) trained on a
-sample, which may miss a pair whose vectors fall in cells not probed.
+inverted file (``IndexIVFFlat``, ``nlist`` about 2 sqrt(N), ``nprobe`` 16) trained on a
+sample of 40 vectors a cell, which may miss a pair whose vectors fall in cells not probed.
 """
 
 from __future__ import annotations
@@ -57,9 +57,9 @@ def _index(vectors: np.ndarray) -> tuple[Any, bool]:
         index = faiss.IndexFlatIP(dim)
         index.add(vectors)
         return index, True
-    nlist = int(4 * math.sqrt(count))
+    nlist = int(2 * math.sqrt(count))
     index = faiss.IndexIVFFlat(faiss.IndexFlatIP(dim), dim, nlist, faiss.METRIC_INNER_PRODUCT)
-    sample = np.random.default_rng(0).choice(count, min(count, 64 * nlist), replace=False)
+    sample = np.random.default_rng(0).choice(count, min(count, 40 * nlist), replace=False)
     index.train(vectors[np.sort(sample)])
     index.add(vectors)
     index.nprobe = 16
