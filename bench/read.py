@@ -87,7 +87,7 @@ def bench_read(cfg: ReadBench) -> dict[str, Any]:
     if cfg.threads < 1 or cfg.rounds < 1:
         raise ValueError("--threads and --rounds must be at least 1")
     spec = cfg.resize()
-    paths = [item.path for item in list_images(cfg.images).items]
+    paths = [Path(str(item.path)) for item in list_images(cfg.images).items]  # a folder here
     if not paths:
         raise ValueError(f"no images under {cfg.images}")
     groups: dict[str, list[Path]] = {}

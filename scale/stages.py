@@ -147,6 +147,11 @@ def read_video(batch: Batch, resize: ResizeSpec, frames_per_batch: int,
             yield _frame_rows(out, video, pixel_metadata)
 
 
+def _frame_metadata(image: np.ndarray, original: tuple[int, int]) -> str:
+    return json.dumps(health.pixel_metadata(image, (int(original[0]), int(original[1])))
+                      ) if image.size else ""
+
+
 def _frame_rows(rows: list[tuple[int, str, np.ndarray, tuple[int, int], str, str]],
                 video: Video, metadata: bool = True) -> Batch:
     return {"index": np.array([r[0] for r in rows], np.int64),
@@ -157,9 +162,8 @@ def _frame_rows(rows: list[tuple[int, str, np.ndarray, tuple[int, int], str, str
             "code": np.array([r[4] for r in rows], dtype=object),
             "reason": np.array([r[5] for r in rows], dtype=object),
             # as the gRPC path: frames' metadata from the pixels sent to the model, no hash
-            "metadata": np.array([json.dumps(health.pixel_metadata(r[2], tuple(r[3])))
-                                  if metadata and r[2].size else "" for r in rows],
-                                 dtype=object),
+            "metadata": np.array([_frame_metadata(r[2], r[3]) if metadata else ""
+                                  for r in rows], dtype=object),
             "digest": np.array([""] * len(rows), dtype=object)}
 
 

@@ -136,7 +136,13 @@ def test_names_the_layout_cannot_hold_are_name_errors(tmp_path: Path, yolox_mode
     assert _run(folder, out, yolox_model, "--embeddings", "all") == 3
     assert "predicted now           0" in capsys.readouterr().out  # before: schema.jpg again
 
-    # sub/schema.png is a sample of image-level selection (it was silently dropped)
+    # sub/schema.png is a sample of image-level selection (it was silently dropped);
+    # as flat copies of one file they would be corrupt (blank) and exact duplicates, which
+    # selection leaves out (job.health), so they get content of their own
+    rng = np.random.default_rng(0)
+    for name in ("blank-00.png", "sub/schema.png"):
+        cv2.imwrite(str(folder / name), rng.integers(0, 255, (96, 128, 3), dtype=np.uint8))
+    assert _run(folder, out, yolox_model, "--embeddings", "all", "--overwrite") == 3
     config = tmp_path / "select.json"
     config.write_text(json.dumps({"n_samples": 5, "strategies": [
         {"input": {"type": "EMBEDDINGS"}, "strategy": {"type": "DIVERSITY"}}]}))
