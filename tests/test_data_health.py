@@ -129,6 +129,12 @@ def test_pixel_metadata_are_metadata_inputs(health_run: Path, tmp_path: Path):
     config["selection_config"]["strategies"][0]["strategy"]["threshold"] = max(sharp.values())
     picked, _ = _select(health_run, config, tmp_path / "none")
     assert picked == []  # nothing is sharper than the sharpest
+    config["selection_config"] = {"n_samples": 1, "strategies": [
+        {"input": {"type": "METADATA", "key": "lightly.sharpness"},
+         "strategy": {"type": "WEIGHTS"}}]}
+    picked, _ = _select(health_run, config, tmp_path / "weights")
+    sharpest = max(sharp, key=sharp.__getitem__)  # WEIGHTS takes the heaviest first
+    assert picked == [sharpest + (".png" if sharpest == "kitti" else ".jpg")]
 
 
 @pytest.mark.parametrize("check, problem", [
