@@ -227,6 +227,8 @@ def test_report_renders_in_a_real_browser(coco_run: Path, coco128: Path, tmp_pat
     page = (report / "report.html").read_text()
     assert "http://" not in page and "https://" not in page  # nothing fetched from outside
     assert page.count("<img") >= 6  # two histograms, map, distances, selected images
+    assert page.count("<img class=thumb") == 30  # the picks' grid (bounded at 48)
+    assert 'alt="class shares before, after and target"' in page
     browser = [_chromium(), "--headless", "--no-sandbox", "--disable-gpu",
                f"--user-data-dir={tmp_path / 'profile'}"]
     dom = subprocess.run([*browser, "--enable-logging=stderr", "--v=0",
