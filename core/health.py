@@ -52,7 +52,7 @@ def _laplacian(grey: np.ndarray) -> np.ndarray:
 def uniform_row_ratio(grey: np.ndarray) -> float:
     """Share of rows whose pixels are almost all uniform, for a grey uint8 [h, w] image;
     0.0 when a side is under 3 pixels. Higher means blank, grey-filled or broken."""
-    if grey.ndim != 2 or min(grey.shape) < 3:
+    if grey.ndim != 2 or min(grey.shape) < 3:  # no Laplacian to take (nor a 0-row resize)
         return 0.0
     return _row_stats(_at_most_400_rows(grey))[0]
 
@@ -60,9 +60,7 @@ def uniform_row_ratio(grey: np.ndarray) -> float:
 def _row_stats(small: np.ndarray) -> tuple[float, float]:
     """(uniform-row ratio, variance of the Laplacian on the 0-255 scale) of a grey uint8
     image of at most 400 rows: one Laplacian for both. On whole grey levels, Lightly's
-    ``|response| < 5/255`` is ``|response| <= 4``."""
-    if min(small.shape) < 3:
-        return 0.0, 0.0
+    ``|response| < 5/255`` is ``|response| <= 4``. Callers make sure both sides are >= 3."""
     response = _laplacian(small)
     uniform = (np.abs(response) < _UNIFORM_LEVELS).mean(axis=1)
     ratio = float(np.mean(uniform > UNIFORM_ROW_PIXEL_RATIO))
@@ -80,5 +78,5 @@ def pixel_metadata(bgr: np.ndarray, original: tuple[int, int] | None = None
     _, std = cv2.meanStdDev(grey)
     ratio, sharpness = _row_stats(_at_most_400_rows(grey)) if min(grey.shape) >= 3 else (0.0, 0.0)
     return {"width": float(width), "height": float(height), "sharpness": sharpness,
-            "contrast": float(std[0, 0]), "meanRed": float(red), "meanGreen": float(green),
-            "meanBlue": float(blue), "uniformRowRatio": ratio}
+            "contrast": float(std[0, 0]), "meanRed": red, "meanGreen": green,
+            "meanBlue": blue, "uniformRowRatio": ratio}

@@ -229,11 +229,7 @@ def _decode_resize(data: bytes, max_pixels: int, header: ImageHeader, factor: in
                 abs(image.shape[1] - math.ceil(width / factor)) > 1:
             height, width = width, height
     meta = pixel_metadata(image, (height, width)) if metadata else None
-    if factor == 1:
-        return resize_image(image, resize), (height, width), meta
-    new_h, new_w = target_size(height, width, resize)
-    resized = cv2.resize(image, (new_w, new_h), interpolation=cv2.INTER_LINEAR)
-    return resized, (height, width), meta
+    return resize_image(image, resize, (height, width)), (height, width), meta
 
 
 @dataclass(frozen=True)
@@ -276,9 +272,13 @@ def target_size(height: int, width: int, spec: ResizeSpec) -> tuple[int, int]:
     return max(1, int(height * scale)), max(1, int(width * scale))
 
 
-def resize_image(img: np.ndarray, spec: ResizeSpec) -> np.ndarray:
-    """Resize an [H, W, 3] image (RGB or BGR) as the model expects (bilinear)."""
-    new_h, new_w = target_size(img.shape[0], img.shape[1], spec)
+def resize_image(img: np.ndarray, spec: ResizeSpec,
+                 original: tuple[int, int] | None = None) -> np.ndarray:
+    """Resize an [H, W, 3] image (RGB or BGR) as the model expects (bilinear). ``original``
+    (height, width): the size the image stands for, when it was decoded at a reduced scale:
+    the result is what the full image would be resized to."""
+    height, width = original or (img.shape[0], img.shape[1])
+    new_h, new_w = target_size(height, width, spec)
     if (new_h, new_w) == img.shape[:2]:
         return img
     return cv2.resize(img, (new_w, new_h), interpolation=cv2.INTER_LINEAR)

@@ -26,7 +26,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from pretag.health import DEFAULT_MAX_UNIFORM_ROW_RATIO, METADATA_KEYS
+from pretag.health import DEFAULT_MAX_UNIFORM_ROW_RATIO
 from pretag.job.errors import Code
 from pretag.job.outputs import write_atomic
 from pretag.job.storage import AnyPath
@@ -43,11 +43,6 @@ def content_hash(data: bytes) -> str:
     return "blake2b:" + hashlib.blake2b(data, digest_size=16).hexdigest()
 
 
-def metadata_entry(metadata: Mapping[str, float]) -> dict[str, float]:
-    """A prediction entry's ``metadata``: Lightly's keys, rounded to 6 places."""
-    return {key: round(float(metadata[key]), 6) for key in METADATA_KEYS if key in metadata}
-
-
 def corrupt_reason(entry: Mapping[str, Any],
                    threshold: float = DEFAULT_MAX_UNIFORM_ROW_RATIO) -> str | None:
     """Why a predicted image counts as corrupt (``"built-in"``: its uniformRowRatio is
@@ -59,6 +54,13 @@ def corrupt_reason(entry: Mapping[str, Any],
     if isinstance(ratio, (int, float)) and ratio > threshold:
         return BUILT_IN
     return None
+
+
+def group_summary(groups: list[list[str]]) -> dict[str, list[Any]]:
+    """Groups of names (each sorted) as the reports list them: the groups, the first of
+    each (kept as a candidate) and all the others (left out)."""
+    return {"groups": groups, "kept": [g[0] for g in groups],
+            "removed": sorted(n for g in groups for n in g[1:])}
 
 
 def duplicate_groups(hashes: Mapping[str, str]) -> list[list[str]]:
@@ -78,7 +80,6 @@ class Health:
     threshold: float = DEFAULT_MAX_UNIFORM_ROW_RATIO
     corrupt: dict[str, str] = field(default_factory=dict)
     hashes: dict[str, str] = field(default_factory=dict)
-    with_metadata: int = 0
 
     def add(self, entry: Mapping[str, Any]) -> None:
         name = entry["filename"]
@@ -88,8 +89,6 @@ class Health:
         digest = entry.get("content_hash")
         if isinstance(digest, str):
             self.hashes[name] = digest
-        if isinstance(entry.get("metadata"), dict):
-            self.with_metadata += 1
 
     def report(self, errors: Iterable[Mapping[str, Any]]) -> dict[str, Any]:
         """``corrupt.json``'s content: these entries' findings and the inputs that could
@@ -109,8 +108,6 @@ class Health:
     def write(self, report_dir: AnyPath, errors: Sequence[Mapping[str, Any]]) -> None:
         corrupt = self.report(errors)
         write_atomic(report_dir / "corrupt.json", json.dumps(corrupt, indent=1) + "\n")
-        groups = duplicate_groups(self.hashes)
-        duplicates = {"groups": groups, "kept": [g[0] for g in groups],
-                      "removed": sorted(n for g in groups for n in g[1:]),
+        duplicates = {**group_summary(duplicate_groups(self.hashes)),
                       "hashed_images": len(self.hashes)}
         write_atomic(report_dir / "duplicates.json", json.dumps(duplicates, indent=1) + "\n")

@@ -23,6 +23,7 @@ from typing import Any
 
 import numpy as np
 
+from pretag.job.health import group_summary
 from pretag.job.outputs import write_atomic
 from pretag.job.storage import AnyPath
 
@@ -39,13 +40,12 @@ class NearDuplicates:
     groups: list[list[int]]  # connected pairs, each sorted, groups by their first
 
     def to_json(self, names: Sequence[str], distance: float, exact: bool) -> dict[str, Any]:
-        groups = [sorted(names[i] for i in g) for g in self.groups]
-        groups.sort(key=lambda g: g[0])
+        groups = sorted((sorted(names[i] for i in g) for g in self.groups),
+                        key=lambda g: g[0])
         return {"distance": distance, "exact": exact, "images": len(names),
                 "pairs": sorted([*sorted((names[i], names[j])), round(d, 6)]
                                 for i, j, d in self.pairs),
-                "groups": groups, "kept": [g[0] for g in groups],
-                "removed": sorted(n for g in groups for n in g[1:])}
+                **group_summary(groups)}
 
 
 def _index(vectors: np.ndarray) -> tuple[Any, bool]:

@@ -21,11 +21,12 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any, Protocol
 
+from pretag.health import METADATA_KEYS
 from pretag.job.storage import AnyPath, find_under, write_whole
 
 TASK = "lightly_pretagging"
@@ -148,13 +149,22 @@ class Detections:
 
 
 def make_entry(name: str, boxes: Sequence[Sequence[float]], labels: Sequence[str],
-               scores: Sequence[float]) -> dict[str, Any]:
+               scores: Sequence[float], metadata: Mapping[str, float] | None = None,
+               content_hash: str | None = None) -> dict[str, Any]:
     """One prediction entry, floats rounded to 6 places, in the order the server sent
-    them: decreasing score, as the detector contract guarantees."""
-    return {"filename": name,
-            "boxes": [[round(v, 6) for v in box] for box in boxes],
-            "labels": list(labels),
-            "scores": [round(s, 6) for s in scores]}
+    them: decreasing score, as the detector contract guarantees. With the image's pixel
+    metadata (Lightly's keys, :data:`pretag.health.METADATA_KEYS`) and the hash of its
+    file (exact duplicates), when known (pretag.job.health)."""
+    entry: dict[str, Any] = {"filename": name,
+                             "boxes": [[round(v, 6) for v in box] for box in boxes],
+                             "labels": list(labels),
+                             "scores": [round(s, 6) for s in scores]}
+    if metadata is not None:
+        entry["metadata"] = {key: round(float(metadata[key]), 6) for key in METADATA_KEYS
+                             if key in metadata}
+    if content_hash:
+        entry["content_hash"] = content_hash
+    return entry
 
 
 def write_prediction(output_dir: AnyPath, entry: dict[str, Any]) -> None:

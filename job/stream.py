@@ -28,7 +28,7 @@ from tqdm import tqdm
 from pretag.client.api import AsyncClient, Image, Prediction, PretagError
 from pretag.job.backoff import Backoff
 from pretag.job.errors import Code
-from pretag.job.health import content_hash, metadata_entry
+from pretag.job.health import content_hash
 from pretag.job.outputs import make_entry, write_prediction
 from pretag.job.sources import ImageItem
 from pretag.job.storage import AnyPath, storage_outage
@@ -339,11 +339,8 @@ class Job:
         is stored. A vector shard that cannot be written stops the job (it covers many
         images already counted; the re-run redoes them)."""
         loop = asyncio.get_running_loop()
-        entry = make_entry(item.name, pred.boxes, pred.labels, pred.scores)
-        if pred.metadata is not None:
-            entry["metadata"] = metadata_entry(pred.metadata)
-        if digest is not None:
-            entry["content_hash"] = digest
+        entry = make_entry(item.name, pred.boxes, pred.labels, pred.scores, pred.metadata,
+                           digest)
         try:  # checked first: an answer without its vectors leaves no prediction behind
             if self.vectors is not None:
                 self.vectors.check(item.name, pred)

@@ -32,7 +32,7 @@ import numpy as np
 from pretag import health
 from pretag.contract import ResizeSpec
 from pretag.job.errors import Code
-from pretag.job.health import content_hash, metadata_entry
+from pretag.job.health import content_hash
 from pretag.job.outputs import Detections, make_entry, write_prediction
 from pretag.job.storage import DEFAULT_TIMEOUT_S, location, storage_outage
 from pretag.job.stream import write_failure
@@ -279,11 +279,10 @@ def write_block(batch: Batch, config: WriteConfig) -> Batch:
         if code:
             continue
         pred = _prediction(batch, i, config)
-        entry = make_entry(pred.id, pred.boxes, pred.labels, pred.scores)
-        if batch.get("metadata") is not None and batch["metadata"][i]:
-            entry["metadata"] = metadata_entry(json.loads(batch["metadata"][i]))
-        if batch.get("digest") is not None and batch["digest"][i]:
-            entry["content_hash"] = str(batch["digest"][i])
+        metadata = batch["metadata"][i] if "metadata" in batch else ""
+        entry = make_entry(pred.id, pred.boxes, pred.labels, pred.scores,
+                           json.loads(metadata) if metadata else None,
+                           str(batch["digest"][i]) if "digest" in batch else None)
         try:  # as the gRPC path: vectors checked, prediction stored, then vectors kept
             if config.mode != "none":
                 shard.check(pred.id, pred, images, objects)
