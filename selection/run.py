@@ -163,10 +163,15 @@ def values_of(step: Step, samples: Samples) -> np.ndarray:
         return np.array([1.0 - s.mean() if len(s) else 0.0 for s in samples.scores])
     key = step.input.key or ""
     try:
-        return np.array([float(samples.metadata[n][key]) for n in samples.names])
+        values = np.array([float(samples.metadata[n][key]) for n in samples.names])
     except (KeyError, TypeError, ValueError) as exc:
         raise SelectionConfigError(f"metadata key {key!r} is missing or not a number for "
                                    f"some sample ({exc})") from None
+    bad = [(n, v) for n, v in zip(samples.names, values, strict=True) if not np.isfinite(v)]
+    if bad:
+        raise SelectionConfigError(f"metadata key {key!r} is not a finite number for "
+                                   f"{len(bad)} samples (e.g. {bad[0][0]}: {bad[0][1]})")
+    return values
 
 
 def objective_of(step: Step, samples: Samples) -> Objective:

@@ -346,3 +346,24 @@ def test_a_damaged_vector_shard_is_refused_naming_it(health_run: Path, tmp_path:
         {"input": {"type": "EMBEDDINGS"}, "strategy": {"type": "DIVERSITY"}}]}}))
     assert main(["select", str(run), "--config", str(path)]) == 2
     assert "images-999999.parquet" in caplog.text and problem in caplog.text
+
+
+@pytest.mark.parametrize("value, problem", [
+    (float("nan"), "is not a finite number for 1 samples (e.g. front.jpg: nan)"),
+    ("abc", "is missing or not a number"),
+])
+def test_hand_edited_metadata_is_refused_naming_it(health_run: Path, tmp_path: Path,
+                                                   value: object, problem: str,
+                                                   caplog: pytest.LogCaptureFixture):
+    run = tmp_path / "run"
+    shutil.copytree(health_run, run)
+    path = run / PREDICTIONS / "front.json"
+    entry = json.loads(path.read_text())
+    entry[0]["metadata"]["sharpness"] = value
+    path.write_text(json.dumps(entry))  # NaN as JSON allows it, as a hand edit might
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps({"selection_config": {"n_samples": 2, "strategies": [
+        {"input": {"type": "METADATA", "key": "lightly.sharpness"},
+         "strategy": {"type": "WEIGHTS"}}]}}))
+    assert main(["select", str(run), "--config", str(config)]) == 2
+    assert problem in caplog.text
