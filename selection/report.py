@@ -2,9 +2,9 @@
 
 report.html is one self-contained page (images inlined as data URIs, no external
 request): run settings, the histograms side by side, objects per image, debug images of
-picked images, a PCA map of the embeddings with the picks highlighted, and the
-nearest-neighbour distance distribution before and after. An inline script marks
-``<body data-images="ok">`` once every image has rendered (the browser test reads it).
+picked images, and the embedding figures of :mod:`pretag.selection.report_embeddings`.
+An inline script marks ``<body data-images="ok">`` once every image has rendered (the
+browser test reads it).
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ from pretag.job.outputs import (
 from pretag.job.report import draw_debug_image
 from pretag.job.stats import bar_chart, class_stats
 from pretag.job.video import SampleImages, VideoError
-from pretag.selection.greedy import normalise
+from pretag.selection.report_embeddings import figures
 from pretag.selection.report_health import (
     MAX_EXCLUDED_THUMBNAILS,
     MAX_PICK_THUMBNAILS,
@@ -38,15 +38,13 @@ from pretag.selection.report_health import (
     health_record,
     health_section,
     pair_thumbnails,
+    retained_thumbnails,
     shares_chart,
     thumbnails,
 )
 from pretag.selection.samples import Samples
 
 log = logging.getLogger(__name__)
-
-_MAX_POINTS = 4000  # nearest-neighbour distances and the map use at most this many
-
 
 def class_stats_of(samples: Samples, rows: np.ndarray) -> dict[str, Any]:
     return class_stats(samples.classes, samples.counts[rows])
@@ -71,52 +69,6 @@ def _histogram(stats: dict[str, Any], title: str) -> bytes:
     return bar_chart(list(objects), list(objects.values()),
                      f"{title}: {stats['samples']} samples, "
                      f"{stats['average_objects_per_sample']:.2f} objects each")
-
-
-def _subset(n: int) -> np.ndarray:
-    return np.linspace(0, n - 1, min(n, _MAX_POINTS)).astype(int) if n else np.zeros(0, int)
-
-
-def _nn_distances(vectors: np.ndarray) -> np.ndarray:
-    if len(vectors) < 2:
-        return np.zeros(0)
-    unit = normalise(vectors)
-    d2 = np.maximum(2 - 2 * unit @ unit.T, 0)
-    np.fill_diagonal(d2, np.inf)
-    return np.sqrt(d2.min(axis=1))
-
-
-def _maps(vectors: np.ndarray, picked: np.ndarray, earlier: np.ndarray | None = None
-          ) -> tuple[bytes, bytes, dict[str, float]]:
-    """The PCA map (a datapool's earlier picks in blue) and the nearest-neighbour
-    histogram, and the median distances."""
-    unit = normalise(vectors)
-    shown = _subset(len(unit))
-    centred = unit - unit.mean(axis=0)
-    _, _, axes = np.linalg.svd(centred[shown], full_matrices=False)
-    xy = centred @ axes[:2].T
-    before = _nn_distances(unit[shown])
-    after = _nn_distances(unit[picked[_subset(len(picked))]])
-
-    def scatter(ax: Any) -> None:
-        ax.scatter(xy[shown, 0], xy[shown, 1], s=6, c="#b0b0b0", label="all")
-        if earlier is not None and len(earlier):
-            ax.scatter(xy[earlier, 0], xy[earlier, 1], s=14, c="#1f77b4",
-                       label="picked before")
-        ax.scatter(xy[picked, 0], xy[picked, 1], s=14, c="#d62728", label="selected")
-        ax.set_title("embeddings, first two principal components")
-        ax.legend()
-
-    def spread(ax: Any) -> None:
-        bins = np.linspace(0, max(before.max(initial=0), after.max(initial=0), 1e-6), 30)
-        ax.hist(before, bins=bins, alpha=0.6, label="before", color="#7f7f7f")
-        ax.hist(after, bins=bins, alpha=0.6, label="after", color="#d62728")
-        ax.set_xlabel("distance to the nearest neighbour (normalised embeddings)")
-        ax.legend()
-
-    medians = {"before": float(np.median(before)) if len(before) else 0.0,
-               "after": float(np.median(after)) if len(after) else 0.0}
-    return _plot(scatter, (6.4, 5.0)), _plot(spread), medians
 
 
 def _img(data: bytes, kind: str, alt: str) -> str:
@@ -154,6 +106,27 @@ class Earlier:
 
     rows: list[int]
     missing: list[str]
+
+
+def _embedding_part(samples: Samples, rows: np.ndarray, earlier: Earlier | None,
+                    record: dict[str, Any], report_dir: Path
+                    ) -> tuple[str, list[dict[str, Any]]]:
+    """The embedding figures: into ``record``, the distance PNGs beside report.json, and
+    the page's section; returns it and the retained/removed pairs by name."""
+    assert samples.vectors is not None
+    figs, figures_record = figures(_plot, samples.vectors, rows, None if earlier is None
+                                   else np.array(earlier.rows, dtype=int))
+    retained = [{"kept": samples.names[k], "removed": samples.names[r], "distance": d}
+                for k, r, d in figures_record.pop("retained_beside_removed")]
+    record.update(figures_record, retained_beside_removed=retained)
+    for key in ("distance_distr_before", "distance_distr_after"):
+        (report_dir / f"{key}.png").write_bytes(figs[key])
+    images = [(figs["map"], "PCA map"), (figs["nearest"], "nearest-neighbour distances"),
+              (figs["distance_distr_before"], "pairwise distances before"),
+              (figs["distance_distr_after"], "pairwise distances after")]
+    tags = [_img(data, "png", alt) for data, alt in images]
+    return (f"<h2>Embeddings</h2><div class=row>{''.join(tags[:2])}</div>"
+            f"<div class=row>{''.join(tags[2:])}</div>"), retained
 
 
 def write_report(run_dir: Path, out_dir: Path, samples: Samples, picked: list[int],
@@ -197,19 +170,15 @@ def write_report(run_dir: Path, out_dir: Path, samples: Samples, picked: list[in
             **pngs}
     for key, data in pngs.items():
         (report_dir / f"pretagging_histogram_{key}.png").write_bytes(data)
-    maps = ""
+    maps, retained = "", list[dict[str, Any]]()
     if samples.vectors is not None and len(samples.names):
-        scatter, spread, medians = _maps(samples.vectors, rows, None if earlier is None
-                                         else np.array(earlier.rows, dtype=int))
-        record["median_nearest_neighbour_distance"] = medians
-        maps = (f"<h2>Embeddings</h2><div class=row>{_img(scatter, 'png', 'PCA map')}"
-                f"{_img(spread, 'png', 'nearest-neighbour distances')}</div>")
+        maps, retained = _embedding_part(samples, rows, earlier, record, report_dir)
     write_atomic(report_dir / "report.json", json.dumps(record, indent=1) + "\n")
     names = [samples.names[i] for i in picked]
     debug = _debug_images(run_dir, images, names, report_dir, samples.classes)
     grids = (thumbnails(images, names, MAX_PICK_THUMBNAILS),
              thumbnails(images, sorted(excluded or {}), MAX_EXCLUDED_THUMBNAILS, excluded),
-             pair_thumbnails(images, excluded or {}))
+             pair_thumbnails(images, excluded or {}), retained_thumbnails(images, retained))
     write_atomic(report_dir / "report.html",
                  _page(run_dir, record, pngs, maps, debug, grids))
     return record
@@ -222,7 +191,8 @@ _SCRIPT = """window.addEventListener("load", () => {
 
 
 def _page(run_dir: Path, record: dict[str, Any], pngs: dict[str, bytes], maps: str,
-          debug: list[str], grids: tuple[list[str], list[str], list[str]] = ([], [], [])
+          debug: list[str],
+          grids: tuple[list[str], list[str], list[str], list[str]] = ([], [], [], [])
           ) -> str:
     settings_path = run_dir / "report" / "run_settings.json"
     settings = settings_path.read_text() if settings_path.is_file() else "{}"
@@ -261,6 +231,8 @@ after.</p>{gap}
 <table><tr><th>class</th><th>before</th><th>after</th></tr>{rows}</table>
 {pool}
 {maps}
+{"<h3>Selected, beside the nearest sample not selected</h3>" + "".join(grids[3])
+ if grids[3] else ""}
 {health_section(record, grids[1], grids[2])}
 <h2>Selected images</h2><div class=row>{''.join(debug) or '<p>(pass --images to draw)</p>'}</div>
 {f"<h2>All picks (first {len(grids[0])})</h2><div class=row>{''.join(grids[0])}</div>"

@@ -120,6 +120,22 @@ def pair_thumbnails(images: Path | None, excluded: Mapping[str, str]) -> list[st
     return rows
 
 
+def retained_thumbnails(images: Path | None, pairs: Sequence[Mapping[str, Any]]
+                        ) -> list[str]:
+    """Each ``{kept, removed, distance}`` pair as one row of two thumbnails: a pick
+    beside its nearest sample that was not selected (Lightly's retained/removed
+    neighbours)."""
+    rows: list[str] = []
+    for pair in pairs[:MAX_PAIRS]:
+        kept, removed = pair["kept"], pair["removed"]
+        tags = thumbnails(images, [kept, removed], 2,
+                          {kept: "selected",
+                           removed: f"not selected, distance {pair['distance']:.3f}"})
+        if len(tags) == 2:
+            rows.append(f"<div class=row>{''.join(tags)}</div>")
+    return rows
+
+
 def health_section(record: Mapping[str, Any], excluded_tags: list[str],
                    pairs: Sequence[str] = ()) -> str:
     """The page's data-health section."""

@@ -66,7 +66,8 @@ REFUSED: dict[str, str] = {
     "stopping_condition": "use selection_config.n_samples (or proportion_samples) and a "
                           "DIVERSITY strategy's stopping_condition_minimum_distance",
     "datapool": "use worker_config.use_datapool: true (the record is DIR/datapool.json)",
-    "n_example_images": "the report draws the first 6 picks (pass --images)",
+    "n_example_images": "the report shows the first 6 picks beside their nearest sample not "
+                        "selected and up to 48 picks in a grid (pass --images): remove it",
     "memory_requirement_in_GB": "pretag sizes nothing by it: remove it",
     "show_video_sampling_timeline": "not supported yet: the report has no video timeline",
     "method": "the old selection methods are strategies now: put a DIVERSITY strategy in "

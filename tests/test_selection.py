@@ -222,12 +222,20 @@ def test_report_renders_in_a_real_browser(coco_run: Path, coco128: Path, tmp_pat
     assert record["before"]["samples"] == 128 and record["after"]["samples"] == 30
     assert {"gap_to_target_before", "gap_to_target_after"} <= record.keys()
     assert record["median_nearest_neighbour_distance"]["after"] > 0
-    for name in ("pretagging_histogram_before.png", "pretagging_histogram_after.png"):
+    assert record["pairwise_distance"]["after"]["median"] > 0
+    retained = record["retained_beside_removed"]
+    picked = set((out / "selection" / "selected.txt").read_text().split())
+    assert len(retained) == 6 and all(r["kept"] in picked and r["removed"] not in picked
+                                      for r in retained)
+    for name in ("pretagging_histogram_before.png", "pretagging_histogram_after.png",
+                 "distance_distr_before.png", "distance_distr_after.png"):
         assert (report / name).read_bytes().startswith(b"\x89PNG")
     page = (report / "report.html").read_text()
     assert "http://" not in page and "https://" not in page  # nothing fetched from outside
-    assert page.count("<img") >= 6  # two histograms, map, distances, selected images
-    assert page.count("<img class=thumb") == 30  # the picks' grid (bounded at 48)
+    assert page.count("<img") >= 8  # two histograms, map, three distances, selected images
+    assert page.count("not selected, distance") == 6  # picks beside their nearest removed
+    # the picks' grid (bounded at 48) and the six picks beside their nearest removed
+    assert page.count("<img class=thumb") == 30 + 2 * 6
     assert 'alt="class shares before, after and target"' in page
     browser = [_chromium(), "--headless", "--no-sandbox", "--disable-gpu",
                f"--user-data-dir={tmp_path / 'profile'}"]
