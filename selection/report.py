@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import cv2
 import numpy as np
 
 from pretag.job.outputs import (
@@ -45,6 +46,8 @@ from pretag.selection.report_health import (
 from pretag.selection.samples import Samples
 
 log = logging.getLogger(__name__)
+
+PAGE_IMAGE_PX = 960  # the six drawn picks in the page, longer side
 
 def class_stats_of(samples: Samples, rows: np.ndarray) -> dict[str, Any]:
     return class_stats(samples.classes, samples.counts[rows])
@@ -96,8 +99,23 @@ def _debug_images(run_dir: Path, images: Path | None, names: list[str], out: Pat
         except (OSError, ValueError, VideoError) as exc:
             log.warning("no drawing of %s: %s", name, exc)
             continue
-        tags.append(_img(target.with_suffix(".jpg").read_bytes(), "jpeg", name))
+        tags.append(_img(_shrunk(target.with_suffix(".jpg")), "jpeg", name))
     return tags
+
+
+def _shrunk(path: Path) -> bytes:
+    """The drawing as inlined in the page: at most :data:`PAGE_IMAGE_PX` on its longer
+    side (the full-size drawing stays in report/selected/)."""
+    import cv2
+
+    image = cv2.imread(str(path))
+    scale = PAGE_IMAGE_PX / max(image.shape[:2])
+    if scale >= 1:
+        return path.read_bytes()
+    small = cv2.resize(image, (max(1, round(image.shape[1] * scale)),
+                               max(1, round(image.shape[0] * scale))),
+                       interpolation=cv2.INTER_AREA)
+    return bytes(cv2.imencode(".jpg", small, [cv2.IMWRITE_JPEG_QUALITY, 85])[1].tobytes())
 
 
 @dataclass(frozen=True)

@@ -308,13 +308,22 @@ def test_broken_pngs_and_a_video_cut_short_are_corrupt(shared: Path, yolox_model
                       pan_frames(sorted((shared / "data" / "driving").glob("*.jpg")), 30,
                                  (320, 192)), gop=10)
     cut(clip, folder / "cut.mp4", 0.5)
+    damaged = bytearray(clip.read_bytes())  # 3,000 bytes zeroed mid-stream (a bad sector)
+    middle = len(damaged) // 2
+    damaged[middle:middle + 3000] = bytes(3000)
+    (folder / "damaged.mp4").write_bytes(bytes(damaged))
     out = tmp_path / "out"
     assert main(["run", str(folder), "--output-dir", str(out), "--model", str(yolox_model),
                  "--quiet"]) == 3
     corrupt = _report(out, "corrupt.json")
     assert corrupt["corrupt_samples"].keys() == {"data_flip.png", "crc_flip.png"}
     assert all("corrupt or truncated" in r for r in corrupt["corrupt_samples"].values())
-    assert list(corrupt["corrupt_videos"]) == ["cut.mp4"]
+    assert list(corrupt["corrupt_videos"]) == ["cut.mp4", "damaged.mp4"]
+    assert "decoding stopped" in corrupt["corrupt_videos"]["damaged.mp4"]
+    # the frames decoded before the damage are predicted, the rest are not
+    frames = {p.name for p in (out / ".lightly" / "predictions").rglob("*.json")
+              if "damaged" in str(p)}
+    assert 0 < len(frames) < 30
 
 
 @pytest.mark.parametrize("damage, problem", [
