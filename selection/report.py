@@ -106,7 +106,6 @@ def _debug_images(run_dir: Path, images: Path | None, names: list[str], out: Pat
 def _shrunk(path: Path) -> bytes:
     """The drawing as inlined in the page: at most :data:`PAGE_IMAGE_PX` on its longer
     side (the full-size drawing stays in report/selected/)."""
-    import cv2
 
     image = cv2.imread(str(path))
     scale = PAGE_IMAGE_PX / max(image.shape[:2])
