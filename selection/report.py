@@ -106,11 +106,10 @@ def _debug_images(run_dir: Path, images: Path | None, names: list[str], out: Pat
 def _shrunk(path: Path) -> bytes:
     """The drawing as inlined in the page: at most :data:`PAGE_IMAGE_PX` on its longer
     side (the full-size drawing stays in report/selected/)."""
-
     image = cv2.imread(str(path))
-    scale = PAGE_IMAGE_PX / max(image.shape[:2])
-    if scale >= 1:
+    if image is None or max(image.shape[:2]) <= PAGE_IMAGE_PX:
         return path.read_bytes()
+    scale = PAGE_IMAGE_PX / max(image.shape[:2])
     small = cv2.resize(image, (max(1, round(image.shape[1] * scale)),
                                max(1, round(image.shape[0] * scale))),
                        interpolation=cv2.INTER_AREA)
