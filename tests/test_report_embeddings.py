@@ -58,3 +58,20 @@ def test_a_diverse_pick_widens_the_pairwise_distances():
     assert record["median_nearest_neighbour_distance"]["after"] > 0.3
     for key in ("map", "nearest", "distance_distr_before", "distance_distr_after"):
         assert pngs[key].startswith(b"\x89PNG")
+
+
+def test_a_large_drawing_is_inlined_at_most_960_px(shared, tmp_path):
+    import cv2
+
+    from pretag.selection.report import PAGE_IMAGE_PX, _shrunk
+
+    frame = cv2.imread(str(shared / "data" / "driving" / "nuscenes_cam_front.jpg"))
+    assert max(frame.shape[:2]) > PAGE_IMAGE_PX
+    path = tmp_path / "drawn.jpg"
+    cv2.imwrite(str(path), frame)
+    small = cv2.imdecode(np.frombuffer(_shrunk(path), np.uint8), cv2.IMREAD_COLOR)
+    assert max(small.shape[:2]) == PAGE_IMAGE_PX
+    assert abs(small.shape[1] / small.shape[0] - frame.shape[1] / frame.shape[0]) < 0.01
+    tiny = tmp_path / "tiny.jpg"
+    cv2.imwrite(str(tiny), frame[:100, :200])
+    assert _shrunk(tiny) == tiny.read_bytes()
