@@ -8,8 +8,9 @@ Objectives (each in [0, 1], see docs/selection.md for the rules Lightly leaves o
   the first pick, distance to the centroid). Recomputed after every pick. Stops when the
   largest distance is below ``stopping_condition_minimum_distance``.
 * BALANCE: how much adding a sample moves the picked set's class distribution toward the
-  target: the drop in L1 distance to the target, scaled to [0, 1] over the candidates (the
-  worst candidate 0, the best 1). Recomputed after every pick.
+  target: the drop in L1 distance to the target, as 0.5 plus half the drop over the
+  largest drop's magnitude among the candidates (no change 0.5, the best candidate 1).
+  Recomputed after every pick.
 * WEIGHTS: the values divided by their largest (negatives count as 0). Constant.
 
 Ties go to the lower index, so a config picks the same samples every time.
@@ -120,15 +121,23 @@ def group_rows(table: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 def balance_values(gain: np.ndarray, empty: np.ndarray, live: np.ndarray) -> np.ndarray:
-    """A balance gain per sample (or group) scaled to [0, 1] over the ``live`` ones; those
-    without objects score below the worst live one that has some."""
-    gain = gain.copy()
+    """A balance gain per sample (or group) as an objective in [0, 1]: 0.5 plus half the
+    gain divided by the largest gain magnitude among the ``live`` ones that have objects,
+    so a sample that leaves the distance as it is scores 0.5, the one that moves it most
+    toward the target 1 (or, moving it most away, 0); when no gain differs from 0 they all
+    score 1. Samples without objects score half the worst live one that has some.
+
+    Until 2026-12 the values were min-max scaled with samples without objects placed one
+    whole L1 unit below the worst gain: that stretched the range about a thousandfold
+    beyond the gains of one pick (~0.001) and squeezed every sample with objects toward 1,
+    so beside DIVERSITY the balance barely counted (benchmarks/RESULTS.md, "BALANCE and
+    DIVERSITY: the strength sweep")."""
     filled = live & ~empty
+    scale = float(np.abs(gain[filled]).max(initial=0.0))
+    values = 0.5 + 0.5 * gain / scale if scale > 0 else np.ones(len(gain))
     if filled.any():
-        gain[empty] = float(gain[filled].min()) - 1.0
-    low = float(gain[live].min(initial=np.inf))
-    high = float(gain[live].max(initial=-np.inf))
-    return (gain - low) / (high - low) if high > low else np.ones_like(gain)
+        values[empty] = 0.5 * float(values[filled].min())
+    return values
 
 
 def balance_gain(state: np.ndarray, rows: np.ndarray, target: np.ndarray,
