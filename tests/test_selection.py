@@ -620,3 +620,29 @@ def test_typicality_and_similarity_on_embeddings(tmp_path: Path):
         parse({"n_samples": 5, "strategies": [{"input": {"type": "EMBEDDINGS",
                                                          "tag_name": "x"},
                                                "strategy": {"type": "SIMILARITY"}}]})
+
+
+def test_balance_beside_diversity_moves_toward_the_target_and_strength_trades():
+    """Many images have no objects (as on the road): they must not flatten BALANCE's
+    values so that DIVERSITY decides alone (the rule before 2026-12 kept the gap at 0.45
+    here at every strength)."""
+    from pretag.bench.select import TARGET, Synthetic, synthetic
+    from pretag.selection.config import Strategy
+    from pretag.selection.greedy import Objective, greedy
+
+    vectors, counts = synthetic(Synthetic(5000, 64))
+    assert (counts.sum(axis=1) == 0).mean() > 0.05
+    everyone = np.ones(len(vectors), dtype=bool)
+
+    def gap(strength: float | None) -> float:
+        objectives = [Objective(Strategy("DIVERSITY"), "diversity", vectors)]
+        if strength is not None:
+            objectives.append(Objective(Strategy("BALANCE", strength=strength), "balance",
+                                        counts, TARGET))
+        total = counts[[p.index for p in greedy(objectives, everyone, 300)]].sum(axis=0)
+        return float(np.abs(total / total.sum() - TARGET).sum())
+
+    whole = float(np.abs(counts.sum(axis=0) / counts.sum() - TARGET).sum())
+    alone, weak, default, strong = gap(None), gap(0.25), gap(1.0), gap(4.0)
+    assert default < 0.5 * whole and default < 0.5 * alone
+    assert strong <= default < weak < alone
