@@ -112,8 +112,9 @@ EMBEDDINGS = {"none": pb.EMBEDDINGS_NONE, "image": pb.EMBEDDINGS_IMAGE,
 class Prediction:
     """One image's answer. Boxes are (x1, y1, x2, y2) normalised to [0, 1].
 
-    ``embedding`` [D] and ``object_embeddings`` [n, E] (a row per detection) are set
-    when they were asked for.
+    ``embedding`` [D], ``object_embeddings`` [n, E] and ``class_probabilities`` [n, C]
+    (a row per detection, C the model's classes in ModelInfo order) are set when they
+    were asked for.
     """
 
     id: str
@@ -130,6 +131,7 @@ class Prediction:
     object_embeddings: np.ndarray | None = None
     #: Lightly's pixel metadata (pretag.health keys but width/height), when asked for
     metadata: dict[str, float] | None = None
+    class_probabilities: np.ndarray | None = None
 
     @classmethod
     def from_proto(cls, r: pb.DetectResponse) -> Prediction:
@@ -139,12 +141,16 @@ class Prediction:
         objects = None
         if dets and len(dets[0].embedding):
             objects = np.array([d.embedding for d in dets], dtype=np.float32)
+        probabilities = None
+        if dets and len(dets[0].class_probabilities):
+            probabilities = np.array([d.class_probabilities for d in dets], dtype=np.float32)
         return cls(r.id, [(d.x1, d.y1, d.x2, d.y2) for d in dets], [d.label for d in dets],
                    [d.score for d in dets], r.width, r.height, r.timing.queue_ms,
                    r.timing.compute_ms, r.timing.batch_size,
                    embedding=np.array(r.embedding, dtype=np.float32) if len(r.embedding)
                    else None, object_embeddings=objects,
-                   metadata=_metadata(r) if r.HasField("pixel_metadata") else None)
+                   metadata=_metadata(r) if r.HasField("pixel_metadata") else None,
+                   class_probabilities=probabilities)
 
 
 def _metadata(r: pb.DetectResponse) -> dict[str, float]:
@@ -198,12 +204,13 @@ def raw_image(pixels: Pixels) -> pb.RawImage:
 
 
 def _request(item_id: str, image: Image, threshold: float | None,
-             embeddings: str = "none", pixel_metadata: bool = False) -> pb.DetectRequest:
-    request = (pb.DetectRequest(id=item_id, raw=raw_image(image),
-                                embeddings=EMBEDDINGS[embeddings], pixel_metadata=pixel_metadata)
+             embeddings: str = "none", pixel_metadata: bool = False,
+             class_probabilities: bool = False) -> pb.DetectRequest:
+    asks = {"embeddings": EMBEDDINGS[embeddings], "pixel_metadata": pixel_metadata,
+            "class_probabilities": class_probabilities}
+    request = (pb.DetectRequest(id=item_id, raw=raw_image(image), **asks)
                if isinstance(image, Pixels) else
-               pb.DetectRequest(id=item_id, image=image, embeddings=EMBEDDINGS[embeddings],
-                                pixel_metadata=pixel_metadata))
+               pb.DetectRequest(id=item_id, image=image, **asks))
     if threshold is not None:
         request.score_threshold = threshold
     return request
@@ -223,12 +230,15 @@ class Client:
 
     def detect(self, image: Image, id: str = "", score_threshold: float | None = None,
                timeout: float | None = None, embeddings: str = "none",
-               pixel_metadata: bool = False) -> Prediction:
+               pixel_metadata: bool = False, class_probabilities: bool = False
+               ) -> Prediction:
         """``embeddings``: none, image, objects or all (vectors from the same pass);
-        ``pixel_metadata``: also the image's pixel metadata (``Prediction.metadata``)."""
+        ``pixel_metadata``: also the image's pixel metadata (``Prediction.metadata``);
+        ``class_probabilities``: each detection's class distribution, from a model that
+        gives one (ModelInfo.class_probabilities)."""
         try:
             response = self._stub.Detect(_request(id, image, score_threshold, embeddings,
-                                                  pixel_metadata),
+                                                  pixel_metadata, class_probabilities),
                                          timeout=timeout, metadata=self.connection.metadata())
         except grpc.RpcError as exc:
             raise _from_rpc(exc, self.connection) from None
@@ -237,7 +247,8 @@ class Client:
     def detect_stream(self, items: Iterable[tuple[str, Image]],
                       score_threshold: float | None = None, timeout: float | None = None,
                       window: int | None = None, embeddings: str = "none",
-                      pixel_metadata: bool = False) -> Iterator[Prediction]:
+                      pixel_metadata: bool = False, class_probabilities: bool = False
+                      ) -> Iterator[Prediction]:
         """(id, image) pairs in, predictions out as they finish (any order).
 
         ``window`` bounds the requests in flight; items are read lazily.
@@ -248,7 +259,8 @@ class Client:
             for item_id, data in items:
                 if slots is not None:
                     slots.acquire()
-                yield _request(item_id, data, score_threshold, embeddings, pixel_metadata)
+                yield _request(item_id, data, score_threshold, embeddings, pixel_metadata,
+                               class_probabilities)
 
         try:
             for response in self._stub.DetectStream(requests(), timeout=timeout,
@@ -290,10 +302,11 @@ class AsyncClient:
 
     async def detect(self, image: Image, id: str = "", score_threshold: float | None = None,
                      timeout: float | None = None, embeddings: str = "none",
-                     pixel_metadata: bool = False) -> Prediction:
+                     pixel_metadata: bool = False, class_probabilities: bool = False
+                     ) -> Prediction:
         try:
             response = await self._stub.Detect(_request(id, image, score_threshold, embeddings,
-                                                        pixel_metadata),
+                                                        pixel_metadata, class_probabilities),
                                                timeout=timeout,
                                                metadata=self.connection.metadata())
         except grpc.RpcError as exc:
@@ -305,7 +318,8 @@ class AsyncClient:
                             timeout: float | None = None,
                             window: int | None = None,
                             embeddings: str = "none",
-                            pixel_metadata: bool = False) -> AsyncIterator[Prediction]:
+                            pixel_metadata: bool = False, class_probabilities: bool = False
+                            ) -> AsyncIterator[Prediction]:
         """(id, image) pairs in, predictions out as they finish; ``window`` bounds in-flight."""
         slots = asyncio.Semaphore(window) if window else None
 
@@ -313,7 +327,8 @@ class AsyncClient:
             async for item_id, data in items:
                 if slots is not None:
                     await slots.acquire()
-                yield _request(item_id, data, score_threshold, embeddings, pixel_metadata)
+                yield _request(item_id, data, score_threshold, embeddings, pixel_metadata,
+                               class_probabilities)
 
         call = self._stub.DetectStream(requests(), timeout=timeout,
                                        metadata=self.connection.metadata())

@@ -7,8 +7,10 @@ A contract model is one ONNX graph:
 * outputs ``boxes`` float32 [N, K, 4] (x1, y1, x2, y2 in input pixels),
   ``scores`` float32 [N, K], ``labels`` int64 [N, K] (index into the class
   names, -1 for padding), ``num_detections`` int64 [N], and optionally
-  ``embeddings`` float32 [N, D] (one vector per image) and ``object_embeddings``
-  float32 [N, K, E] (one per detection slot, zeros in padding slots);
+  ``embeddings`` float32 [N, D] (one vector per image), ``object_embeddings``
+  float32 [N, K, E] (one per detection slot, zeros in padding slots) and
+  ``class_probabilities`` float32 [N, K, C] (each detection's distribution over the C
+  class names, summing to 1; zeros in padding slots);
 * metadata under ``pretag.*`` keys describing classes and resizing.
 
 :func:`validate_model` checks a model against all of this and returns its
@@ -40,6 +42,7 @@ OUTPUTS: dict[str, tuple[str, tuple[int | str, ...]]] = {
 OPTIONAL_OUTPUTS: dict[str, tuple[str, tuple[int | str, ...]]] = {
     "embeddings": ("tensor(float)", ("N", "D")),
     "object_embeddings": ("tensor(float)", ("N", "K", "E")),
+    "class_probabilities": ("tensor(float)", ("N", "K", "C")),
 }
 #: output name -> its axis holding the vector size (D or E)
 VECTOR_AXIS = {"embeddings": 1, "object_embeddings": 2}
@@ -118,6 +121,8 @@ class ModelSpec:
     object_embedding_method: str = ""
     #: arithmetic of the network body; inputs, outputs and post-processing are always as above
     precision: Literal["fp32", "fp16"] = "fp32"
+    #: how the class_probabilities output is made (empty: no such output)
+    class_probability_method: str = ""
 
     def __post_init__(self) -> None:
         if self.precision not in PRECISIONS:
@@ -141,6 +146,9 @@ class ModelSpec:
                    ("object_embeddings", self.object_embedding_dim,
                     self.object_embedding_method))
                if method},
+            **({META_PREFIX + "class_probabilities": json.dumps(
+                {"method": self.class_probability_method})}
+               if self.class_probability_method else {}),
         }
 
     @classmethod
@@ -180,7 +188,23 @@ class ModelSpec:
             precision=meta.get(META_PREFIX + "precision", "fp32"),  # type: ignore[arg-type]
             **_vector_meta(meta, "embeddings", "embedding"),
             **_vector_meta(meta, "object_embeddings", "object_embedding"),
+            class_probability_method=_probability_meta(meta),
         )
+
+
+def _probability_meta(meta: dict[str, str]) -> str:
+    """The method recorded under ``pretag.class_probabilities`` = {"method": "..."}."""
+    raw = meta.get(META_PREFIX + "class_probabilities")
+    if raw is None:
+        return ""
+    try:
+        method = json.loads(raw)["method"]
+    except (ValueError, TypeError, KeyError) as exc:
+        raise ContractError(f"metadata class_probabilities must be JSON {{\"method\": "
+                            f"\"...\"}}: {exc}") from exc
+    if not isinstance(method, str) or not method:
+        raise ContractError("metadata class_probabilities needs a non-empty method")
+    return method
 
 
 def _vector_meta(meta: dict[str, str], key: str, field_prefix: str) -> dict[str, Any]:
@@ -306,10 +330,28 @@ def _with_vectors(spec: ModelSpec, outputs: dict[str, Any]) -> ModelSpec:
         elif recorded is not None and recorded != dim:
             problems.append(f"metadata says {name!r} has {recorded} values, the graph {dim}")
         sizes[f"{field_prefix}_dim"] = dim if isinstance(dim, int) else None
+    problems += _probability_problems(spec, outputs)
     if problems:
         raise ContractError("model does not follow pretag detector contract v1:\n  - "
                             + "\n  - ".join(problems))
     return replace(spec, **sizes)
+
+
+def _probability_problems(spec: ModelSpec, outputs: dict[str, Any]) -> list[str]:
+    """class_probabilities: one value per class name, described in the metadata."""
+    declared = outputs.get("class_probabilities")
+    if declared is None:
+        return (["metadata describes 'class_probabilities' but the graph has no such output"]
+                if spec.class_probability_method else [])
+    problems = []
+    width = declared.shape[2] if len(declared.shape) == 3 else None
+    if width != len(spec.class_names):
+        problems.append(f"output 'class_probabilities' axis 2 must be the {len(spec.class_names)}"
+                        f" classes, not {width!r}")
+    if not spec.class_probability_method:
+        problems.append("output 'class_probabilities' needs metadata "
+                        "pretag.class_probabilities = {\"method\": \"...\"}")
+    return problems
 
 
 def validate_model(path: str | Path) -> ModelSpec:

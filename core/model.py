@@ -23,12 +23,13 @@ class ModelDescription:
     precision: str  # fp32 | fp16
     embedding_dim: int  # 0: no image vectors
     object_embedding_dim: int  # 0: no object vectors
+    class_probabilities: bool = False  # each detection's class distribution is offered
 
     @classmethod
     def from_spec(cls, spec: ModelSpec) -> ModelDescription:
         return cls(spec.name, tuple(spec.class_names), spec.resize, spec.score_threshold,
                    spec.source_sha256, spec.precision, spec.embedding_dim or 0,
-                   spec.object_embedding_dim or 0)
+                   spec.object_embedding_dim or 0, bool(spec.class_probability_method))
 
     @classmethod
     def from_info(cls, info: Any) -> ModelDescription:
@@ -36,7 +37,7 @@ class ModelDescription:
         return cls(info.name, tuple(info.class_names), ResizeSpec.from_json(info.resize_json),
                    float(info.min_score_threshold), info.source_sha256,
                    info.precision or "fp32", int(info.embedding_dim),
-                   int(info.object_embedding_dim))
+                   int(info.object_embedding_dim), bool(info.class_probabilities))
 
     def run_settings(self, score_threshold: float) -> dict[str, Any]:
         """What decides the predictions' content (``report/run_settings.json``)."""

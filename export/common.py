@@ -25,6 +25,7 @@ DYNAMIC_AXES: dict[str, dict[int, str]] = {
     "num_detections": {0: "N"},
     "embeddings": {0: "N"},
     "object_embeddings": {0: "N", 1: "K"},
+    "class_probabilities": {0: "N", 1: "K"},
 }
 
 
@@ -64,7 +65,8 @@ def finalize(model: Any, spec: ModelSpec, output: str | Path) -> ModelSpec:
     """Attach the contract metadata to an onnx.ModelProto, save it and validate it."""
     import onnx
 
-    sizes = {"embeddings": spec.embedding_dim, "object_embeddings": spec.object_embedding_dim}
+    sizes = {"embeddings": spec.embedding_dim, "object_embeddings": spec.object_embedding_dim,
+             "class_probabilities": len(spec.class_names)}
     for value_info in model.graph.output:  # the vector axis is fixed, as the contract says
         size = sizes.get(value_info.name)
         if size is not None:

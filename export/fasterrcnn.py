@@ -34,11 +34,16 @@ from pretag.export.ops import (
 )
 from pretag.export.weights import COCO_CATEGORIES, load_fasterrcnn
 
-OUTPUT_NAMES = ["boxes", "scores", "labels", "num_detections", "embeddings", "object_embeddings"]
+OUTPUT_NAMES = ["boxes", "scores", "labels", "num_detections", "embeddings", "object_embeddings",
+                "class_probabilities"]
 EMBEDDING_METHOD = ("mean of each FPN level (strides 4-64, 256 channels each) over the image's "
                     "valid region, concatenated")
 OBJECT_EMBEDDING_METHOD = ("box head representation (output of the two-layer MLP head, "
                            "TwoMLPHead.fc7) of the proposal each detection came from")
+CLASS_PROBABILITY_METHOD = ("softmax of the box predictor's class logits (torchvision's 91 "
+                            "outputs, background included) for the proposal each detection "
+                            "came from, restricted to the model's classes and divided by their "
+                            "sum")
 
 
 def _level_tensors(objectness: Tensor, deltas: Tensor) -> tuple[Tensor, Tensor]:
@@ -103,7 +108,10 @@ class BatchedFasterRCNN(nn.Module):
                                                          proposals, proposal_valid, image_sizes)
         n, p = proposals.shape[:2]
         objects = gather_vectors(represent.reshape(n, p, -1).to(torch.float32), candidate, valid)
-        return (*detections, self._embeddings(feats, image_sizes), objects)
+        kept = torch.softmax(class_logits.to(torch.float32), -1).index_select(1, self.class_ids)
+        distribution = kept / kept.sum(dim=-1, keepdim=True).clamp(min=1e-12)
+        return (*detections, self._embeddings(feats, image_sizes), objects,
+                gather_vectors(distribution.reshape(n, p, -1), candidate, valid))
 
     def _anchors(self, x: Tensor, feats: list[Tensor]) -> list[Tensor]:
         """Anchors per level, the same for every image of the padded batch."""
@@ -296,6 +304,7 @@ def export_fasterrcnn_model(model: FasterRCNN, cfg: FasterRCNNExport, source: st
         embedding_dim=256 * 5, embedding_method=EMBEDDING_METHOD,
         object_embedding_dim=int(model.roi_heads.box_head.fc7.out_features),
         object_embedding_method=OBJECT_EMBEDDING_METHOD,
+        class_probability_method=CLASS_PROBABILITY_METHOD,
     )
     proto = trace_to_onnx(graph, (images, sizes), INPUT_NAMES, OUTPUT_NAMES)
     return finalize(proto, spec, cfg.output)

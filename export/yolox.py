@@ -66,6 +66,9 @@ EMBEDDING_METHOD = ("mean of the head's input at each level (PAFPN outputs, stri
                     "32) over the image's valid region, concatenated")
 OBJECT_EMBEDDING_METHOD = ("head stem output (the 1x1 conv each level starts with) at the grid "
                            "cell and level of the anchor that produced the detection")
+CLASS_PROBABILITY_METHOD = ("each class's score from the YOLOX head (a sigmoid per class, "
+                            "objectness left out) divided by their sum over the model's "
+                            "classes, at the anchor that produced the detection")
 LETTERBOX_VALUE = 114
 
 
@@ -128,9 +131,12 @@ class YoloxPost(nn.Module):
         top_boxes, top_scores, labels, valid, anchor = nms_topk(
             boxes, scores, self.max_detections, self.nms_threshold)
         per_anchor = torch.cat([s.flatten(2).transpose(1, 2) for s in stems], dim=1)
+        classes = raw[..., 5:].index_select(2, self.class_ids)
+        distribution = classes / classes.sum(dim=-1, keepdim=True).clamp(min=1e-12)
         return (*pad_outputs(top_boxes, top_scores, labels, valid),
                 image_vectors(head_inputs, image_sizes),
-                gather_vectors(per_anchor, anchor, valid))
+                gather_vectors(per_anchor, anchor, valid),
+                gather_vectors(distribution, anchor, valid))
 
 
 def image_vectors(levels: tuple[Tensor, ...], image_sizes: Tensor) -> Tensor:
@@ -291,7 +297,7 @@ def export_yolox(cfg: YoloxExport) -> ModelSpec:
     post = trace_to_onnx(post_module, (raw, sizes, images.float(), *features),
                          ["raw", "image_sizes", "canvas", *FEATURES],
                          ["boxes", "scores", "labels", "num_detections", "embeddings",
-                          "object_embeddings"], AXES)
+                          "object_embeddings", "class_probabilities"], AXES)
     model = build_graph(original, pre, post)
     spec = ModelSpec(
         name="yolox_nano-" + cfg.classes,
@@ -305,5 +311,6 @@ def export_yolox(cfg: YoloxExport) -> ModelSpec:
         precision="fp16" if cfg.fp16 else "fp32",
         embedding_dim=sum(channels), embedding_method=EMBEDDING_METHOD,
         object_embedding_dim=width, object_embedding_method=OBJECT_EMBEDDING_METHOD,
+        class_probability_method=CLASS_PROBABILITY_METHOD,
     )
     return finalize(model, spec, cfg.output)

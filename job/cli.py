@@ -76,6 +76,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="skip the data-health values (Lightly's pixel metadata: uniformRowRatio, "
              "sharpness, ...) the servers compute per image (about 2-4 ms of a decoding "
              "thread each); corrupt.json then lists only inputs that fail to decode")
+    add("--no-class-probabilities", dest="class_probabilities", action="store_false",
+        help="do not store each detection's class distribution (stored by default when "
+             "the model gives one: the uncertainty_* scores of pretag select read it)")
     add("--near-duplicate-distance", type=float, default=_D.near_duplicate_distance,
         metavar="D", help=f"list image pairs whose vectors are within cosine distance D in "
                           f"DIR/report/near_duplicates.json (default "
@@ -109,6 +112,7 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
                      debug_images=args.debug_images, quiet=args.quiet,
                      overwrite=args.overwrite, embeddings=args.embeddings,
                      pixel_metadata=args.pixel_metadata,
+                     class_probabilities=args.class_probabilities,
                      near_duplicate_distance=args.near_duplicate_distance,
                      shard_images=args.shard_images, max_pixels=args.max_pixels,
                      frames=FrameSettings(stride=args.frame_stride, fps=args.fps),

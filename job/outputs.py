@@ -146,15 +146,19 @@ class Detections:
     scores: Sequence[float]
     embedding: Any = None  # numpy [D] or None
     object_embeddings: Any = None  # numpy [n, E] or None
+    class_probabilities: Any = None  # numpy [n, C] or None
 
 
 def make_entry(name: str, boxes: Sequence[Sequence[float]], labels: Sequence[str],
                scores: Sequence[float], metadata: Mapping[str, float] | None = None,
-               content_hash: str | None = None) -> dict[str, Any]:
+               content_hash: str | None = None, probabilities: Any = None
+               ) -> dict[str, Any]:
     """One prediction entry, floats rounded to 6 places, in the order the server sent
     them: decreasing score, as the detector contract guarantees. With the image's pixel
     metadata (Lightly's keys, :data:`pretag.health.METADATA_KEYS`) and the hash of its
-    file (exact duplicates), when known (pretag.job.health)."""
+    file (exact duplicates), when known (pretag.job.health); ``probabilities``: each
+    detection's class distribution [n, C] in the run's class order (Lightly's optional
+    ``probabilities``), when the model gives them."""
     entry: dict[str, Any] = {"filename": name,
                              "boxes": [[round(v, 6) for v in box] for box in boxes],
                              "labels": list(labels),
@@ -164,6 +168,8 @@ def make_entry(name: str, boxes: Sequence[Sequence[float]], labels: Sequence[str
                              if key in metadata}
     if content_hash:
         entry["content_hash"] = content_hash
+    if probabilities is not None:
+        entry["probabilities"] = [[round(float(v), 6) for v in row] for row in probabilities]
     return entry
 
 

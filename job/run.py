@@ -108,6 +108,9 @@ class RunConfig:
     relevant: tuple[str, ...] = ()  # relevant_filenames_file entries (job/relevant.py)
     #: ask the servers for each image's pixel metadata (data health: job/health.py)
     pixel_metadata: bool = True
+    #: store each detection's class distribution when the model gives one (SCORES
+    #: uncertainty_* inputs of pretag select)
+    class_probabilities: bool = True
     #: near duplicates among the stored image vectors (job/neardup.py); 0: not searched
     near_duplicate_distance: float = DEFAULT_DISTANCE
     stream: StreamSettings = field(default_factory=StreamSettings)
@@ -366,7 +369,9 @@ def _grpc_executor(connections: list[Connection], infos: list[pb.ModelInfoRespon
         targets = [Target.of(c, i, window) for c, i in zip(connections, infos, strict=True)]
         job = Job(targets, plan.todo, config.output_dir, plan.state, config.stream,
                   Ask(config.score_threshold, plan.mode, plan.info.resize,
-                      config.pixel_metadata), progress,
+                      config.pixel_metadata,
+                      config.class_probabilities and plan.info.class_probabilities),
+                  progress,
                   on_result, vectors=plan.vectors)
         asyncio.run(job.run())
 

@@ -263,7 +263,9 @@ class Job:
             async for pred in client.detect_stream(self._feed(attempt, backoff),
                                                    self.ask.threshold,
                                                    embeddings=self.ask.embeddings,
-                                                   pixel_metadata=self.ask.pixel_metadata):
+                                                   pixel_metadata=self.ask.pixel_metadata,
+                                                   class_probabilities=(
+                                                       self.ask.class_probabilities)):
                 attempt.answered()
                 work = attempt.inflight.pop(pred.id, None)
                 if work is not None:
@@ -340,7 +342,7 @@ class Job:
         images already counted; the re-run redoes them)."""
         loop = asyncio.get_running_loop()
         entry = make_entry(item.name, pred.boxes, pred.labels, pred.scores, pred.metadata,
-                           digest)
+                           digest, pred.class_probabilities)
         try:  # checked first: an answer without its vectors leaves no prediction behind
             if self.vectors is not None:
                 self.vectors.check(item.name, pred)

@@ -58,6 +58,7 @@ class Ask:
     embeddings: str = "none"  # none|image|objects|all
     resize: ResizeSpec | None = None  # None: frames go at full size
     pixel_metadata: bool = False  # ask each answer for the image's pixel metadata
+    class_probabilities: bool = False  # and each detection's class distribution
 
 
 @dataclass(frozen=True)
@@ -125,7 +126,8 @@ class StreamClient(Protocol):
     def detect_stream(self, items: AsyncIterable[tuple[str, Image]],
                       score_threshold: float | None = None, *,
                       embeddings: str = "none",
-                      pixel_metadata: bool = False) -> AsyncIterator[Prediction]: ...
+                      pixel_metadata: bool = False,
+                      class_probabilities: bool = False) -> AsyncIterator[Prediction]: ...
 
 
 Connect = Callable[[Connection], StreamClient]

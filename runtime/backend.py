@@ -42,6 +42,7 @@ class Outputs:
     num_detections: np.ndarray  # int64 [N]
     embeddings: np.ndarray | None = None  # float32 [N, D]
     object_embeddings: np.ndarray | None = None  # float32 [N, K, E]
+    class_probabilities: np.ndarray | None = None  # float32 [N, K, C]
 
 
 class Backend(Protocol):
@@ -215,4 +216,5 @@ class OrtBackend:
             self._pool.put(session)
         out = dict(zip(self._outputs, values, strict=True))
         return Outputs(out["boxes"], out["scores"], out["labels"], out["num_detections"],
-                       out.get("embeddings"), out.get("object_embeddings"))
+                       out.get("embeddings"), out.get("object_embeddings"),
+                       out.get("class_probabilities"))

@@ -31,6 +31,7 @@ class Raw:
     valid: tuple[int, int]
     embedding: np.ndarray | None
     object_embeddings: np.ndarray | None  # [n, E], one row per valid detection
+    class_probabilities: np.ndarray | None = None  # [n, C], one row per valid detection
 
 
 @dataclass(frozen=True)
@@ -47,6 +48,7 @@ class Result:
     embedding: np.ndarray | None = None  # [D]
     object_embeddings: np.ndarray | None = None  # [n, E], aligned with boxes
     metadata: dict[str, float] | None = None  # pixel metadata (pretag.health), when asked
+    class_probabilities: np.ndarray | None = None  # [n, C], aligned with boxes
 
 
 def split_outputs(out: Outputs, valid: Sequence[tuple[int, int]]) -> list[Raw]:
@@ -59,7 +61,9 @@ def split_outputs(out: Outputs, valid: Sequence[tuple[int, int]]) -> list[Raw]:
                         (int(size[0]), int(size[1])),
                         None if out.embeddings is None else out.embeddings[i],
                         None if out.object_embeddings is None
-                        else out.object_embeddings[i, :n]))
+                        else out.object_embeddings[i, :n],
+                        None if out.class_probabilities is None
+                        else out.class_probabilities[i, :n]))
     return raws
 
 
@@ -71,10 +75,12 @@ def to_result(raw: Raw, original: tuple[int, int], info: BatchInfo, threshold: f
     ids = raw.labels[keep].astype(np.int64)
     height, width = original
     objects = None if raw.object_embeddings is None else raw.object_embeddings[keep]
+    probabilities = (None if raw.class_probabilities is None
+                     else raw.class_probabilities[keep].astype(np.float32))
     return Result(normalize_boxes(raw.boxes[keep], raw.valid),
                   raw.scores[keep].astype(np.float32),
                   tuple(class_names[i] for i in ids), ids, width, height, info, raw.embedding,
-                  objects)
+                  objects, class_probabilities=probabilities)
 
 
 def request_message(request_id: str, reason: str) -> str:

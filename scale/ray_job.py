@@ -253,7 +253,8 @@ def ray_executor(model: bytes, settings: RaySettings) -> Executor:
                                   settings.actor_backend())
         writing = WriteConfig(str(config.output_dir), tuple(plan.info.class_names), plan.mode,
                               plan.vectors.pending.number if plan.vectors else 1,
-                              plan.info.object_embedding_dim, config.storage_timeout_s)
+                              plan.info.object_embedding_dim, config.storage_timeout_s,
+                              config.class_probabilities and plan.info.class_probabilities)
         data = (_read(plan, settings)
                 .map_batches(Detector, fn_constructor_kwargs={"model": model,
                                                               "config": detector},

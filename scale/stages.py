@@ -238,7 +238,8 @@ class Detector:
                 "scores": column(lambda r: r.scores, np.float32),
                 "label_ids": column(lambda r: r.label_ids, np.int64),
                 "embedding": column(lambda r: r.embedding, np.float32),
-                "objects": column(lambda r: r.object_embeddings, np.float32)}
+                "objects": column(lambda r: r.object_embeddings, np.float32),
+                "probabilities": column(lambda r: r.class_probabilities, np.float32)}
 
 
 @dataclass(frozen=True)
@@ -251,6 +252,7 @@ class WriteConfig:
     first_shard: int  # the block's shard number: this plus its first image's index
     object_dim: int = 0  # the model's object vector size (mode objects or all)
     timeout_s: float = DEFAULT_TIMEOUT_S  # per object-storage request
+    probabilities: bool = False  # store each detection's class distribution
 
 
 def _prediction(batch: Batch, i: int, config: WriteConfig) -> Detections:
@@ -259,12 +261,15 @@ def _prediction(batch: Batch, i: int, config: WriteConfig) -> Detections:
 
     embedding = values("embedding")
     objects = values("objects").reshape(-1, config.object_dim or 1)
+    probabilities = values("probabilities").reshape(-1, len(config.class_names))
     return Detections(str(batch["name"][i]),
                       [tuple(box) for box in values("boxes").reshape(-1, 4).tolist()],
                       [config.class_names[j] for j in values("label_ids", np.int64).tolist()],
                       values("scores").tolist(),
                       embedding=embedding if embedding.size else None,
-                      object_embeddings=objects if objects.size else None)
+                      object_embeddings=objects if objects.size else None,
+                      class_probabilities=(probabilities if config.probabilities
+                                           and batch["probabilities"][i] else None))
 
 
 def write_block(batch: Batch, config: WriteConfig) -> Batch:
@@ -282,7 +287,8 @@ def write_block(batch: Batch, config: WriteConfig) -> Batch:
         metadata = batch["metadata"][i] if "metadata" in batch else ""
         entry = make_entry(pred.id, pred.boxes, pred.labels, pred.scores,
                            json.loads(metadata) if metadata else None,
-                           str(batch["digest"][i]) if "digest" in batch else None)
+                           str(batch["digest"][i]) if "digest" in batch else None,
+                           pred.class_probabilities)
         try:  # as the gRPC path: vectors checked, prediction stored, then vectors kept
             if config.mode != "none":
                 shard.check(pred.id, pred, images, objects)

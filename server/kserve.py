@@ -8,7 +8,9 @@ INT64 [N]. K is the largest detection count in the request. An optional
 request parameter ``score_threshold`` (double) overrides the server default.
 These four are returned when the request lists no outputs. Listed by name (Triton's
 convention), the model's vectors come too: ``embeddings`` FP32 [N, D] and
-``object_embeddings`` FP32 [N, K, E] (zeros in padding slots). Class names, as Triton's
+``object_embeddings`` FP32 [N, K, E] (zeros in padding slots), and, from a model that gives
+them, ``class_probabilities`` FP32 [N, K, C] (each detection's distribution over the C
+class names; zeros in padding slots). Class names, as Triton's
 classification extension gives them: ``labels`` requested with the ``classification``
 parameter k (tritonclient's ``InferRequestedOutput("labels", class_count=k)``) comes
 back as BYTES [N, min(k, K)] of ``"score:index:name"`` (empty in padding slots). A request is
@@ -46,6 +48,8 @@ def vector_outputs(spec: ModelSpec) -> tuple[tuple[str, str, tuple[int, ...]], .
         out.append(("embeddings", "FP32", (-1, spec.embedding_dim)))
     if spec.object_embedding_dim is not None:
         out.append(("object_embeddings", "FP32", (-1, -1, spec.object_embedding_dim)))
+    if spec.class_probability_method:
+        out.append(("class_probabilities", "FP32", (-1, -1, len(spec.class_names))))
     return tuple(out)
 
 
@@ -122,14 +126,21 @@ def _arrays(results: list[Result], wanted: list[str]) -> dict[str, np.ndarray]:
     if "embeddings" in wanted:
         images = [r.embedding for r in results if r.embedding is not None]
         arrays["embeddings"] = np.stack(images).astype(np.float32)
-    if "object_embeddings" in wanted:
-        rows = [r.object_embeddings for r in results]
-        dim = next(r.shape[1] for r in rows if r is not None)
-        objects = np.zeros((n, k, dim), np.float32)
-        for i, row in enumerate(rows):
-            objects[i, :len(results[i].scores)] = row
-        arrays["object_embeddings"] = objects
+    for name in ("object_embeddings", "class_probabilities"):
+        if name in wanted:
+            arrays[name] = _per_detection(results, name, k)
     return arrays
+
+
+def _per_detection(results: list[Result], name: str, k: int) -> np.ndarray:
+    """A per-detection output [N, K, width] (zeros in padding slots)."""
+    rows = [getattr(r, name) for r in results]
+    width = next((r.shape[1] for r in rows if r is not None), 0)
+    out = np.zeros((len(results), k, width), np.float32)
+    for i, row in enumerate(rows):
+        if row is not None:
+            out[i, :len(row)] = row
+    return out
 
 
 def check_outputs(request: kpb.ModelInferRequest, spec: ModelSpec) -> list[str]:

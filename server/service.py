@@ -58,24 +58,33 @@ def model_info(spec: ModelSpec, providers: Sequence[str], batching: BatchingConf
         source_sha256=spec.source_sha256, precision=spec.precision,
         max_message_bytes=max_message_bytes, min_score_threshold=spec.score_threshold,
         embedding_dim=spec.embedding_dim or 0,
-        object_embedding_dim=spec.object_embedding_dim or 0)
+        object_embedding_dim=spec.object_embedding_dim or 0,
+        class_probabilities=bool(spec.class_probability_method),
+        class_probability_method=spec.class_probability_method)
 
 
 def check_embeddings(engine: Engine, request: pb.DetectRequest) -> None:
-    """Refuse vectors the model does not give, before any work is done."""
+    """Refuse vectors (or class probabilities) the model does not give, before any work is
+    done."""
     spec = engine.spec
     if request.embeddings in _IMAGE and spec.embedding_dim is None:
         raise Unsupported(f"model {spec.name} gives no image embeddings")
     if request.embeddings in _OBJECTS and spec.object_embedding_dim is None:
         raise Unsupported(f"model {spec.name} gives no object embeddings")
+    if request.class_probabilities and not spec.class_probability_method:
+        raise Unsupported(f"model {spec.name} gives no class probabilities (export it again "
+                          f"with this pretag)")
 
 
 def to_response(request: pb.DetectRequest, result: Result) -> pb.DetectResponse:
     objects = result.object_embeddings if request.embeddings in _OBJECTS else None
+    probabilities = result.class_probabilities if request.class_probabilities else None
     detections = [
         pb.Detection(x1=float(b[0]), y1=float(b[1]), x2=float(b[2]), y2=float(b[3]),
                      label=label, score=float(s),
-                     embedding=None if objects is None else objects[i].tolist())
+                     embedding=None if objects is None else objects[i].tolist(),
+                     class_probabilities=None if probabilities is None
+                     else probabilities[i].tolist())
         for i, (b, label, s) in enumerate(zip(result.boxes, result.labels, result.scores,
                                               strict=True))
     ]

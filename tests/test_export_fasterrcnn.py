@@ -149,6 +149,7 @@ def test_contract_and_metadata(coco_onnx):
     assert spec.source_weights == "random:seed=0" and len(spec.class_names) == 80
     assert spec.embedding_dim == 1280 and spec.object_embedding_dim == 1024
     assert "FPN level" in spec.embedding_method and "fc7" in spec.object_embedding_method
+    assert "softmax" in spec.class_probability_method
 
 
 def test_object_embeddings_are_the_box_head_rows_of_the_kept_detections(model, coco_onnx,
@@ -175,6 +176,12 @@ def test_object_embeddings_are_the_box_head_rows_of_the_kept_detections(model, c
         recomputed = rescored[i, torch.arange(n), class_ids].numpy()
         np.testing.assert_allclose(recomputed, out[1][i, :n], rtol=0, atol=1e-4)
         assert (out[5][i, n:] == 0).all() and np.abs(out[5][i, :n]).sum(axis=1).min() > 0
+        # class probabilities: the same softmax over the model's classes, renormalised
+        kept = rescored[i, :n][:, torch.tensor(ids)].numpy()
+        np.testing.assert_allclose(out[6][i, :n], kept / kept.sum(axis=1, keepdims=True),
+                                   rtol=0, atol=1e-4)
+        np.testing.assert_allclose(out[6][i, :n].sum(axis=1), 1, atol=1e-5)
+        assert (out[6][i, n:] == 0).all() and out[6].shape[2] == 80
 
 
 def test_fp16_graph_agrees_with_fp32(model, coco_onnx, images, tmp_path):

@@ -134,7 +134,8 @@ def _outputs(session: ort.InferenceSession, paths: list[Path], spec) -> dict[str
 def test_embeddings_match_numpy_from_the_original_graph(yolox_model, yolox_original,
                                                         coco_images):
     """Image vectors: valid-region means of the head inputs; object vectors: the stem output
-    at the anchor of each detection, found again from the raw scores and boxes."""
+    at the anchor of each detection, found again from the raw scores and boxes; class
+    probabilities: that anchor's class sigmoids over the model's classes, normalised."""
     from pretag.export.yolox import expose_head, load_original
 
     spec = validate_model(yolox_model)
@@ -162,9 +163,16 @@ def test_embeddings_match_numpy_from_the_original_graph(yolox_model, yolox_origi
             assert abs(scores[anchor, label] - score) < 1e-5
             np.testing.assert_allclose(ours["object_embeddings"][0, k], per_anchor[anchor],
                                        rtol=1e-5, atol=1e-5)
+            classes = raw[0, anchor, 5:][ids]  # the class sigmoids, objectness left out
+            np.testing.assert_allclose(ours["class_probabilities"][0, k],
+                                       classes / classes.sum(), rtol=1e-5, atol=1e-6)
             checked += 1
-        assert (ours["object_embeddings"][0, int(ours["num_detections"][0]):] == 0).all()
+        n = int(ours["num_detections"][0])
+        assert (ours["object_embeddings"][0, n:] == 0).all()
+        assert (ours["class_probabilities"][0, n:] == 0).all()
+        np.testing.assert_allclose(ours["class_probabilities"][0, :n].sum(axis=1), 1, atol=1e-5)
     assert checked >= 20
+    assert spec.class_probability_method.startswith("each class's score")
 
 
 def test_vectors_of_a_batch_of_eight_equal_single_runs(yolox_model, coco_images):
@@ -178,6 +186,8 @@ def test_vectors_of_a_batch_of_eight_equal_single_runs(yolox_model, coco_images)
         n = int(one["num_detections"][0])
         np.testing.assert_array_equal(one["object_embeddings"][0, :n],
                                       eight["object_embeddings"][i, :n])
+        np.testing.assert_allclose(one["class_probabilities"][0, :n],  # a division: 1 ulp
+                                   eight["class_probabilities"][i, :n], rtol=1e-6, atol=1e-9)
 
 
 def test_original_file_is_not_a_contract_model(yolox_original):

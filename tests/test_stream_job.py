@@ -66,7 +66,8 @@ class FakeClient:
     async def detect_stream(self, items: AsyncIterable[tuple[str, bytes]],
                             score_threshold: float | None = None, *,
                             embeddings: str = "none",
-                            pixel_metadata: bool = False) -> AsyncIterator[Prediction]:
+                            pixel_metadata: bool = False,
+                            class_probabilities: bool = False) -> AsyncIterator[Prediction]:
         server = self.server
         server.streams.append(asyncio.get_running_loop().time())  # the fake clock
         if server.down:
