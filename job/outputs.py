@@ -223,6 +223,10 @@ def entry_problem(entry: Any) -> str | None:
         return "boxes, labels and scores must be lists"
     if len({len(v) for v in lists if isinstance(v, list)}) != 1:
         return "boxes, labels and scores differ in length"
+    probabilities = entry.get("probabilities")
+    if probabilities is not None and (not isinstance(probabilities, list)
+                                      or len(probabilities) != len(entry["boxes"])):
+        return "probabilities must be a list with one row per box"
     return None
 
 
@@ -232,6 +236,7 @@ def detection_problems(entry: dict[str, Any], classes: Sequence[str]) -> dict[in
     a finite number. Readers skip these; exports and crops never write them."""
     known = set(classes)
     found: dict[int, str] = {}
+    rows = entry.get("probabilities")
     for i, (box, label, score) in enumerate(zip(entry["boxes"], entry["labels"],
                                                 entry["scores"], strict=True)):
         problem = box_problem(box)
@@ -239,12 +244,27 @@ def detection_problems(entry: dict[str, Any], classes: Sequence[str]) -> dict[in
             problem = f"label {label!r} is not one of the run's classes"
         if problem is None and not _number(score):
             problem = f"score {score!r} is not a finite number"
+        if problem is None and rows is not None:
+            problem = probability_problem(rows[i], len(classes))
         if problem is not None:
             found[i] = problem
     return found
 
 
+def probability_problem(row: Any, classes: int) -> str | None:
+    """Why a detection's class probabilities cannot be used, or None: one number in
+    [0, 1] per class, summing to 1 (within 1e-3)."""
+    if not isinstance(row, list) or len(row) != classes:
+        return f"probabilities must be a list of {classes} numbers (one per class)"
+    if not all(_number(v) and 0.0 <= v <= 1.0 for v in row):
+        return "probabilities must be numbers in [0, 1]"
+    if abs(sum(row) - 1.0) > 1e-3:
+        return f"probabilities sum to {sum(row):.4f}, not 1"
+    return None
+
+
 def usable(entry: dict[str, Any], bad: dict[int, str]) -> dict[str, Any]:
     """``entry`` without the detections in ``bad``."""
     keep = [i for i in range(len(entry["boxes"])) if i not in bad]
-    return {**entry, **{k: [entry[k][i] for i in keep] for k in ("boxes", "labels", "scores")}}
+    lists = ("boxes", "labels", "scores", "probabilities")
+    return {**entry, **{k: [entry[k][i] for i in keep] for k in lists if k in entry}}

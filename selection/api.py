@@ -17,7 +17,8 @@ from pretag.selection.samples import Samples
 def select(config: SelectionConfig | Mapping[str, Any], embeddings: Any = None,
            class_counts: Any = None, classes: Sequence[str] | None = None,
            scores: Sequence[Any] | None = None,
-           metadata: Sequence[Mapping[str, Any]] | None = None) -> list[int]:
+           metadata: Sequence[Mapping[str, Any]] | None = None,
+           probabilities: Sequence[Any] | None = None) -> list[int]:
     """Indices of the picked samples, in pick order.
 
     ``config``: a parsed :class:`SelectionConfig` or the dict Lightly users write
@@ -25,11 +26,14 @@ def select(config: SelectionConfig | Mapping[str, Any], embeddings: Any = None,
     strategy needs them: ``embeddings`` [N, D] (DIVERSITY), ``class_counts`` [N, C] with
     ``classes`` naming the columns (BALANCE, PREDICTIONS inputs), ``scores`` (one sequence of
     detection scores per sample: SCORES inputs), ``metadata`` (one dict per sample:
-    METADATA inputs). SelectionConfigError when the config or the arrays cannot work."""
+    METADATA inputs), ``probabilities`` (per sample, its detections' class probabilities
+    [n, C]: the uncertainty_* SCORES). SelectionConfigError when the config or the arrays
+    cannot work."""
     cfg = config if isinstance(config, SelectionConfig) else parse(dict(config))
     sizes = {name: len(value) for name, value in (("embeddings", embeddings),
                                                   ("class_counts", class_counts),
-                                                  ("scores", scores), ("metadata", metadata))
+                                                  ("scores", scores), ("metadata", metadata),
+                                                  ("probabilities", probabilities))
              if value is not None}
     if not sizes:
         raise SelectionConfigError("select needs at least one of embeddings, class_counts, "
@@ -51,5 +55,8 @@ def select(config: SelectionConfig | Mapping[str, Any], embeddings: Any = None,
     samples = Samples(ids, names, counts,
                       [np.asarray(s, dtype=float) for s in scores] if scores is not None
                       else [np.zeros(0) for _ in range(n)], vectors,
-                      {ids[i]: dict(m) for i, m in enumerate(metadata)} if metadata else {})
+                      {ids[i]: dict(m) for i, m in enumerate(metadata)} if metadata else {},
+                      None if probabilities is None else
+                      [np.asarray(p, dtype=float).reshape(len(p), -1) if len(p)
+                       else np.zeros((0, counts.shape[1])) for p in probabilities])
     return [p.index for p in run_select(cfg, samples)]

@@ -23,7 +23,8 @@ PREDICTION_NAMES = ("CLASS_DISTRIBUTION", "CATEGORY_COUNT")
 OPERATIONS = ("SMALLER", "SMALLER_EQUAL", "BIGGER", "BIGGER_EQUAL")
 DISTRIBUTIONS = ("TARGET", "UNIFORM", "INPUT")
 #: pretag's scores for SCORES inputs (docs/selection.md)
-SCORES = ("object_frequency", "objectness_least_confidence")
+SCORES = ("object_frequency", "objectness_least_confidence", "uncertainty_least_confidence",
+          "uncertainty_margin", "uncertainty_entropy")
 PAIRINGS = {  # Lightly's allowed input -> strategy combinations
     ("EMBEDDINGS", None): ("DIVERSITY", "SIMILARITY", "TYPICALITY"),
     ("PREDICTIONS", "CLASS_DISTRIBUTION"): ("BALANCE",),

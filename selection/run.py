@@ -50,6 +50,7 @@ from pretag.selection.predictions import (
 )
 from pretag.selection.report import Earlier, write_report
 from pretag.selection.samples import Samples
+from pretag.selection.scores import score_values
 from pretag.selection.sequences import sequence_information, sequence_samples, window_count
 
 log = logging.getLogger(__name__)
@@ -81,7 +82,9 @@ def image_samples(run_dir: Path, metadata: dict[str, dict[str, Any]],
                                            f"(e.g. {missing[0]}); run pretag run again")
             vectors = array[[where[n] for n in names]]
     return Samples(names, run.classes, counts, [np.array(e["scores"]) for e in entries],
-                   vectors, metadata)
+                   vectors, metadata,
+                   [np.array(e["probabilities"], float).reshape(-1, len(run.classes))
+                    if "probabilities" in e else None for e in entries])
 
 
 def crop_name(filename: str, index: int) -> str:
@@ -96,6 +99,7 @@ def object_samples(run_dir: Path, metadata: dict[str, dict[str, Any]],
     names: list[str] = []
     labels: list[str] = []
     scores: list[np.ndarray] = []
+    probabilities: list[np.ndarray | None] = []
     keep: list[int] = []
     row = 0
     for path in sorted(embeddings_dir(run_dir).glob("objects-*.parquet")):
@@ -107,6 +111,9 @@ def object_samples(run_dir: Path, metadata: dict[str, dict[str, Any]],
                 names.append(crop_name(f, d))
                 labels.append(label)
                 scores.append(np.array([s]))
+                rows = entry.get("probabilities")
+                probabilities.append(None if rows is None
+                                     else np.array([rows[d]], dtype=float))
                 keep.append(row)
             row += 1
     if not row:
@@ -115,7 +122,7 @@ def object_samples(run_dir: Path, metadata: dict[str, dict[str, Any]],
     _, vectors = load_embeddings(run_dir, "objects")
     counts = np.zeros((len(names), len(run.classes)))
     counts[np.arange(len(names)), [run.classes.index(label) for label in labels]] = 1
-    return Samples(names, run.classes, counts, scores, vectors[keep], metadata)
+    return Samples(names, run.classes, counts, scores, vectors[keep], metadata, probabilities)
 
 
 def _balance_target(step: Step, samples: Samples) -> tuple[np.ndarray, np.ndarray]:
@@ -157,10 +164,7 @@ def values_of(step: Step, samples: Samples) -> np.ndarray:
         wanted = step.input.categories or tuple(samples.classes)
         return samples.counts[:, [samples.classes.index(c) for c in wanted]].sum(axis=1)
     if kind == "SCORES":
-        if step.input.score == "object_frequency":
-            objects = samples.counts.sum(axis=1)
-            return objects / max(objects.max(initial=0.0), 1.0)
-        return np.array([1.0 - s.mean() if len(s) else 0.0 for s in samples.scores])
+        return score_values(str(step.input.score), samples)
     key = step.input.key or ""
     try:
         values = np.array([float(samples.metadata[n][key]) for n in samples.names])

@@ -18,3 +18,5 @@ class Samples:
     scores: list[np.ndarray]  # detection scores per sample
     vectors: np.ndarray | None  # [N, D]
     metadata: dict[str, dict[str, Any]]
+    #: each sample's class probabilities [n, C] per detection (None: not in the run)
+    probabilities: list[np.ndarray | None] | None = None

@@ -39,10 +39,15 @@ def sequence_samples(frames: Samples, length: int) -> tuple[Samples, list[list[i
                                    f"video has {length} predicted frames in this run")
     vectors = None if frames.vectors is None else \
         np.stack([frames.vectors[w].mean(axis=0) for w in windows])
+    rows = frames.probabilities
+    probabilities = None if rows is None else [
+        None if any(rows[i] is None and len(frames.scores[i]) for i in w) else
+        np.concatenate([np.zeros((0, len(frames.classes))) if rows[i] is None else rows[i]
+                        for i in w]) for w in windows]  # a window's objects: its frames'
     return Samples([frames.names[w[0]] for w in windows], frames.classes,
                    np.stack([frames.counts[w].sum(axis=0) for w in windows]),
                    [np.concatenate([frames.scores[i] for i in w]) for w in windows],
-                   vectors, frames.metadata), windows
+                   vectors, frames.metadata, probabilities), windows
 
 
 def window_count(frames: int, wanted: int, length: int) -> int:

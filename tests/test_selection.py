@@ -646,3 +646,34 @@ def test_balance_beside_diversity_moves_toward_the_target_and_strength_trades():
     alone, weak, default, strong = gap(None), gap(0.25), gap(1.0), gap(4.0)
     assert default < 0.5 * whole and default < 0.5 * alone
     assert strong <= default < weak < alone
+
+
+def test_uncertainty_scores_follow_lightly_s_object_detection_scorer():
+    """The numbers of Lightly's own ScorerObjectDetection test: two objects, one, none."""
+    from pretag.selection import select
+    from pretag.selection.scores import uncertainty
+
+    probabilities = [np.array([[0.7, 0.2, 0.1], [0.4, 0.5, 0.1]]),
+                     np.array([[0.5, 0.41, 0.09]]), np.zeros((0, 3))]
+    objects = [2, 1, 0]
+    lc = uncertainty("uncertainty_least_confidence", probabilities, objects)
+    np.testing.assert_allclose(lc, [max(1 - 0.7, 1 - 0.5) / (1 - 1 / 3), (1 - 0.5) / (1 - 1 / 3),
+                                    0])
+    margin = uncertainty("uncertainty_margin", probabilities, objects)
+    np.testing.assert_allclose(margin, [max(1 - (0.7 - 0.2), 1 - (0.5 - 0.4)),
+                                        1 - (0.5 - 0.41), 0])
+
+    def bits(p: list[float]) -> float:
+        return float(-(np.array(p) * np.log2(p)).sum() / np.log2(3))
+
+    entropy = uncertainty("uncertainty_entropy", probabilities, objects)
+    np.testing.assert_allclose(entropy, [max(bits([0.7, 0.2, 0.1]), bits([0.4, 0.5, 0.1])),
+                                         bits([0.5, 0.41, 0.09]), 0])
+    with pytest.raises(SelectionConfigError, match="have no class probabilities"):
+        uncertainty("uncertainty_margin", [None, None], [1, 0])
+    config = {"n_samples": 1, "strategies": [
+        {"input": {"type": "SCORES", "task": "lightly_pretagging",
+                   "score": "uncertainty_margin"}, "strategy": {"type": "WEIGHTS"}}]}
+    # the array API, the same code: image 1's single object (margin 0.91) beats image 0's
+    # most uncertain one (0.9)
+    assert select(config, probabilities=probabilities) == [1]
