@@ -209,14 +209,8 @@ class VectorError(ValueError):
     """A stored vector shard cannot be used; the message names the file."""
 
 
-def load_embeddings(output_dir: AnyPath, kind: str = "images") -> tuple[list[str], np.ndarray]:
-    """(filenames, float32 [rows, D]) of a run's image (or object) vectors.
-
-    The array is allocated once from the shards' row counts and filled shard by shard,
-    so a million rows never sit in memory twice. A shard that is not Parquet, holds
-    vectors of another length than the others' or values that are not finite is a
-    :class:`VectorError` naming it.
-    """
+def vector_shards(output_dir: AnyPath, kind: str = "images") -> tuple[list[AnyPath], int]:
+    """The shards of a run holding ``kind`` vectors, in order, and their rows in all."""
     paths, total = [], 0
     for path in _shards(output_dir, kind):
         try:
@@ -226,29 +220,49 @@ def load_embeddings(output_dir: AnyPath, kind: str = "images") -> tuple[list[str
                     total += shard.metadata.num_rows
         except (pa.ArrowException, OSError) as exc:
             raise VectorError(f"{path} is not a readable vector shard ({exc})") from None
+    return paths, total
+
+
+def read_vectors(path: AnyPath, dim: int | None = None) -> tuple[list[str], np.ndarray]:
+    """One shard's (filenames, float32 [rows, D]); a shard of another length than ``dim``
+    or holding values that are not finite is a :class:`VectorError` naming it."""
+    with _parquet(path) as shard:
+        table = shard.read(columns=["filename", "vector"])
+    vectors = table["vector"].combine_chunks()
+    size = getattr(vectors.type, "list_size", None)
+    if size is None or (dim is not None and size != dim):
+        raise VectorError(f"{path} holds vectors of {size or 'no fixed'} values, the shards "
+                          f"before it {dim if dim is not None else '?'}: it does "
+                          f"not belong to this run (run pretag run --overwrite)")
+    block = vectors.flatten().to_numpy(zero_copy_only=False).reshape(-1, size)
+    block = block.astype(np.float32, copy=False)
+    bad = int((~np.isfinite(block)).any(axis=1).sum())
+    if bad:
+        raise VectorError(f"{path}: {bad} vectors hold values that are not finite "
+                          f"(NaN or inf); run pretag run --overwrite to store them again")
+    return table["filename"].to_pylist(), block
+
+
+def load_embeddings(output_dir: AnyPath, kind: str = "images") -> tuple[list[str], np.ndarray]:
+    """(filenames, float32 [rows, D]) of a run's image (or object) vectors.
+
+    The array is allocated once from the shards' row counts and filled shard by shard,
+    so a million rows never sit in memory twice (besides one shard's). A shard that is
+    not Parquet, holds vectors of another length than the others' or values that are not
+    finite is a :class:`VectorError` naming it.
+    """
+    paths, total = vector_shards(output_dir, kind)
     names: list[str] = []
     out: np.ndarray | None = None
     row = 0
     for path in paths:
-        with _parquet(path) as shard:
-            table = shard.read(columns=["filename", "vector"])
-        vectors = table["vector"].combine_chunks()
-        dim = getattr(vectors.type, "list_size", None)
-        if dim is None or (out is not None and dim != out.shape[1]):
-            raise VectorError(f"{path} holds vectors of {dim or 'no fixed'} values, the shards "
-                              f"before it {out.shape[1] if out is not None else '?'}: it does "
-                              f"not belong to this run (run pretag run --overwrite)")
+        shard_names, block = read_vectors(path, None if out is None else out.shape[1])
         if out is None:
-            out = np.empty((total, dim), np.float32)
-        block = out[row:row + len(table)]
-        block[:] = vectors.flatten().to_numpy(zero_copy_only=False).reshape(-1, dim)
-        bad = int((~np.isfinite(block)).any(axis=1).sum())
-        if bad:
-            raise VectorError(f"{path}: {bad} vectors hold values that are not finite "
-                              f"(NaN or inf); run pretag run --overwrite to store them again")
-        names.extend(table["filename"].to_pylist())
-        row += len(table)
-        del table, vectors
+            out = np.empty((total, block.shape[1]), np.float32)
+        out[row:row + len(block)] = block
+        names.extend(shard_names)
+        row += len(block)
+        del block
     return names, out if out is not None else np.zeros((0, 0), np.float32)
 
 

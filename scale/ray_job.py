@@ -116,9 +116,10 @@ def _check_address(address: str) -> None:
 
 
 @contextmanager
-def connected(settings: RaySettings) -> Iterator[str]:
+def connected(settings: RaySettings, spare_cpu: bool = True) -> Iterator[str]:
     """A Ray connection for the job (a local cluster when no address is given); yields
-    where it runs. A caller already connected (ray.is_initialized) keeps its own."""
+    where it runs. A caller already connected (ray.is_initialized) keeps its own.
+    ``spare_cpu``: the actors must leave a CPU (the job reads and writes beside them)."""
     try:
         import ray
         import ray.exceptions
@@ -147,13 +148,13 @@ def connected(settings: RaySettings) -> Iterator[str]:
                            f"needs RAY_AUTH_MODE=token here, and its token in RAY_AUTH_TOKEN "
                            f"or ~/.ray/auth_token)") from None
     try:
-        _check_resources(settings)
+        _check_resources(settings, spare_cpu)
         yield f"ray {settings.address or 'local'}"
     finally:
         ray.shutdown()
 
 
-def _check_resources(settings: RaySettings) -> None:
+def _check_resources(settings: RaySettings, spare_cpu: bool = True) -> None:
     """Refuse a pool the cluster cannot hold with a CPU left for reading and writing
     (Ray Data would wait for it forever); an autoscaling cluster may grow, so there this
     is only a warning."""
@@ -161,12 +162,13 @@ def _check_resources(settings: RaySettings) -> None:
 
     have = ray.cluster_resources()
     cpus, gpus = have.get("CPU", 0.0), have.get("GPU", 0.0)
-    need_cpus = settings.actors * settings.cpus_per_actor + 1
+    need_cpus = settings.actors * settings.cpus_per_actor + (1 if spare_cpu else 0)
     need_gpus = settings.actors * settings.gpus_per_actor
     if cpus >= need_cpus and gpus >= need_gpus:
         return
-    message = (f"{settings.actors} detector actors need {need_cpus:g} CPUs (one for reading "
-               f"and writing) and {need_gpus:g} GPUs; the cluster has {cpus:g} and {gpus:g}")
+    spare = " (one for reading and writing)" if spare_cpu else ""
+    message = (f"{settings.actors} actors need {need_cpus:g} CPUs{spare} and {need_gpus:g} "
+               f"GPUs; the cluster has {cpus:g} and {gpus:g}")
     if settings.address is None:
         raise RunError(f"{message}: ask for fewer actors or fewer --ray-cpus-per-actor")
     log.warning("%s now; the job waits until it grows", message)

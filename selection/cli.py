@@ -11,6 +11,7 @@ from typing import Any
 
 from pretag.job.stream import RunError
 from pretag.selection.config import SelectionConfigError, load
+from pretag.selection.distributed import RayTarget
 from pretag.selection.export import FORMATS
 from pretag.selection.handoff import LOCAL_FILES
 from pretag.selection.run import run_selection
@@ -45,6 +46,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add("--remove-near-duplicates", action="store_true",
         help="leave out all but the first image of each group in the run's "
              "report/near_duplicates.json (pretag run --near-duplicate-distance)")
+    add("--ray", nargs="?", const="local", metavar="ADDRESS",
+        help="run the greedy loop on a Ray cluster, the image vectors sharded over actors "
+             "that read their own Parquet shards (ADDRESS: the head's HOST:PORT, or none "
+             "for a local cluster); the picks are those of one machine")
+    add("--ray-actors", type=int, default=2, help="actors holding the vectors (default 2)")
+    add("--ray-cpus-per-actor", type=float, default=1.0,
+        help="Ray CPUs each actor holds (default 1)")
     add("--write-crops", action="store_true",
         help="object level: write each picked crop (with the config's padding) as a PNG "
              "under selection/crops/; needs --images")
@@ -85,8 +93,10 @@ def run(args: argparse.Namespace) -> int:
         if args.write_crops and (args.images is None or not config.object_level_task):
             raise SelectionConfigError("--write-crops needs --images and object-level "
                                        "selection (worker_config.object_level)")
+        ray = None if args.ray is None else RayTarget(
+            None if args.ray == "local" else args.ray, args.ray_actors, args.ray_cpus_per_actor)
         run_selection(args.run_dir, config, args.output_dir, metadata, args.images,
-                      tuple(args.export), args.write_crops, args.url_prefix)
+                      tuple(args.export), args.write_crops, args.url_prefix, ray)
     except (SelectionConfigError, RunError, OSError, ValueError) as exc:
         log.error("%s", exc)
         return 2

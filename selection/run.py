@@ -26,6 +26,7 @@ from pretag.selection.config import SelectionConfig, SelectionConfigError, Step
 from pretag.selection.cover import mean_neighbour_distance, nearest_distances
 from pretag.selection.custom import custom_vectors, load_custom
 from pretag.selection.datapool import earlier_picks, identity, write_pool
+from pretag.selection.distributed import Loop, RayTarget, on_ray
 from pretag.selection.export import (
     crop_source,
     export_coco,
@@ -57,10 +58,11 @@ log = logging.getLogger(__name__)
 
 
 def image_samples(run_dir: Path, metadata: dict[str, dict[str, Any]],
-                  run: RunPredictions | None = None, embeddings: Path | None = None
-                  ) -> Samples:
+                  run: RunPredictions | None = None, embeddings: Path | None = None,
+                  vectors_here: bool = True) -> Samples:
     """The run's images (``run``: its predictions, when already read; ``embeddings``: a
-    custom embeddings file whose vectors replace the run's)."""
+    custom embeddings file whose vectors replace the run's; ``vectors_here`` False: the
+    vectors are not loaded, Ray actors read them: :mod:`pretag.selection.distributed`)."""
     run = run or read_run(run_dir)
     index = {c: i for i, c in enumerate(run.classes)}
     names = list(run.entries)
@@ -72,7 +74,7 @@ def image_samples(run_dir: Path, metadata: dict[str, dict[str, Any]],
     vectors = None
     if embeddings is not None:
         vectors = custom_vectors(embeddings, names)
-    elif embeddings_dir(run_dir).is_dir():
+    elif embeddings_dir(run_dir).is_dir() and vectors_here:
         stored, array = load_embeddings(run_dir)
         if stored:
             where = {n: i for i, n in enumerate(stored)}
@@ -178,8 +180,15 @@ def values_of(step: Step, samples: Samples) -> np.ndarray:
     return values
 
 
-def objective_of(step: Step, samples: Samples) -> Objective:
+def objective_of(step: Step, samples: Samples, vectors_here: bool = True) -> Objective:
+    """``vectors_here`` False: the vectors are elsewhere (Ray actors): DIVERSITY's data is
+    left empty, and the strategies that need every vector here are refused."""
     kind = step.strategy.type
+    if kind in ("DIVERSITY", "SIMILARITY", "TYPICALITY") and not vectors_here:
+        if kind != "DIVERSITY":
+            raise SelectionConfigError(f"{kind} is not distributed yet: run pretag select "
+                                       f"without --ray")
+        return Objective(step.strategy, "diversity", np.zeros((0, 0), np.float32))
     if kind in ("DIVERSITY", "SIMILARITY", "TYPICALITY"):
         if samples.vectors is None:
             raise SelectionConfigError("EMBEDDINGS needs stored vectors: pretag run "
@@ -226,17 +235,18 @@ def queries(step: Step, samples: Samples) -> np.ndarray:
 
 
 def select(config: SelectionConfig, samples: Samples, prior: np.ndarray | None = None,
-           only: np.ndarray | None = None) -> list[Pick]:
+           only: np.ndarray | None = None, loop: Loop | None = None) -> list[Pick]:
     """The picks; ``prior``: rows picked by earlier selections (a datapool's), which are
     not picked again and count as picked from the start; ``only``: a mask of the samples
-    that may be picked (relevant_filenames_file)."""
+    that may be picked (relevant_filenames_file); ``loop``: the greedy loop elsewhere
+    (:func:`pretag.selection.distributed.on_ray`; no ``prior`` then)."""
     mask = np.ones(len(samples.names), dtype=bool) if only is None else only.copy()
     if prior is not None and len(prior):
         mask[prior] = False
     for step in config.steps:
         if step.strategy.type == "THRESHOLD":
             mask &= passes(values_of(step, samples), step.strategy)
-    objectives = [objective_of(s, samples) for s in config.steps
+    objectives = [objective_of(s, samples, loop is None) for s in config.steps
                   if s.strategy.type != "THRESHOLD"]
     for step, objective in zip((s for s in config.steps if s.strategy.type != "THRESHOLD"),
                                objectives, strict=True):
@@ -246,6 +256,8 @@ def select(config: SelectionConfig, samples: Samples, prior: np.ndarray | None =
     if count > int(mask.sum()):
         log.warning("asked for %d samples, %d are available: selecting all of them", count,
                     int(mask.sum()))
+    if loop is not None and any(o.kind == "diversity" for o in objectives):
+        return loop(objectives, mask, count)
     return greedy(objectives, mask, count, prior=prior if prior is not None and len(prior)
                   else None)
 
@@ -262,13 +274,17 @@ def target_of(config: SelectionConfig) -> dict[str, float] | None:
 def run_selection(run_dir: Path, config: SelectionConfig, output_dir: Path | None = None,
                   metadata: dict[str, dict[str, Any]] | None = None,
                   images: Path | None = None, exports: tuple[str, ...] = (),
-                  crops: bool = False, url_prefix: str = LOCAL_FILES) -> list[str]:
+                  crops: bool = False, url_prefix: str = LOCAL_FILES,
+                  ray: RayTarget | None = None) -> list[str]:
     """Select over ``run_dir`` and write the outputs and the report (see
     :mod:`pretag.selection.report`); returns the picked names in order. ``images``: the
     run's input folder, for debug images of the picks, the ``exports`` (coco, lightly)
     and the ``crops``. The folder is held (:mod:`pretag.job.lock`) and selection/ is
-    replaced as one set (:func:`~pretag.selection.predictions.staged`)."""
+    replaced as one set (:func:`~pretag.selection.predictions.staged`). ``ray``: the
+    greedy loop runs on a Ray cluster (:mod:`pretag.selection.distributed`)."""
     base = output_dir or run_dir
+    if ray is not None:
+        _ray_problem(config)
     if config.sequence_length > 1 and images is None:
         raise SelectionConfigError("worker_config.selected_sequence_length needs --images "
                                    "(the run's input folder): the frames' timestamps are "
@@ -281,13 +297,17 @@ def run_selection(run_dir: Path, config: SelectionConfig, output_dir: Path | Non
             samples = object_samples(run_dir, metadata or {}, run)
         else:
             custom = Path(config.embeddings) if config.embeddings else None
-            samples = image_samples(run_dir, metadata or {}, run, custom)
+            samples = image_samples(run_dir, metadata or {}, run, custom, ray is None)
         if not samples.names:
             what = "usable detections" if config.object_level_task else "predicted images"
             raise SelectionConfigError(f"{run_dir} holds no {what} to select from")
         ident = identity(run_dir, samples, config)
         record, prior, missing = earlier_picks(base, config, ident, samples)
-        picked = _pick(config, samples, prior)
+        if ray is None:
+            picked = _pick(config, samples, prior)
+        else:
+            with on_ray(run_dir, samples.names, ray) as loop:
+                picked = _pick(config, samples, prior, loop)
         names = [name for window in picked.windows for name in window]
         with staged(base) as out:
             _write_picks(out, config, picked, names, run)
@@ -372,10 +392,23 @@ def relevant_mask(config: SelectionConfig, samples: Samples) -> np.ndarray | Non
     return mask
 
 
-def _pick(config: SelectionConfig, samples: Samples, prior: np.ndarray) -> Picked:
+def _ray_problem(config: SelectionConfig) -> None:
+    """What --ray does not distribute yet (SelectionConfigError)."""
+    unsupported = [(config.object_level_task, "worker_config.object_level"),
+                   (config.sequence_length > 1, "worker_config.selected_sequence_length"),
+                   (config.use_datapool, "worker_config.use_datapool"),
+                   (config.embeddings, "custom embeddings")]
+    for present, what in unsupported:
+        if present:
+            raise SelectionConfigError(f"--ray: {what} is not distributed yet; run pretag "
+                                       f"select without --ray")
+
+
+def _pick(config: SelectionConfig, samples: Samples, prior: np.ndarray,
+          loop: Loop | None = None) -> Picked:
     length = config.sequence_length
     if length == 1:
-        picks = select(config, samples, prior, relevant_mask(config, samples))
+        picks = select(config, samples, prior, relevant_mask(config, samples), loop)
         return Picked(samples, picks, [[samples.names[p.index]] for p in picks])
     if config.use_datapool or config.relevant_filenames_file:
         raise SelectionConfigError("worker_config.use_datapool and relevant_filenames_file "
