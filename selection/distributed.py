@@ -37,6 +37,7 @@ from pretag.selection.greedy import (
     Objective,
     Pick,
     balance_gain,
+    group_rows,
     normalise,
     weight_values,
 )
@@ -80,13 +81,26 @@ class ShardWorker:
         self.objectives: list[tuple[str, float, Any, Any]] = [
             (kind, strength, None if data is None else data[self.rows], target)
             for kind, strength, data, target in objectives]
-        self.empty: list[Any] = [data.sum(axis=1) == 0 if kind == "balance" else None
-                                 for kind, _, data, _ in self.objectives]
+        # BALANCE depends on a row only through its class counts: per distinct row (group)
+        self.groups: list[Any] = [self._grouped(data) if kind == "balance" else None
+                                  for kind, _, data, _ in self.objectives]
+
+    def _grouped(self, data: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray,
+                                                  np.ndarray]:
+        """(distinct rows, each row's group, groups without objects, available rows per
+        group)."""
+        unique, gid = group_rows(data)
+        live = np.bincount(gid[self.available], minlength=len(unique))
+        return unique, gid, unique.sum(axis=1) == 0, live
 
     def centre_sum(self) -> tuple[np.ndarray, int]:
         """The candidates' vector sum (float64) and count, for the first centre."""
         return (self.x[self.candidates].sum(axis=0, dtype=np.float64),
                 int(self.candidates.sum()))
+
+    def ping(self) -> int:
+        """Nothing but a round trip (how many rows this actor holds)."""
+        return len(self.rows)
 
     def start(self, centre: np.ndarray) -> None:
         self.d = np.where(self.candidates, distances(self.x, self.sq, centre), 0.0)
@@ -104,12 +118,13 @@ class ShardWorker:
         scales = []
         self.gains = []
         balance = iter(states)
-        for (kind, _, data, target), empty in zip(self.objectives, self.empty, strict=True):
+        for (kind, _, _, target), grouped in zip(self.objectives, self.groups, strict=True):
             if kind != "balance":
                 continue
-            gain = balance_gain(next(balance), data, target)
+            unique, _, empty, group_live = grouped
+            gain = balance_gain(next(balance), unique, target)
             self.gains.append(gain)
-            filled = live & ~empty
+            filled = (group_live > 0) & ~empty
             scales.append((float(np.abs(gain[filled]).max(initial=0.0)),
                            float(gain[filled].min(initial=np.inf)), bool(filled.any())))
         return maxd, scales
@@ -120,6 +135,9 @@ class ShardWorker:
         if at < len(self.rows) and self.rows[at] == sample:
             new[at] = 0.0
             self.available[at] = False
+            for grouped in self.groups:
+                if grouped is not None:
+                    grouped[3][grouped[1][at]] -= 1
         self.d = new if self.first else np.minimum(self.d, new)
         self.d[~self.candidates] = 0.0
         self.first = False
@@ -132,15 +150,15 @@ class ShardWorker:
             return None
         values = []
         gains = iter(zip(self.gains, scales, strict=True))
-        for (kind, _, data, _), empty in zip(self.objectives, self.empty, strict=True):
+        for (kind, _, data, _), grouped in zip(self.objectives, self.groups, strict=True):
             if kind == "diversity":
                 values.append(np.maximum(self.d, TINY) / max(maxd, TINY))
-            elif kind == "balance":
+            elif kind == "balance":  # balance_values, per group, then per row
                 gain, (scale, low) = next(gains)
                 v = 0.5 + 0.5 * gain / scale if scale > 0 else np.ones(len(gain))
                 if low is not None:
-                    v[empty] = low
-                values.append(v)
+                    v[grouped[2]] = low
+                values.append(v[grouped[1]])
             else:
                 values.append(data)
         score = sum((strength * np.log(np.maximum(v, TINY))
