@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import argparse
 
+from pretag.job.cluster import DEFAULT_ENV
 from pretag.job.stream import RunError
 from pretag.runtime.backend import BackendConfig, BackendError, parse_provider_options
-from pretag.scale.ray_job import DEFAULT_ENV, RaySettings
+from pretag.scale.ray_job import RaySettings
 
 _D = RaySettings  # defaults are set on the dataclass, once
 

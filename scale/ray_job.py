@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import socket
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
@@ -27,6 +25,8 @@ from typing import Any
 from tqdm import tqdm
 
 from pretag.contract import ContractError, read_model_spec
+from pretag.job.cluster import Needs
+from pretag.job.cluster import connected as cluster_connected
 from pretag.job.errors import Code
 from pretag.job.lock import hold
 from pretag.job.run import (
@@ -61,9 +61,6 @@ log = logging.getLogger(__name__)
 
 #: Variables the job's workers get from the driver's environment by default: where
 #: object storage is, never credentials (workers take those from their own nodes).
-DEFAULT_ENV = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_REGION", "AWS_DEFAULT_REGION")
-
-
 @dataclass(frozen=True)
 class RaySettings:
     """How the job runs on Ray; the defaults fit one machine."""
@@ -98,80 +95,15 @@ class RaySettings:
         return replace(self.backend, threads=threads)
 
 
-def _check_address(address: str) -> None:
-    """Fail fast on an address nothing listens on (ray.init would retry for minutes)."""
-    if address == "auto":
-        return
-    target = address.split("://", 1)[-1]
-    host, _, port = target.rpartition(":")
-    if not host or not port.isdigit():
-        raise RunError(f"--ray {address}: expected HOST:PORT (the head's GCS port, 6379 by "
-                       f"default), ray://HOST:PORT or auto")
-    try:
-        socket.create_connection((host.strip("[]"), int(port)), timeout=5).close()
-    except OSError as exc:
-        raise RunError(f"the Ray cluster at {address} cannot be reached ({exc}); start one "
-                       f"with `ray start --head`, or leave out the address to start a local "
-                       f"one for this job") from None
-
-
 @contextmanager
-def connected(settings: RaySettings, spare_cpu: bool = True) -> Iterator[str]:
-    """A Ray connection for the job (a local cluster when no address is given); yields
-    where it runs. A caller already connected (ray.is_initialized) keeps its own.
-    ``spare_cpu``: the actors must leave a CPU (the job reads and writes beside them)."""
-    try:
-        import ray
-        import ray.exceptions
-    except ImportError as exc:  # ray is the `ray` extra
-        raise RunError(f"--ray needs Ray Data: pip install 'pretag[ray]' ({exc})") from None
-
-    if ray.is_initialized():
-        yield "ray (this process's connection)"
-        return
-    names = dict.fromkeys((*DEFAULT_ENV, *settings.env))
-    env = {name: os.environ[name] for name in names if name in os.environ}
-    missing = [name for name in settings.env if name not in os.environ]
-    if missing:
-        raise RunError(f"--ray-env {', '.join(missing)}: not set in this environment")
-    runtime_env: dict[str, Any] = {"env_vars": env} if env else {}
-    if settings.address is None:
-        # "local": a new cluster even if one was started on this machine before
-        ray.init(address="local", include_dashboard=False, runtime_env=runtime_env)
-    else:
-        _check_address(settings.address)
-        try:
-            ray.init(address=settings.address, runtime_env=runtime_env)
-        except (ConnectionError, RuntimeError, ValueError, ray.exceptions.RayError) as exc:
-            raise RunError(f"cannot join the Ray cluster at {settings.address}: "
-                           f"{str(exc).splitlines()[0]} (a cluster with token authentication "
-                           f"needs RAY_AUTH_MODE=token here, and its token in RAY_AUTH_TOKEN "
-                           f"or ~/.ray/auth_token)") from None
-    try:
-        _check_resources(settings, spare_cpu)
-        yield f"ray {settings.address or 'local'}"
-    finally:
-        ray.shutdown()
-
-
-def _check_resources(settings: RaySettings, spare_cpu: bool = True) -> None:
-    """Refuse a pool the cluster cannot hold with a CPU left for reading and writing
-    (Ray Data would wait for it forever); an autoscaling cluster may grow, so there this
-    is only a warning."""
-    import ray
-
-    have = ray.cluster_resources()
-    cpus, gpus = have.get("CPU", 0.0), have.get("GPU", 0.0)
-    need_cpus = settings.actors * settings.cpus_per_actor + (1 if spare_cpu else 0)
-    need_gpus = settings.actors * settings.gpus_per_actor
-    if cpus >= need_cpus and gpus >= need_gpus:
-        return
-    spare = " (one for reading and writing)" if spare_cpu else ""
-    message = (f"{settings.actors} actors need {need_cpus:g} CPUs{spare} and {need_gpus:g} "
-               f"GPUs; the cluster has {cpus:g} and {gpus:g}")
-    if settings.address is None:
-        raise RunError(f"{message}: ask for fewer actors or fewer --ray-cpus-per-actor")
-    log.warning("%s now; the job waits until it grows", message)
+def connected(settings: RaySettings) -> Iterator[str]:
+    """A Ray connection for the job (:func:`pretag.job.cluster.connected`): the detector
+    actors' CPUs and GPUs, with a CPU left for reading and writing."""
+    need = Needs(settings.actors * settings.cpus_per_actor + 1,
+                 settings.actors * settings.gpus_per_actor, f"{settings.actors} detector actors",
+                 " (one for reading and writing)")
+    with cluster_connected(settings.address, settings.env, need) as where:
+        yield where
 
 
 def _record(plan: Plan, batches: Iterable[dict[str, Any]], progress: tqdm,

@@ -292,15 +292,14 @@ def on_ray(run_dir: Path, names: list[str], target: RayTarget) -> Iterator[Loop]
     (in sample order) of the run's image vectors."""
     import pyarrow.parquet as pq
 
+    from pretag.job.cluster import Needs, connected
     from pretag.job.vectors import vector_shards
-    from pretag.scale.ray_job import RaySettings, connected
 
     if target.actors < 1 or target.cpus_per_actor <= 0:
         raise SelectionConfigError("--ray-actors must be at least 1 and "
                                    "--ray-cpus-per-actor above 0")
-    settings = RaySettings(address=target.address, actors=target.actors,
-                           cpus_per_actor=target.cpus_per_actor)
-    with connected(settings, spare_cpu=False) as where:
+    needs = Needs(target.actors * target.cpus_per_actor, 0.0, f"{target.actors} actors")
+    with connected(target.address, (), needs) as where:
         paths, _ = vector_shards(run_dir)
         if not paths:
             raise SelectionConfigError("EMBEDDINGS needs stored vectors: pretag run "

@@ -116,7 +116,7 @@ def figures(plot: Plot, vectors: np.ndarray, picked: np.ndarray,
 
     def distribution(values: np.ndarray, title: str, colour: str) -> Callable[[Any], None]:
         def draw(ax: Any) -> None:
-            ax.hist(values, bins=np.linspace(0, 2, 41), color=colour, log=True)
+            ax.hist(values, bins=np.linspace(0, 2, 41), color=colour, log=len(values) > 0)
             ax.set_xlabel("pairwise distance (normalised embeddings)")
             ax.set_ylabel("pairs (log scale)")
             ax.set_title(f"pairwise distances {title}: {len(values)} pairs")

@@ -186,7 +186,7 @@ def test_without_an_address_a_local_cluster_is_started_for_the_job(
                     str(tmp_path / "other"), "--model", str(yolox_model), "--ray",
                     "--ray-actors", str((os.cpu_count() or 1) + 1))
     assert too_many.returncode == 2
-    assert "actors need" in too_many.stderr
+    assert "detector actors need" in too_many.stderr
 
 
 def test_actors_that_cannot_start_stop_the_job_with_exit_2(ray_cluster: str, images: Path,

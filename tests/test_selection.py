@@ -125,7 +125,8 @@ def test_empty_input_and_images_without_detections():
     ({"strategies": []}, "exactly one of n_samples and proportion_samples"),
     ({"n_samples": 5, "proportion_samples": 0.1, "strategies": []}, "exactly one"),
     ({"n_samples": -1, "strategies": [{"input": {"type": "RANDOM"},
-                                       "strategy": {"type": "WEIGHTS"}}]}, "n_samples: must"),
+                                       "strategy": {"type": "WEIGHTS"}}]},
+     r"n_samples: -1 is outside \[0, inf\]"),
     ({"n_samples": 5, "strategies": [{"input": {"type": "EMBEDDINGS"},
                                       "strategy": {"type": "BALANCE"}}]},
      r"strategies\[0\].strategy.type: EMBEDDINGS inputs go with DIVERSITY"),
@@ -527,7 +528,7 @@ _PRED = {"type": "PREDICTIONS", "task": "lightly_pretagging", "name": "CLASS_DIS
         "type": "DIVERSITY", "strength": float("nan")}}]}, "strength: must be a finite"),
     *[({"n_samples": 5, "strategies": [{"input": {"type": "RANDOM", "random_seed": seed},
                                         "strategy": {"type": "WEIGHTS"}}]},
-       r"input\.random_seed: must be a whole number >= 0")
+       r"input\.random_seed: (must be a whole number, not|-1 is outside \[0, )")
       for seed in (None, float("inf"), [1], "abc", -1, True)],
     ({"n_samples": 5, "strategies": [{"input": {**_PRED, "task": "other"}, "strategy": {
         "type": "BALANCE", "target": {"car": 1.0}}}]},
@@ -538,7 +539,7 @@ _PRED = {"type": "PREDICTIONS", "task": "lightly_pretagging", "name": "CLASS_DIS
     ({"n_samples": float("nan"), "strategies": [_DIVERSE]}, "n_samples: must be a whole"),
     ({"n_samples": 5, "strategies": [{"input": {"type": "EMBEDDINGS", "task": ["x"] * 9},
                                       "strategy": {"type": "DIVERSITY"}}]},
-     r"input\.task: must be a string, not list"),
+     r"input\.task: must be a string, not \["),
     ({"n_samples": 5, "strategies": [{"input": {"type": "RANDOM"}, "strategy": {
         "type": "WEIGHTS", "stopping_condition_minimum_distance": 0.1}}]},
      r"strategy\.stopping_condition_minimum_distance: WEIGHTS does not take it \(it takes "
@@ -677,3 +678,23 @@ def test_uncertainty_scores_follow_lightly_s_object_detection_scorer():
     # the array API, the same code: image 1's single object (margin 0.91) beats image 0's
     # most uncertain one (0.9)
     assert select(config, probabilities=probabilities) == [1]
+
+
+def test_the_schema_names_every_problem_and_matches_the_worker_tables():
+    """pydantic reports each broken key at once (up to five), every path named; the
+    models take exactly the worker_config keys the tables say pretag honours."""
+    from pretag.selection.schema import WorkerModel
+    from pretag.selection.worker import known_worker_keys
+
+    with pytest.raises(SelectionConfigError) as raised:
+        parse({"n_samples": 5, "strategies": [
+            {"input": {"type": "EMBEDDINGS", "colour": 1},
+             "strategy": {"type": "DIVERSITY", "strength": "strong"}},
+            {"input": {"type": "RANDOM", "random_seed": 1.5},
+             "strategy": {"type": "WEIGHTS"}}]})
+    text = str(raised.value)
+    assert "selection_config.strategies[0].input.colour: unknown key" in text
+    assert "selection_config.strategies[0].strategy.strength: must be a number, not " \
+           "'strong'" in text
+    assert "selection_config.strategies[1].input.random_seed: must be a whole number" in text
+    assert set(WorkerModel.model_fields) == known_worker_keys()

@@ -71,7 +71,8 @@ def test_tritonclient_gives_the_same_detections_as_detect(server: BackgroundServ
     assert out["live"] and out["ready"] and out["model_ready"]
     assert [i["name"] for i in out["metadata"]["inputs"]] == ["IMAGE"]
     assert [o["name"] for o in out["metadata"]["outputs"]] == [
-        "boxes", "scores", "labels", "num_detections", "embeddings", "object_embeddings"]
+        "boxes", "scores", "labels", "num_detections", "embeddings", "object_embeddings",
+        "class_probabilities"]
     assert out["bad_status"] == "StatusCode.INVALID_ARGUMENT"
     assert "bad-1" in out["bad_message"]
     info_names = ["bicycle", "bus", "car", "motorcycle", "person", "train", "truck"]
