@@ -71,6 +71,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     sel.add_argument("--spread", action="store_true",
                      help="vectors spread evenly over the sphere (the worst case) instead of "
                           "the structured synthetic set")
+    sel.add_argument("--shape", choices=("scenes", "drives", "mixture"), default="scenes",
+                     help="the synthetic set: scenes of frames (default), drives (each a "
+                          "trajectory through the latent space) or a mixture of clusters of "
+                          "heavy-tailed sizes")
+    sel.add_argument("--latent", type=int, default=24, help="its intrinsic dimension")
+    sel.add_argument("--noise", type=float, default=0.05,
+                     help="its uniform noise, of the signal's norm (default 0.05)")
     rd = sub.add_parser("read", parents=[out], help="the read path alone: read, decode, "
                                                     "resize (reduced JPEG decode vs plain)")
     rd.add_argument("--images", type=Path, required=True, help="folder of images")
@@ -186,7 +193,8 @@ def _select(args: argparse.Namespace) -> tuple[dict[str, Any], str]:
     from pretag.bench.select import SelectBench, bench_select
 
     r = bench_select(SelectBench(tuple(args.sizes), args.picks, args.dim, args.baseline_size,
-                                 args.spread, args.earlier))
+                                 args.spread, args.earlier, args.shape, args.latent,
+                                 args.noise))
     columns = ["images", "earlier", "picks", "select_s", "setup_s", "peak_rss_mb",
                "vectors_mb", "exact_rows", "sketch_rows", "l1_gap_input", "l1_gap_after"]
     columns += [c for c in ("plain_s", "speedup_over_plain", "same_picks_as_plain")

@@ -11,6 +11,12 @@ uniform noise in every dimension (``noise`` of the signal's norm), then L2-norma
 class count is Poisson with a rate set by the domain. Every figure names these parameters;
 a set spread evenly over the sphere (``--spread``: no structure) is the worst case, where
 the cells skip nothing and the loop is a plain scan.
+
+Two more shapes of the latent points (``shape``), with the same lift, noise and counts:
+``drives``, each drive a trajectory of ``frames_per_scene`` x 5 frames through the latent
+space (a heading that turns a little every frame, a step of ``frame_scale``), as a fleet's
+video frames are; ``mixture``, clusters of heavy-tailed sizes (Zipf, exponent 1.1: a few
+clusters hold most frames, most hold a handful), as repeated routes and rare places give.
 """
 
 from __future__ import annotations
@@ -47,6 +53,7 @@ class Synthetic:
     frame_scale: float = 0.15
     noise: float = 0.05
     seed: int = 0
+    shape: str = "scenes"  # scenes | drives | mixture (see the module's docstring)
 
 
 def synthetic(spec: Synthetic) -> tuple[np.ndarray, np.ndarray]:
@@ -64,10 +71,15 @@ def synthetic(spec: Synthetic) -> tuple[np.ndarray, np.ndarray]:
     scene_of = rng.integers(0, scenes, spec.n)
     vectors = np.empty((spec.n, spec.dim), dtype=np.float32)
     scale = np.float32(2 * spec.noise * np.sqrt(3.0 / spec.dim) * np.sqrt(spec.latent))
+    points, domain_of = None, scene_domain[scene_of]
+    if spec.shape != "scenes":
+        points, domain_of = _latent_points(spec, domain_mean)
     for s in range(0, spec.n, 65536):
         scene = scene_of[s:s + 65536]
         z = scene_mean[scene] + spec.frame_scale * rng.standard_normal((len(scene),
                                                                          spec.latent))
+        if points is not None:
+            z = points[s:s + 65536]
         block = vectors[s:s + 65536]
         np.matmul(z.astype(np.float32), lift, out=block)
         noise = rng.random(block.shape, dtype=np.float32)
@@ -75,8 +87,38 @@ def synthetic(spec: Synthetic) -> tuple[np.ndarray, np.ndarray]:
         noise *= scale
         block += noise
         block /= np.linalg.norm(block, axis=1, keepdims=True)
-    counts = rng.poisson(rates[scene_domain[scene_of]]).astype(np.float64)
+    counts = rng.poisson(rates[domain_of]).astype(np.float64)
     return vectors, counts
+
+
+def _latent_points(spec: Synthetic, domain_mean: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(latent point of every image [n, latent] float32, its domain) for ``drives`` and
+    ``mixture`` (from their own random stream, so ``scenes`` stays as it was)."""
+    rng = np.random.default_rng(spec.seed + 1)
+    if spec.shape == "mixture":
+        clusters = max(1, spec.n // spec.frames_per_scene)
+        weights = 1.0 / np.arange(1, clusters + 1) ** 1.1
+        cluster_of = rng.choice(clusters, spec.n, p=weights / weights.sum())
+        domain = rng.integers(0, spec.domains, clusters)
+        centre = domain_mean[domain] + spec.scene_scale * rng.standard_normal(
+            (clusters, spec.latent))
+        points = centre[cluster_of] + spec.frame_scale * rng.standard_normal(
+            (spec.n, spec.latent))
+        return points.astype(np.float32), domain[cluster_of]
+    if spec.shape != "drives":
+        raise ValueError(f"unknown shape {spec.shape!r}: scenes, drives or mixture")
+    length = 5 * spec.frames_per_scene
+    drives = -(-spec.n // length)
+    domain = rng.integers(0, spec.domains, drives)
+    points = np.empty((drives, length, spec.latent), np.float32)
+    heading = rng.standard_normal((drives, spec.latent))
+    where = domain_mean[domain] + spec.scene_scale * rng.standard_normal((drives, spec.latent))
+    for t in range(length):  # a heading that turns a little, a step a frame
+        heading += 0.3 * rng.standard_normal(heading.shape)
+        heading /= np.linalg.norm(heading, axis=1, keepdims=True)
+        where += spec.frame_scale * heading
+        points[:, t] = where
+    return points.reshape(-1, spec.latent)[:spec.n], np.repeat(domain, length)[:spec.n]
 
 
 def objectives_for(vectors: np.ndarray, counts: np.ndarray) -> list[Objective]:
@@ -93,6 +135,9 @@ class SelectBench:
     baseline_size: int = 20_000
     spread: bool = False  # vectors spread evenly over the sphere instead (the worst case)
     earlier: int = 0  # a datapool's earlier picks beside the candidates (drawn alike)
+    shape: str = "scenes"  # the synthetic set's shape (scenes | drives | mixture)
+    latent: int = 24  # its intrinsic dimension
+    noise: float = 0.05  # its uniform noise, of the signal's norm
 
 
 def _peak_mb() -> float:
@@ -101,7 +146,7 @@ def _peak_mb() -> float:
 
 def _one_size(n: int, bench: SelectBench, baseline: bool) -> dict[str, Any]:
     """Runs in a child process, so that its peak memory is its own."""
-    spec = Synthetic(n, bench.dim)
+    spec = Synthetic(n, bench.dim, latent=bench.latent, noise=bench.noise, shape=bench.shape)
     t0 = time.perf_counter()
     if bench.spread:
         rng = np.random.default_rng(0)
