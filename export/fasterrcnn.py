@@ -25,11 +25,13 @@ from pretag.export.common import INPUT_NAMES, ExportError, finalize, trace_to_on
 from pretag.export.fp16 import HalfPrecision
 from pretag.export.ops import (
     MASKED,
+    class_distribution,
     clip_boxes,
     dim_min,
     gather_vectors,
     nms_topk,
     pad_outputs,
+    row_sum,
     valid_mask,
 )
 from pretag.export.weights import COCO_CATEGORIES, load_fasterrcnn
@@ -108,8 +110,10 @@ class BatchedFasterRCNN(nn.Module):
                                                          proposals, proposal_valid, image_sizes)
         n, p = proposals.shape[:2]
         objects = gather_vectors(represent.reshape(n, p, -1).to(torch.float32), candidate, valid)
-        kept = torch.softmax(class_logits.to(torch.float32), -1).index_select(1, self.class_ids)
-        distribution = kept / kept.sum(dim=-1, keepdim=True).clamp(min=1e-12)
+        logits = class_logits.to(torch.float32)
+        exp = torch.exp(logits - logits.max(dim=-1, keepdim=True).values)
+        softmax = exp / row_sum(exp)  # as torch.softmax, summed in a fixed order
+        distribution = class_distribution(softmax.index_select(1, self.class_ids))
         return (*detections, self._embeddings(feats, image_sizes), objects,
                 gather_vectors(distribution.reshape(n, p, -1), candidate, valid))
 

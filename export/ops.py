@@ -109,6 +109,21 @@ def nms_topk(boxes: Tensor, scores: Tensor, k: int, iou_threshold: float
     return top_boxes, top_scores, labels, top_scores > MASKED / 2, candidate
 
 
+def row_sum(x: Tensor) -> Tensor:
+    """The sum over the last axis as a fixed chain of additions (keepdim): ONNX Runtime's
+    ReduceSum adds in an order that depends on the tensor's shape, so the same row summed
+    in a batch of one and of eight could differ in the last bit."""
+    total = x[..., 0:1]
+    for i in range(1, x.shape[-1]):
+        total = total + x[..., i:i + 1]
+    return total
+
+
+def class_distribution(scores: Tensor) -> Tensor:
+    """Per-class scores [..., C] (each >= 0) divided by their sum: a distribution."""
+    return scores / row_sum(scores).clamp(min=1e-12)
+
+
 def gather_vectors(vectors: Tensor, candidate: Tensor, valid: Tensor) -> Tensor:
     """Per-candidate vectors [B, M, E] -> per-slot [B, k', E]; zeros in padding slots."""
     picked = vectors.gather(1, candidate.unsqueeze(-1).expand(-1, -1, vectors.shape[-1]))

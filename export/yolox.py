@@ -36,6 +36,7 @@ from pretag.export.common import (
 from pretag.export.fp16 import onnx_to_fp16
 from pretag.export.ops import (
     MASKED,
+    class_distribution,
     clip_boxes,
     gather_vectors,
     nms_topk,
@@ -131,8 +132,7 @@ class YoloxPost(nn.Module):
         top_boxes, top_scores, labels, valid, anchor = nms_topk(
             boxes, scores, self.max_detections, self.nms_threshold)
         per_anchor = torch.cat([s.flatten(2).transpose(1, 2) for s in stems], dim=1)
-        classes = raw[..., 5:].index_select(2, self.class_ids)
-        distribution = classes / classes.sum(dim=-1, keepdim=True).clamp(min=1e-12)
+        distribution = class_distribution(raw[..., 5:].index_select(2, self.class_ids))
         return (*pad_outputs(top_boxes, top_scores, labels, valid),
                 image_vectors(head_inputs, image_sizes),
                 gather_vectors(per_anchor, anchor, valid),

@@ -150,7 +150,8 @@ def test_tritonclient_gets_vectors_and_class_names(server: BackgroundServer, sha
         value, index, name = text.split(":")
         assert abs(float(value) - score) < 1e-5 and name in ("car", "person", "truck")
         assert int(index) in range(7)
-    assert out["metadata_outputs"][-2:] == ["embeddings", "object_embeddings"]
+    assert out["metadata_outputs"][-3:] == ["embeddings", "object_embeddings",
+                                            "class_probabilities"]
 
 
 def _rows(out: Path, kind: str) -> list[tuple]:
