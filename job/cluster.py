@@ -17,7 +17,8 @@ from pretag.job.stream import RunError
 
 log = logging.getLogger(__name__)
 
-#: Variables always passed to the workers when set here (object-storage endpoints).
+#: Variables the job's workers get from the driver's environment by default: where
+#: object storage is, never credentials (workers take those from their own nodes).
 DEFAULT_ENV = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_REGION", "AWS_DEFAULT_REGION")
 
 

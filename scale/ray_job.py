@@ -59,8 +59,6 @@ from pretag.scale.stages import (
 
 log = logging.getLogger(__name__)
 
-#: Variables the job's workers get from the driver's environment by default: where
-#: object storage is, never credentials (workers take those from their own nodes).
 @dataclass(frozen=True)
 class RaySettings:
     """How the job runs on Ray; the defaults fit one machine."""
