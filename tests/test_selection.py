@@ -583,7 +583,7 @@ def test_hostile_config_files_are_refused_before_they_cost_anything(tmp_path: Pa
 
 def test_typicality_and_similarity_on_embeddings(tmp_path: Path):
     from pretag.selection import select as select_arrays
-    from pretag.selection.run import typicality
+    from pretag.selection.objectives import typicality
 
     rng = np.random.default_rng(3)
     dense = rng.normal(0, 0.05, (60, 8)) + np.eye(8)[0]  # a tight cluster
