@@ -206,11 +206,13 @@ def raw_image(pixels: Pixels) -> pb.RawImage:
 def _request(item_id: str, image: Image, threshold: float | None,
              embeddings: str = "none", pixel_metadata: bool = False,
              class_probabilities: bool = False) -> pb.DetectRequest:
-    asks = {"embeddings": EMBEDDINGS[embeddings], "pixel_metadata": pixel_metadata,
-            "class_probabilities": class_probabilities}
-    request = (pb.DetectRequest(id=item_id, raw=raw_image(image), **asks)
-               if isinstance(image, Pixels) else
-               pb.DetectRequest(id=item_id, image=image, **asks))
+    request = pb.DetectRequest(id=item_id, embeddings=EMBEDDINGS[embeddings],
+                               pixel_metadata=pixel_metadata,
+                               class_probabilities=class_probabilities)
+    if isinstance(image, Pixels):
+        request.raw.CopyFrom(raw_image(image))
+    else:
+        request.image = image
     if threshold is not None:
         request.score_threshold = threshold
     return request

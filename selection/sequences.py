@@ -39,11 +39,11 @@ def sequence_samples(frames: Samples, length: int) -> tuple[Samples, list[list[i
                                    f"video has {length} predicted frames in this run")
     vectors = None if frames.vectors is None else \
         np.stack([frames.vectors[w].mean(axis=0) for w in windows])
-    rows = frames.probabilities
-    probabilities = None if rows is None else [
-        None if any(rows[i] is None and len(frames.scores[i]) for i in w) else
-        np.concatenate([np.zeros((0, len(frames.classes))) if rows[i] is None else rows[i]
-                        for i in w]) for w in windows]  # a window's objects: its frames'
+    per_frame = frames.probabilities
+    probabilities = None if per_frame is None else [
+        None if any(per_frame[i] is None and len(frames.scores[i]) for i in w) else
+        np.concatenate([np.zeros((0, len(frames.classes))) if per_frame[i] is None
+                        else per_frame[i] for i in w]) for w in windows]  # its frames' objects
     return Samples([frames.names[w[0]] for w in windows], frames.classes,
                    np.stack([frames.counts[w].sum(axis=0) for w in windows]),
                    [np.concatenate([frames.scores[i] for i in w]) for w in windows],

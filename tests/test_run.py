@@ -62,9 +62,13 @@ def test_embedded_run_writes_every_prediction_in_the_stated_format(clean_run: Pa
     preds = predictions(clean_run)
     assert len(preds) == 128
     for rel, entry in preds.items():
-        # the stated format, plus the data-health fields (job.health)
-        assert set(entry) == {"filename", "boxes", "labels", "scores", "metadata",
-                              "content_hash"}
+        # the stated format, plus the data-health fields (job.health) and, for images with
+        # detections, their class probabilities (Lightly's per-detection probabilities)
+        assert set(entry) - {"probabilities"} == {"filename", "boxes", "labels", "scores",
+                                                  "metadata", "content_hash"}
+        assert ("probabilities" in entry) == bool(entry["boxes"])
+        for row in entry.get("probabilities", []):
+            assert len(row) == len(DRIVING_CLASSES) and abs(sum(row) - 1) < 1e-4
         assert entry["metadata"]["uniformRowRatio"] <= 0.025  # real photos, none corrupt
         assert rel == str(Path(entry["filename"]).with_suffix(".json"))
         assert entry["filename"].startswith("images/") and entry["filename"].endswith(".jpg")
