@@ -191,3 +191,17 @@ def test_hand_edited_probabilities_are_named_or_left_out(uncertain_run: Path, tm
     path.write_text(json.dumps([entry]))
     assert main(["select", str(run), "--config", str(config)]) == 2
     assert path.name in caplog.text and "one row per box" in caplog.text
+
+
+def test_no_class_probabilities_leaves_them_out(coco128: Path, yolox_model: Path,
+                                                tmp_path: Path):
+    folder = tmp_path / "in"
+    folder.mkdir()
+    for path in sorted((coco128 / "images").rglob("*.jpg"))[:8]:
+        (folder / path.name).symlink_to(path)
+    out = tmp_path / "out"
+    assert main(["run", str(folder), "--output-dir", str(out), "--model", str(yolox_model),
+                 "--no-class-probabilities", "--quiet"]) == 0
+    entries = _entries(out)
+    assert len(entries) == 8 and any(e["boxes"] for e in entries.values())
+    assert not any("probabilities" in e for e in entries.values())
