@@ -65,6 +65,14 @@ def test_both_protocols_serve_the_same_distribution(server: BackgroundServer, sh
     np.testing.assert_allclose(served, p, rtol=0, atol=1e-6)
 
 
+def _first_images(coco128: Path, folder: Path, count: int) -> Path:
+    """``folder`` holding links to coco128's first ``count`` images."""
+    folder.mkdir(exist_ok=True)
+    for path in sorted((coco128 / "images").rglob("*.jpg"))[:count]:
+        (folder / path.name).symlink_to(path)
+    return folder
+
+
 def _without_probabilities(model: Path, out: Path) -> Path:
     """The same contract model without its class_probabilities output (an older export)."""
     import onnx
@@ -93,10 +101,7 @@ def test_a_model_without_them_refuses_the_request_and_its_run_has_none(
             client.detect(image, class_probabilities=True)
         streamed = list(client.detect_stream([("a", image)], class_probabilities=True))
         assert isinstance(streamed[0].error, Unsupported)
-    folder = tmp_path / "in"
-    folder.mkdir()
-    for path in sorted((coco128 / "images").rglob("*.jpg"))[:6]:
-        (folder / path.name).symlink_to(path)
+    folder = _first_images(coco128, tmp_path / "in", 6)
     out = tmp_path / "out"
     assert main(["run", str(folder), "--output-dir", str(out), "--model", str(bare),
                  "--quiet"]) == 0
@@ -113,9 +118,7 @@ def test_a_model_without_them_refuses_the_request_and_its_run_has_none(
 @pytest.fixture(scope="module")
 def uncertain_run(coco128: Path, yolox_model: Path, tmp_path_factory: pytest.TempPathFactory
                   ) -> Path:
-    folder = tmp_path_factory.mktemp("uncertain_in")
-    for path in sorted((coco128 / "images").rglob("*.jpg"))[:40]:
-        (folder / path.name).symlink_to(path)
+    folder = _first_images(coco128, tmp_path_factory.mktemp("uncertain_in"), 40)
     out = tmp_path_factory.mktemp("uncertain_out")
     assert main(["run", str(folder), "--output-dir", str(out), "--model", str(yolox_model),
                  "--quiet"]) == 0
@@ -195,10 +198,7 @@ def test_hand_edited_probabilities_are_named_or_left_out(uncertain_run: Path, tm
 
 def test_no_class_probabilities_leaves_them_out(coco128: Path, yolox_model: Path,
                                                 tmp_path: Path):
-    folder = tmp_path / "in"
-    folder.mkdir()
-    for path in sorted((coco128 / "images").rglob("*.jpg"))[:8]:
-        (folder / path.name).symlink_to(path)
+    folder = _first_images(coco128, tmp_path / "in", 8)
     out = tmp_path / "out"
     assert main(["run", str(folder), "--output-dir", str(out), "--model", str(yolox_model),
                  "--no-class-probabilities", "--quiet"]) == 0
