@@ -37,8 +37,10 @@ from pretag.selection.greedy import (
     Objective,
     Pick,
     balance_gain,
+    balance_scale,
     group_rows,
     normalise,
+    scaled_balance,
     weight_values,
 )
 
@@ -108,11 +110,10 @@ class ShardWorker:
     def step(self, pick: tuple[int, np.ndarray] | None, states: list[np.ndarray]
              ) -> tuple[float, list[tuple[float, float, bool]]]:
         """The last pick counted (None before the first), then this actor's scales: its
-        largest distance among the available rows and, per BALANCE input, the largest
-        gain magnitude and the smallest gain among its available rows with objects."""
+        largest distance among the available rows and, per BALANCE input,
+        :func:`~pretag.selection.greedy.balance_scale` of its available rows."""
         if pick is not None:
             self._picked(*pick)
-        self.states = states
         live = self.available
         maxd = float(self.d[live].max(initial=0.0))
         scales = []
@@ -124,9 +125,7 @@ class ShardWorker:
             unique, _, empty, group_live = grouped
             gain = balance_gain(next(balance), unique, target)
             self.gains.append(gain)
-            filled = (group_live > 0) & ~empty
-            scales.append((float(np.abs(gain[filled]).max(initial=0.0)),
-                           float(gain[filled].min(initial=np.inf)), bool(filled.any())))
+            scales.append(balance_scale(gain, empty, group_live > 0))
         return maxd, scales
 
     def _picked(self, sample: int, vector: np.ndarray) -> None:
@@ -142,7 +141,7 @@ class ShardWorker:
         self.d[~self.candidates] = 0.0
         self.first = False
 
-    def best(self, maxd: float, scales: list[tuple[float, float | None]]
+    def best(self, maxd: float, scales: list[tuple[float, float, bool]]
              ) -> tuple[float, int, tuple[float, ...], np.ndarray] | None:
         """This actor's best available row under the global scales: (score, sample,
         each objective's value, its vector), or None when it has none left."""
@@ -154,11 +153,8 @@ class ShardWorker:
             if kind == "diversity":
                 values.append(np.maximum(self.d, TINY) / max(maxd, TINY))
             elif kind == "balance":  # balance_values, per group, then per row
-                gain, (scale, low) = next(gains)
-                v = 0.5 + 0.5 * gain / scale if scale > 0 else np.ones(len(gain))
-                if low is not None:
-                    v[grouped[2]] = low
-                values.append(v[grouped[1]])
+                gain, scale = next(gains)
+                values.append(scaled_balance(gain, grouped[2], *scale)[grouped[1]])
             else:
                 values.append(data)
         score = sum((strength * np.log(np.maximum(v, TINY))
@@ -167,15 +163,6 @@ class ShardWorker:
         at = int(np.argmax(np.where(self.available, score, -np.inf)))
         return (float(score[at]), int(self.rows[at]), tuple(float(v[at]) for v in values),
                 self.x[at])
-
-
-def _empty_value(scale: float, low: float, filled: bool) -> float | None:
-    """The value of samples without objects: half the worst available sample with
-    objects' (as :func:`~pretag.selection.greedy.balance_values`); None when no available
-    sample has objects (their own values stand)."""
-    if not filled:
-        return None
-    return 0.5 * (0.5 + 0.5 * low / scale if scale > 0 else 1.0)
 
 
 @dataclass
@@ -216,11 +203,8 @@ def distributed_greedy(actors: list[Any], objectives: list[Objective], candidate
             log.info("stopping after %d picks: no candidate is far enough from the picked "
                      "ones (stopping_condition_minimum_distance)", len(picks))
             break
-        scales = []
-        for k in range(len(balances)):
-            scale = max(r[1][k][0] for r in reports)
-            low = min(r[1][k][1] for r in reports)
-            scales.append((scale, _empty_value(scale, low, any(r[1][k][2] for r in reports))))
+        scales = [(max(r[1][k][0] for r in reports), min(r[1][k][1] for r in reports),
+                   any(r[1][k][2] for r in reports)) for k in range(len(balances))]
         offers = [o for o in ray.get([a.best.remote(maxd, scales) for a in actors]) if o]
         _, sample, values, vector = max(offers, key=lambda o: (o[0], -o[1]))
         picks.append(Pick(sample, values))
@@ -245,8 +229,8 @@ def start_actors(parts: list[list[Part]], candidates: np.ndarray,
             weight_values(o.data) if o.kind == "weights" else o.data)
         plain.append((o.kind, o.strategy.strength, data, o.target))
     worker: Any = ray.remote(num_cpus=cpus_per_actor)(ShardWorker)
-    shared = ray.put(plain), ray.put(candidates)
-    actors = [worker.remote(p, shared[1], shared[0]) for p in parts if p]
+    shared_objectives, shared_candidates = ray.put(plain), ray.put(candidates)
+    actors = [worker.remote(p, shared_candidates, shared_objectives) for p in parts if p]
     ray.get([a.centre_sum.remote() for a in actors])  # loaded, or the error now
     return actors
 

@@ -132,11 +132,26 @@ def balance_values(gain: np.ndarray, empty: np.ndarray, live: np.ndarray) -> np.
     beyond the gains of one pick (~0.001) and squeezed every sample with objects toward 1,
     so beside DIVERSITY the balance barely counted (benchmarks/RESULTS.md, "BALANCE and
     DIVERSITY: the strength sweep")."""
+    return scaled_balance(gain, empty, *balance_scale(gain, empty, live))
+
+
+def balance_scale(gain: np.ndarray, empty: np.ndarray, live: np.ndarray
+                  ) -> tuple[float, float, bool]:
+    """What :func:`balance_values` scales by, over the ``live`` samples with objects: the
+    largest gain magnitude, the smallest gain, and whether there are any (the distributed
+    loop reduces these over its actors)."""
     filled = live & ~empty
-    scale = float(np.abs(gain[filled]).max(initial=0.0))
+    return (float(np.abs(gain[filled]).max(initial=0.0)),
+            float(gain[filled].min(initial=np.inf)), bool(filled.any()))
+
+
+def scaled_balance(gain: np.ndarray, empty: np.ndarray, scale: float, lowest: float,
+                   filled: bool) -> np.ndarray:
+    """:func:`balance_values` from its scales: samples without objects get half the
+    value of the smallest gain (that of the worst live sample with objects)."""
     values = 0.5 + 0.5 * gain / scale if scale > 0 else np.ones(len(gain))
-    if filled.any():
-        values[empty] = 0.5 * float(values[filled].min())
+    if filled:
+        values[empty] = 0.5 * (0.5 + 0.5 * lowest / scale if scale > 0 else 1.0)
     return values
 
 

@@ -36,6 +36,7 @@ from pretag.selection.report_health import (
     MAX_EXCLUDED_THUMBNAILS,
     MAX_PICK_THUMBNAILS,
     THUMB_PX,
+    fit,
     health_record,
     health_section,
     pair_thumbnails,
@@ -48,6 +49,7 @@ from pretag.selection.samples import Samples
 log = logging.getLogger(__name__)
 
 PAGE_IMAGE_PX = 960  # the six drawn picks in the page, longer side
+
 
 def class_stats_of(samples: Samples, rows: np.ndarray) -> dict[str, Any]:
     return class_stats(samples.classes, samples.counts[rows])
@@ -109,10 +111,7 @@ def _shrunk(path: Path) -> bytes:
     image = cv2.imread(str(path))
     if image is None or max(image.shape[:2]) <= PAGE_IMAGE_PX:
         return path.read_bytes()
-    scale = PAGE_IMAGE_PX / max(image.shape[:2])
-    small = cv2.resize(image, (max(1, round(image.shape[1] * scale)),
-                               max(1, round(image.shape[0] * scale))),
-                       interpolation=cv2.INTER_AREA)
+    small = fit(image, PAGE_IMAGE_PX)
     return bytes(cv2.imencode(".jpg", small, [cv2.IMWRITE_JPEG_QUALITY, 85])[1].tobytes())
 
 

@@ -70,6 +70,17 @@ def shares_chart(plot: Any, target: Mapping[str, float], before: Mapping[str, fl
     return bytes(plot(draw))
 
 
+def fit(image: np.ndarray, longest: int) -> np.ndarray:
+    """``image`` scaled down (area interpolation) to at most ``longest`` pixels on its
+    longer side; as it is when it is smaller."""
+    scale = longest / max(image.shape[:2])
+    if scale >= 1:
+        return image
+    return cv2.resize(image, (max(1, round(image.shape[1] * scale)),
+                              max(1, round(image.shape[0] * scale))),
+                      interpolation=cv2.INTER_AREA)
+
+
 def thumbnails(images: Path | None, names: Sequence[str], limit: int,
                captions: Mapping[str, str] | None = None) -> list[str]:
     """``<figure>`` tags of the first ``limit`` names that can be read, small JPEGs."""
@@ -87,12 +98,7 @@ def thumbnails(images: Path | None, names: Sequence[str], limit: int,
         except (OSError, ValueError, VideoError) as exc:
             log.warning("no thumbnail of %s: %s", name, exc)
             continue
-        scale = THUMB_PX / max(image.shape[:2])
-        if scale < 1:
-            image = cv2.resize(image, (max(1, round(image.shape[1] * scale)),
-                                       max(1, round(image.shape[0] * scale))),
-                               interpolation=cv2.INTER_AREA)
-        ok, jpeg = cv2.imencode(".jpg", image, [cv2.IMWRITE_JPEG_QUALITY, 70])
+        ok, jpeg = cv2.imencode(".jpg", fit(image, THUMB_PX), [cv2.IMWRITE_JPEG_QUALITY, 70])
         if not ok:
             continue
         caption = html.escape(name + (f": {captions[name]}" if captions and name in captions
@@ -114,10 +120,16 @@ def pair_thumbnails(images: Path | None, excluded: Mapping[str, str]) -> list[st
         kept = reason.split(" duplicate of ", 1)[1] if " duplicate of " in reason else None
         if kept is None:
             continue
-        tags = thumbnails(images, [kept, name], 2, {kept: "kept", name: reason})
-        if len(tags) == 2:
-            rows.append(f"<div class=row>{''.join(tags)}</div>")
+        rows += _pair_row(images, kept, name, "kept", reason)
     return rows
+
+
+def _pair_row(images: Path | None, first: str, second: str, first_caption: str,
+              second_caption: str) -> list[str]:
+    """Two thumbnails side by side as one row (none when either cannot be read)."""
+    tags = thumbnails(images, [first, second], 2,
+                      {first: first_caption, second: second_caption})
+    return [f"<div class=row>{''.join(tags)}</div>"] if len(tags) == 2 else []
 
 
 def retained_thumbnails(images: Path | None, pairs: Sequence[Mapping[str, Any]]
@@ -127,12 +139,8 @@ def retained_thumbnails(images: Path | None, pairs: Sequence[Mapping[str, Any]]
     neighbours)."""
     rows: list[str] = []
     for pair in pairs[:MAX_PAIRS]:
-        kept, removed = pair["kept"], pair["removed"]
-        tags = thumbnails(images, [kept, removed], 2,
-                          {kept: "selected",
-                           removed: f"not selected, distance {pair['distance']:.3f}"})
-        if len(tags) == 2:
-            rows.append(f"<div class=row>{''.join(tags)}</div>")
+        rows += _pair_row(images, pair["kept"], pair["removed"], "selected",
+                          f"not selected, distance {pair['distance']:.3f}")
     return rows
 
 
