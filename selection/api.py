@@ -48,7 +48,9 @@ def select(config: SelectionConfig | Mapping[str, Any], embeddings: Any = None,
         raise SelectionConfigError(f"{len(names)} classes name {counts.shape[1]} columns")
     vectors = None
     if embeddings is not None:
-        vectors = normalise(np.asarray(embeddings, dtype=np.float32).reshape(n, -1).copy())
+        given = np.asarray(embeddings)  # float16 stays float16 (2 bytes a value)
+        vectors = normalise(np.array(given, dtype=np.float16 if given.dtype == np.float16
+                                     else np.float32).reshape(n, -1))
         if not np.isfinite(vectors).all():
             raise SelectionConfigError("embeddings must be finite numbers")
     ids = [str(i) for i in range(n)]

@@ -1,29 +1,36 @@
-"""Nearest-centre distances for k-center greedy, exact, with a two-stage filter that skips
-most of the work.
+"""Nearest-centre distances for k-center greedy, exact, computed only where a new centre
+can bring a row closer.
 
-Every row ``x`` gets a short sketch ``z``: its coordinates on the top principal components
-of a sample, plus the norm of what those leave over. ``|z_x - z_c|`` never exceeds the true
-distance ``|x - c|`` (the left-over parts are compared by their norms only), so it is a
-lower bound that costs ``1 + components`` numbers a row instead of ``D``.
+The rows are grouped twice, on a short sketch ``z`` of each: its coordinates on the top
+principal components of a sample, plus the norm of what those leave over
+(``|z_x - z_c| <= |x - c|``: the left-over parts are compared by their norms only). k-means
+cells of about ``32 * leaf`` rows, each split again by k-means into leaves of about
+``leaf`` rows. Every group keeps its mean ``mu`` and radius ``r`` in sketch space and the
+largest current distance ``M`` of a member to its nearest centre. When a centre ``c`` is
+added, no member of a group comes closer to ``c`` than ``|z_c - mu| - r`` (triangle
+inequality), so every group with ``|z_c - mu| - r >= M`` is skipped, and the rows of the
+leaves left get their exact distance to ``c``: each leaf is one faiss inverted list of
+float16 rows (:class:`~pretag.selection.lists.Lists`), scanned at memory speed.
 
-The sketches are split in two levels of cells: k-means cells of about ``32 * leaf`` rows,
-each split again by k-means into leaves of about ``leaf`` rows. Every cell keeps its mean
-``mu`` and radius ``r`` in sketch space and the largest current distance ``M`` of a member
-to its nearest centre. When a centre ``c`` is added, no member of a cell comes closer to
-``c`` than ``|z_c - mu| - r`` (triangle inequality), so every cell with ``|z_c - mu| - r > M``
-is skipped; in the cells left, rows whose sketch distance is not below their current
-distance are skipped; the rest get their exact distance from the full vectors. The picks are
-those of the plain loop that recomputes every distance after each pick; the filter saves
-time where the vectors have structure (on vectors spread evenly over the sphere nothing is
-skipped).
+Until 2026-12 the rows of the leaves left were filtered once more by their own sketch
+distance and the survivors gathered from a float32 array; on sets with isotropic noise that
+filter let through ten rows for each one whose distance dropped (the noise lies outside the
+sketch), and the gather ran at a fifth of scanning speed: on a 64-d mixture with 10% noise
+it computed 14.6M distances for 1.35M that changed (benchmarks/RESULTS.md).
+
+The picks are those of the plain loop that recomputes every distance after each pick (on
+vectors spread evenly over the sphere nothing is skipped, and the loop is that plain scan).
 """
 
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+
+from pretag.selection.lists import BLOCK, Lists, mean_of, stored
 
 log = logging.getLogger(__name__)
 
@@ -38,61 +45,37 @@ _SLACK = 2e-4
 
 
 class Cover:
-    """Distances ``d`` of every row of ``x`` to its nearest centre (before the first centre:
-    to the centroid). Positions handed in and out are positions in the sketch order:
-    ``order[p]`` is the row of ``x`` at position ``p``. ``x`` is only read."""
+    """Distances ``d`` of every row of ``x`` (float16 or float32 [N, D]) to its nearest
+    centre (before the first centre: to the centroid). Positions handed in and out are
+    positions in the grouped order: ``order[p]`` is the row of ``x`` at position ``p``.
+    ``x`` is only read; the rows are kept as float16 in :attr:`lists`."""
 
     def __init__(self, x: np.ndarray, leaf: int = LEAF, seed: int = 0) -> None:
-        if x.dtype != np.float32 or not x.flags.c_contiguous:
-            raise ValueError("Cover needs a C-contiguous float32 array")
-        self.x = x
+        if x.dtype not in (np.float16, np.float32) or x.ndim != 2:
+            raise ValueError("Cover needs a float16 or float32 array [rows, dimensions]")
         n = len(x)
         rng = np.random.default_rng(seed)
-        sq_x = _row_norms_sq(x)
-        z = _sketch(x, sq_x, rng)
+        z, self.sketch, middle = sketch(x, rng)
         self.order, self.cells, self.leaves, self.first_leaf = _two_levels(z, leaf, rng)
-        self.z = np.ascontiguousarray(z[self.order])
-        self.sq_x_rows = sq_x
-        self.sq_x = sq_x[self.order]
-        self.sq_z = np.einsum("ij,ij->i", self.z, self.z, dtype=np.float64)
-        self.levels = [self._shape(self.cells), self._shape(self.leaves)]
+        z = np.ascontiguousarray(z[self.order])
+        self.levels = [_shape(z, self.cells), _shape(z, self.leaves)]
+        del z
+        self.lists = Lists(x, self.order, self.leaves)
         self.leaf_bounds = np.append(self.first_leaf, len(self.leaves))  # leaves of cell i
         self.leaf_ends = np.append(self.leaves[1:], n)
-        self.scanned = 0  # rows whose sketch distance was computed, for the benchmark
-        self.exact = 0  # rows whose full distance was computed
-        self._all_to(x.mean(axis=0, dtype=np.float64).astype(np.float32))
+        self.scanned = 0  # rows whose distance to a new centre was computed (benchmark)
+        self.changed = 0  # of those, rows whose distance dropped
+        self._all_to(middle)
         self.first = True
 
     def _all_to(self, c: np.ndarray, centre: int | None = None) -> None:
         """Every distance replaced by that to ``c`` (the row at ``centre``, if one)."""
-        self.d = self._exact(np.arange(len(self.z)), c)
+        self.d = self.lists.all_to(c)
+        self.scanned += len(self.d)
         if centre is not None:
             self.d[centre] = 0.0
         self.leaf_max = np.maximum.reduceat(self.d, self.leaves)
         self.cell_max = np.maximum.reduceat(self.leaf_max, self.first_leaf)
-
-    def _shape(self, starts: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """(mean, squared norm of the mean, radius) in sketch space of each cell."""
-        sizes = np.diff(np.append(starts, len(self.z)))
-        mu = _segment_means(self.z, starts).astype(np.float32)
-        sq_mu = np.einsum("ij,ij->i", mu, mu, dtype=np.float64)
-        own = np.repeat(np.arange(len(starts)), sizes)
-        far = np.empty(len(self.z))
-        for s in range(0, len(self.z), _CHUNK * 4):
-            rows, m = self.z[s:s + _CHUNK * 4], mu[own[s:s + _CHUNK * 4]]
-            far[s:s + _CHUNK * 4] = np.sqrt(np.einsum("ij,ij->i", rows - m, rows - m))
-        return mu, sq_mu, np.maximum.reduceat(far, starts)
-
-    def _exact(self, positions: np.ndarray, c: np.ndarray) -> np.ndarray:
-        rows = self.order[positions]
-        self.exact += len(rows)
-        # gathering rows is 6x slower than scanning them: past an eighth, scan them all
-        if len(rows) > len(self.x) // 8:
-            return distances(self.x, self.sq_x_rows, c)[rows]
-        ascending = np.argsort(rows)  # gathered in memory order: fewer cache misses
-        out = np.empty(len(rows))
-        out[ascending] = distances(self.x[rows[ascending]], self.sq_x[positions[ascending]], c)
-        return out
 
     def max(self) -> float:
         return float(self.cell_max.max(initial=0.0))
@@ -110,31 +93,29 @@ class Cover:
         """Make the row at ``position`` a centre; returns the positions whose distance
         dropped, and the centre's (after the first centre: every position, its distance
         replacing the centroid's)."""
-        c = self.x[self.order[position]]
+        c = self.lists.row(position)
         if self.first:
             self.first = False
             self._all_to(c, position)
-            return np.arange(len(self.z))
+            return np.arange(len(self.d))
         self.d[position] = 0.0
-        zc = self.z[position]
-        own = np.searchsorted(self.leaves, position, side="right") - 1
-        leaves = self._reachable(zc)
+        own = int(np.searchsorted(self.leaves, position, side="right")) - 1
+        leaves = self._reachable(self.sketch.of(c[None])[0])
         at = int(np.searchsorted(leaves, own))  # leaves are sorted
         if at == len(leaves) or leaves[at] != own:  # rounding can leave out its own leaf
             leaves = np.insert(leaves, at, own)
-        rows, seg = ranges(self.leaves[leaves], self.leaf_ends[leaves])
-        self.scanned += len(rows)
-        if len(rows) > len(self.z) // 8:  # scanning all beats gathering this many
-            low = (self.sq_z + float(zc @ zc) - 2.0 * (self.z @ zc))[rows]
-        else:
-            low = self.sq_z[rows] + float(zc @ zc) - 2.0 * (self.z[rows] @ zc)
-        maybe = rows[low < self.d[rows] ** 2 + _SLACK]
-        new = self._exact(maybe, c)
-        better = new < self.d[maybe]
-        changed = maybe[better]
+        self.scanned += int((self.leaf_ends[leaves] - self.leaves[leaves]).sum())
+        rows, new = self.lists.near(c, leaves, float(self.leaf_max[leaves].max()))
+        better = new < self.d[rows]
+        changed = rows[better]
+        self.changed += len(changed)
         self.d[changed] = new[better]
-        self.leaf_max[leaves] = np.maximum.reduceat(self.d[rows], seg)
-        cells = np.searchsorted(self.first_leaf, leaves, side="right") - 1
+        self.d[position] = 0.0
+        touched = np.unique(np.searchsorted(self.leaves, changed, side="right") - 1)
+        touched = np.union1d(touched, [own])
+        starts, seg = ranges(self.leaves[touched], self.leaf_ends[touched])
+        self.leaf_max[touched] = np.maximum.reduceat(self.d[starts], seg)
+        cells = np.searchsorted(self.first_leaf, touched, side="right") - 1
         cells = cells[np.append(True, np.diff(cells) > 0)]  # leaves are sorted
         inner, seg = ranges(self.leaf_bounds[cells], self.leaf_bounds[cells + 1])
         self.cell_max[cells] = np.maximum.reduceat(self.leaf_max[inner], seg)
@@ -173,7 +154,6 @@ def nearest_distances(centres: np.ndarray, x: np.ndarray,
     import faiss
 
     centres = np.ascontiguousarray(centres, np.float32)
-    x = np.ascontiguousarray(x, np.float32)
     dim = centres.shape[1]
     index: Any
     if len(centres) * len(x) * dim <= exact_pairs * 1280:
@@ -189,8 +169,11 @@ def nearest_distances(centres: np.ndarray, x: np.ndarray,
         log.info("nearest of %d earlier picks for %d samples: inverted file, %d lists, %d "
                  "searched", len(centres), len(x), lists, index.nprobe)
     index.add(centres)
-    found, _ = index.search(x, 1)
-    return np.sqrt(np.maximum(found[:, 0].astype(np.float64), 0.0))
+    out = np.empty(len(x))
+    for s in range(0, len(x), _CHUNK * 4):  # float32 a block at a time (x may be float16)
+        found, _ = index.search(np.ascontiguousarray(x[s:s + _CHUNK * 4], np.float32), 1)
+        out[s:s + _CHUNK * 4] = np.sqrt(np.maximum(found[:, 0].astype(np.float64), 0.0))
+    return out
 
 
 def mean_neighbour_distance(x: np.ndarray, k: int, exact_pairs: int = EXACT_PAIRS
@@ -223,17 +206,32 @@ def mean_neighbour_distance(x: np.ndarray, k: int, exact_pairs: int = EXACT_PAIR
     return np.nanmean(keep, axis=1)
 
 
-def distances(x: np.ndarray, sq_x: np.ndarray, c: np.ndarray) -> np.ndarray:
-    """Euclidean distances of the rows of ``x`` (squared norms ``sq_x``) to ``c``. einsum,
-    not BLAS: BLAS sums a row in another order depending on how many rows come with it,
-    and the same row must get the same distance in a block as in the whole array."""
-    dots = np.einsum("ij,j->i", x, c)
-    return np.sqrt(np.maximum(sq_x + float(np.dot(c, c)) - 2.0 * dots, 0.0))
+@dataclass(frozen=True)
+class Sketch:
+    """The map from a row to its sketch: coordinates on ``basis``'s components, then the
+    norm of the rest."""
+
+    basis: np.ndarray  # [D, components + 1] float32: the components, then the sample mean
+    shift: np.ndarray  # the mean's coordinates (its last entry is |mean|^2)
+
+    def of(self, rows: np.ndarray) -> np.ndarray:
+        """Sketches [n, components + 1] of float32 rows [n, D]."""
+        block = rows @ self.basis
+        centred_sq = (np.einsum("ij,ij->i", rows, rows, dtype=np.float64)
+                      - 2.0 * block[:, -1] + self.shift[-1])
+        block[:, :-1] -= self.shift[:-1]
+        rest = centred_sq - np.einsum("ij,ij->i", block[:, :-1], block[:, :-1])
+        block[:, -1] = np.sqrt(np.maximum(rest, 0.0))
+        return block
 
 
-def _sketch(x: np.ndarray, sq_x: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """[coordinates on the top principal components of a sample, norm of the rest]."""
-    sample = x[np.sort(rng.choice(len(x), min(len(x), 4096), replace=False))]
+def sketch(x: np.ndarray, rng: np.random.Generator
+           ) -> tuple[np.ndarray, Sketch, np.ndarray]:
+    """(every row's sketch, the map, the centroid), the components those of a sample of
+    4096 rows; rows as stored (float16: a float32 array is rounded first), so the sketch
+    bounds the distances :class:`~pretag.selection.lists.Lists` computes. The centroid is
+    :func:`~pretag.selection.lists.centroid`'s, summed in the same pass."""
+    sample = stored(x[np.sort(rng.choice(len(x), min(len(x), 4096), replace=False))])
     mean = sample.mean(axis=0)
     centred = sample - mean
     # randomised range finder: any orthonormal basis keeps the bound; a good one tightens it
@@ -241,16 +239,14 @@ def _sketch(x: np.ndarray, sq_x: np.ndarray, rng: np.random.Generator) -> np.nda
                         .astype(np.float32))
     _, _, vt = np.linalg.svd(q.T @ centred, full_matrices=False)
     basis = np.ascontiguousarray(np.concatenate([vt[:_COMPONENTS], mean[None]]).T)
-    shift = mean @ basis  # coordinates of the mean; its last entry is |mean|^2
+    sk = Sketch(basis, mean @ basis)
     out = np.empty((len(x), basis.shape[1]), dtype=np.float32)
-    for s in range(0, len(x), _CHUNK * 4):
-        block = out[s:s + _CHUNK * 4]
-        np.matmul(x[s:s + _CHUNK * 4], basis, out=block)
-        centred_sq = sq_x[s:s + _CHUNK * 4] - 2.0 * block[:, -1] + shift[-1]
-        block[:, :-1] -= shift[:-1]
-        rest = centred_sq - np.einsum("ij,ij->i", block[:, :-1], block[:, :-1])
-        block[:, -1] = np.sqrt(np.maximum(rest, 0.0))
-    return out
+    total = np.zeros(x.shape[1])
+    for s in range(0, len(x), BLOCK):
+        block = stored(x[s:s + BLOCK])
+        out[s:s + BLOCK] = sk.of(block)
+        total += block.sum(axis=0, dtype=np.float64)  # as centroid() sums
+    return out, sk, mean_of(total, len(x))
 
 
 def _two_levels(z: np.ndarray, leaf: int, rng: np.random.Generator
@@ -278,6 +274,20 @@ def _two_levels(z: np.ndarray, leaf: int, rng: np.random.Generator
     cells = np.concatenate([[0], np.cumsum(cell_sizes)[:-1]]).astype(np.intp)
     return (order, cells, np.concatenate(leaves).astype(np.intp),
             np.array(first_leaf, dtype=np.intp))
+
+
+def _shape(z: np.ndarray, starts: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(mean, squared norm of the mean, radius) in sketch space of each group of the
+    sketches ``z`` (in grouped order; groups start at ``starts``)."""
+    sizes = np.diff(np.append(starts, len(z)))
+    mu = _segment_means(z, starts).astype(np.float32)
+    sq_mu = np.einsum("ij,ij->i", mu, mu, dtype=np.float64)
+    own = np.repeat(np.arange(len(starts)), sizes)
+    far = np.empty(len(z))
+    for s in range(0, len(z), _CHUNK * 4):
+        rows, m = z[s:s + _CHUNK * 4], mu[own[s:s + _CHUNK * 4]]
+        far[s:s + _CHUNK * 4] = np.sqrt(np.einsum("ij,ij->i", rows - m, rows - m))
+    return mu, sq_mu, np.maximum.reduceat(far, starts)
 
 
 def _segment_means(a: np.ndarray, starts: np.ndarray) -> np.ndarray:
@@ -316,11 +326,3 @@ def ranges(starts: np.ndarray, ends: np.ndarray) -> tuple[np.ndarray, np.ndarray
     sizes = ends - starts
     seg = np.cumsum(sizes) - sizes
     return np.repeat(starts - seg, sizes) + np.arange(int(sizes.sum())), seg
-
-
-def _row_norms_sq(x: np.ndarray) -> np.ndarray:
-    out = np.empty(len(x))
-    for s in range(0, len(x), _CHUNK * 4):
-        block = x[s:s + _CHUNK * 4]
-        out[s:s + _CHUNK * 4] = np.einsum("ij,ij->i", block, block, dtype=np.float64)
-    return out

@@ -10,8 +10,9 @@ actor offers its best candidate under the global scales; the driver takes the be
 (ties: the lowest sample index) and sends it, vector included, with the next round.
 
 The values are those of :func:`pretag.selection.reference.plain_greedy`, computed the same
-way on each actor's rows (row-wise einsum distances, the same expressions in the same
-order), so the picks equal one machine's (the tests check it against :func:`greedy`).
+way on each actor's rows (float16 rows in faiss lists, the same distance kernel as one
+machine's; the same expressions in the same order), so the picks equal one machine's
+(the tests check it against :func:`greedy`).
 BALANCE, WEIGHTS and THRESHOLD inputs are computed on the driver, which holds everything
 but the vectors. Not distributed (exit 2 with ``--ray``): TYPICALITY, SIMILARITY, custom
 embeddings, object level, video windows and the datapool.
@@ -30,7 +31,6 @@ from typing import Any
 import numpy as np
 
 from pretag.selection.config import SelectionConfigError
-from pretag.selection.cover import distances
 from pretag.selection.greedy import (
     TINY,
     MaxSums,
@@ -43,6 +43,7 @@ from pretag.selection.greedy import (
     scaled_balance,
     weight_values,
 )
+from pretag.selection.lists import mean_of, plain_lists, stored_sum
 
 log = logging.getLogger(__name__)
 
@@ -74,7 +75,7 @@ class ShardWorker:
         order = np.argsort(np.array(rows, dtype=np.intp), kind="stable")
         self.rows = np.array(rows, dtype=np.intp)[order]  # ascending: ties go low
         self.x = normalise(np.concatenate(blocks)[order])
-        self.sq = np.einsum("ij,ij->i", self.x, self.x, dtype=np.float64)
+        self.lists = plain_lists(self.x)  # the distances one machine computes
         self.candidates = candidates[self.rows]
         self.available = self.candidates.copy()
         self.d: np.ndarray = np.zeros(len(self.rows))
@@ -97,15 +98,14 @@ class ShardWorker:
 
     def centre_sum(self) -> tuple[np.ndarray, int]:
         """The candidates' vector sum (float64) and count, for the first centre."""
-        return (self.x[self.candidates].sum(axis=0, dtype=np.float64),
-                int(self.candidates.sum()))
+        return stored_sum(self.x[self.candidates]), int(self.candidates.sum())
 
     def ping(self) -> int:
         """Nothing but a round trip (how many rows this actor holds)."""
         return len(self.rows)
 
     def start(self, centre: np.ndarray) -> None:
-        self.d = np.where(self.candidates, distances(self.x, self.sq, centre), 0.0)
+        self.d = np.where(self.candidates, self.lists.all_to(centre), 0.0)
 
     def step(self, pick: tuple[int, np.ndarray] | None, states: list[np.ndarray]
              ) -> tuple[float, list[tuple[float, float, bool]]]:
@@ -129,7 +129,7 @@ class ShardWorker:
         return maxd, scales
 
     def _picked(self, sample: int, vector: np.ndarray) -> None:
-        new = distances(self.x, self.sq, vector)
+        new = self.lists.all_to(vector)
         at = np.searchsorted(self.rows, sample)
         if at < len(self.rows) and self.rows[at] == sample:
             new[at] = 0.0
@@ -162,7 +162,7 @@ class ShardWorker:
                     start=np.zeros(len(self.rows)))
         at = int(np.argmax(np.where(self.available, score, -np.inf)))
         return (float(score[at]), int(self.rows[at]), tuple(float(v[at]) for v in values),
-                self.x[at])
+                self.lists.row(at))
 
 
 @dataclass
@@ -186,7 +186,7 @@ def distributed_greedy(actors: list[Any], objectives: list[Objective], candidate
         return []
     sums_ = [ray.get(a.centre_sum.remote()) for a in actors]
     total = np.sum([s for s, _ in sums_], axis=0)
-    centre = (total / max(sum(n for _, n in sums_), 1)).astype(np.float32)
+    centre = mean_of(total, sum(n for _, n in sums_))
     ray.get([a.start.remote(centre) for a in actors])
     limit = next((o.strategy.minimum_distance for o in objectives if o.kind == "diversity"
                   and o.strategy.minimum_distance is not None), None)

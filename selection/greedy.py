@@ -317,14 +317,17 @@ class Search:
 
 
 def normalise(vectors: np.ndarray) -> np.ndarray:
-    """L2-normalised rows as float32 (as Lightly normalises embeddings by default); a
-    float32 array is normalised in place, in chunks, so 1M x 1280 needs no second copy."""
-    out = vectors if vectors.dtype == np.float32 else vectors.astype(np.float32)
-    out = np.ascontiguousarray(out)
+    """L2-normalised rows (as Lightly normalises embeddings by default). A float16 or
+    float32 array is normalised in place, in chunks computed in float32, so 1M x 1280 needs
+    no second copy (float16 stays float16, as the run stores it); anything else becomes
+    float32."""
+    keep = vectors.dtype in (np.float16, np.float32) and vectors.flags.c_contiguous
+    out = vectors if keep else np.ascontiguousarray(vectors, dtype=np.float32)
     for s in range(0, len(out), 65536):
-        block = out[s:s + 65536]
+        block = out[s:s + 65536].astype(np.float32)
         norms = np.sqrt(np.einsum("ij,ij->i", block, block, dtype=np.float64))
         block /= np.maximum(norms, TINY)[:, None].astype(np.float32)
+        out[s:s + 65536] = block
     return out
 
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from pretag.selection.cover import distances, nearest_distances
+from pretag.selection.cover import nearest_distances
 from pretag.selection.greedy import (
     TINY,
     MaxSums,
@@ -16,6 +16,7 @@ from pretag.selection.greedy import (
     balance_values,
     weight_values,
 )
+from pretag.selection.lists import centroid, plain_lists
 
 
 def plain_greedy(objectives: list[Objective], candidates: np.ndarray, count: int,
@@ -28,11 +29,10 @@ def plain_greedy(objectives: list[Objective], candidates: np.ndarray, count: int
     d = np.zeros(len(candidates))
     diversity = [o for o in objectives if o.kind == "diversity"]
     x = diversity[0].data if diversity else None
-    sq = np.einsum("ij,ij->i", x, x, dtype=np.float64) if x is not None else None
+    lists = plain_lists(x) if x is not None else None  # the fast loop's distances
     first = not len(prior)
-    if x is not None and sq is not None and first:
-        d[rows] = distances(x, sq, x[rows].mean(axis=0, dtype=np.float64)
-                             .astype(np.float32))[rows]
+    if x is not None and lists is not None and first:
+        d[rows] = lists.all_to(centroid(x[rows]))[rows]
     elif x is not None:  # the same once-only computation as the fast loop's
         d[rows] = nearest_distances(x[prior], x[rows])
     states = [o.data[prior].sum(axis=0).astype(float) for o in objectives
@@ -57,8 +57,8 @@ def plain_greedy(objectives: list[Objective], candidates: np.ndarray, count: int
         for o in objectives:
             if o.kind == "balance":
                 next(balance)[:] += o.data[index]
-        if x is not None and sq is not None:
-            new = distances(x, sq, x[index])
+        if lists is not None:
+            new = lists.all_to(lists.row(index))
             new[index] = 0.0
             d = new if first else np.minimum(d, new)
             d[~candidates] = 0.0

@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 
 from pretag.selection.greedy import normalise
+from pretag.selection.lists import centroid
 
 MAX_POINTS = 4000
 MAX_PAIRWISE_POINTS = 2000
@@ -69,11 +70,12 @@ def retained_beside_removed(unit: np.ndarray, picked: np.ndarray,
     if not len(removed) or not len(picked):
         return []
     first = picked[:limit]
+    mine = np.asarray(unit[first], np.float32)
     best = np.full(len(first), np.inf)
     best_row = np.zeros(len(first), dtype=int)
     for start in range(0, len(removed), _BLOCK):
         rows = removed[start:start + _BLOCK]
-        d2 = np.maximum(2 - 2 * unit[first] @ unit[rows].T, 0)
+        d2 = np.maximum(2 - 2 * mine @ np.asarray(unit[rows], np.float32).T, 0)
         at = d2.argmin(axis=1)
         value = d2[np.arange(len(first)), at]
         better = value < best
@@ -88,15 +90,22 @@ def figures(plot: Plot, vectors: np.ndarray, picked: np.ndarray,
     """The PNGs (``map``, ``nearest``, ``distance_distr_before``, ``distance_distr_after``)
     and report.json's figures (median nearest-neighbour distances, pairwise summaries,
     retained/removed pairs as rows)."""
-    unit = normalise(vectors)
+    unit = normalise(vectors)  # in place; only the rows drawn are made float32
+
+    def rows(at: np.ndarray) -> np.ndarray:
+        return np.asarray(unit[at], np.float32)
+
     shown = subset(len(unit))
-    centred = unit - unit.mean(axis=0)
-    _, _, axes = np.linalg.svd(centred[shown], full_matrices=False)
-    xy = centred @ axes[:2].T
-    before = nn_distances(unit[shown])
-    after = nn_distances(unit[picked[subset(len(picked))]])
-    pair_before = pairwise_distances(unit[subset(len(unit), MAX_PAIRWISE_POINTS)])
-    pair_after = pairwise_distances(unit[picked[subset(len(picked), MAX_PAIRWISE_POINTS)]])
+    mean = centroid(unit)
+    _, _, axes = np.linalg.svd(rows(shown) - mean, full_matrices=False)
+    xy = np.zeros((len(unit), 2), np.float32)  # only the rows drawn are filled
+    drawn = np.unique(np.concatenate([shown, picked, [] if earlier is None else earlier])
+                      ).astype(np.intp)
+    xy[drawn] = (rows(drawn) - mean) @ axes[:2].T
+    before = nn_distances(rows(shown))
+    after = nn_distances(rows(picked[subset(len(picked))]))
+    pair_before = pairwise_distances(rows(subset(len(unit), MAX_PAIRWISE_POINTS)))
+    pair_after = pairwise_distances(rows(picked[subset(len(picked), MAX_PAIRWISE_POINTS)]))
 
     def scatter(ax: Any) -> None:
         ax.scatter(xy[shown, 0], xy[shown, 1], s=6, c="#b0b0b0", label="all")

@@ -12,8 +12,9 @@ import pytest
 from pretag.bench.select import Synthetic, objectives_for, synthetic
 from pretag.cli import main
 from pretag.selection.config import Strategy
-from pretag.selection.cover import Cover
+from pretag.selection.cover import Cover, sketch
 from pretag.selection.greedy import Objective, greedy, normalise
+from pretag.selection.lists import Lists, centroid, plain_lists
 from pretag.selection.reference import plain_greedy
 
 
@@ -93,14 +94,34 @@ def test_sketch_distance_is_a_lower_bound_and_cover_leaves_the_vectors_alone():
     rng = np.random.default_rng(5)
     vectors = normalise(rng.standard_normal((3000, 200)) * np.linspace(3, 0.1, 200))
     before = vectors.copy()
-    cover = Cover(vectors, leaf=32)
+    z, _, middle = sketch(vectors, np.random.default_rng(0))
+    assert np.array_equal(middle, centroid(vectors))
+    stored = vectors.astype(np.float16).astype(np.float32)  # what the distances are of
     pairs = rng.integers(0, 3000, (2000, 2))
-    exact = np.linalg.norm(vectors[cover.order[pairs[:, 0]]] - vectors[cover.order[pairs[:, 1]]],
-                           axis=1)
-    sketch = np.linalg.norm(cover.z[pairs[:, 0]] - cover.z[pairs[:, 1]], axis=1)
-    assert np.all(sketch <= exact + 1e-5) and np.median(sketch / np.maximum(exact, 1e-9)) > 0.5
+    exact = np.linalg.norm(stored[pairs[:, 0]] - stored[pairs[:, 1]], axis=1)
+    low = np.linalg.norm(z[pairs[:, 0]] - z[pairs[:, 1]], axis=1)
+    assert np.all(low <= exact + 1e-5) and np.median(low / np.maximum(exact, 1e-9)) > 0.5
+    cover = Cover(vectors, leaf=32)
     assert sorted(cover.order.tolist()) == list(range(3000))
     assert np.array_equal(vectors, before)
+    # the leaves hold the rows as float16, in the cover's order
+    assert np.array_equal(cover.lists.row(17), stored[cover.order[17]])
+
+
+def test_lists_give_a_row_the_same_distance_in_any_list_and_match_numpy():
+    rng = np.random.default_rng(2)
+    x = normalise(rng.standard_normal((5000, 96)).astype(np.float16))
+    assert x.dtype == np.float16  # normalised in place, still float16
+    order = rng.permutation(5000)
+    grouped, plain = Lists(x, order, np.arange(0, 5000, 37)), plain_lists(x)
+    c = plain.row(11)
+    assert np.array_equal(grouped.all_to(c), plain.all_to(c)[order])
+    numpy = np.linalg.norm(x.astype(np.float64) - c, axis=1)
+    assert np.allclose(plain.all_to(c), numpy, rtol=1e-5, atol=1e-6)
+    positions, dist = grouped.near(c, np.array([0, 5, 9]), below=1.3)
+    inside = np.concatenate([np.arange(s, s + 37) for s in (0, 185, 333)])
+    want = inside[grouped.all_to(c)[inside] < 1.3]
+    assert sorted(positions.tolist()) == sorted(want.tolist()) and np.all(dist < 1.3 + 1e-6)
 
 
 def test_bench_select_command(tmp_path: Path):
