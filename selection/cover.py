@@ -30,7 +30,7 @@ from typing import Any
 
 import numpy as np
 
-from pretag.selection.lists import BLOCK, Lists, mean_of, stored
+from pretag.selection.lists import BLOCK, Lists, as32, mean_of, rounding
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +55,7 @@ class Cover:
             raise ValueError("Cover needs a float16 or float32 array [rows, dimensions]")
         n = len(x)
         rng = np.random.default_rng(seed)
-        z, self.sketch, middle = sketch(x, rng)
+        z, self.sketch, middle, self.slack = sketch(x, rng)
         self.order, self.cells, self.leaves, self.first_leaf = _two_levels(z, leaf, rng)
         z = np.ascontiguousarray(z[self.order])
         self.levels = [_shape(z, self.cells), _shape(z, self.leaves)]
@@ -126,13 +126,14 @@ class Cover:
         cc = float(zc @ zc)
         mu, sq_mu, radius = self.levels[0]
         gap_sq = sq_mu + cc - 2.0 * (mu @ zc)
-        cells = np.flatnonzero(gap_sq <= (self.cell_max + radius) ** 2 + _SLACK)
+        cells = np.flatnonzero(gap_sq <= (self.cell_max + radius + self.slack) ** 2 + _SLACK)
         if not len(cells):
             return cells
         leaves, _ = ranges(self.leaf_bounds[cells], self.leaf_bounds[cells + 1])
         mu, sq_mu, radius = self.levels[1]
         gap_sq = sq_mu[leaves] + cc - 2.0 * (mu[leaves] @ zc)
-        return leaves[gap_sq <= (self.leaf_max[leaves] + radius[leaves]) ** 2 + _SLACK]
+        reach = self.leaf_max[leaves] + radius[leaves] + self.slack
+        return leaves[gap_sq <= reach ** 2 + _SLACK]
 
 
 #: Centre x row pairs up to which the nearest centre is found exactly (flat index); beyond,
@@ -226,12 +227,13 @@ class Sketch:
 
 
 def sketch(x: np.ndarray, rng: np.random.Generator
-           ) -> tuple[np.ndarray, Sketch, np.ndarray]:
-    """(every row's sketch, the map, the centroid), the components those of a sample of
-    4096 rows; rows as stored (float16: a float32 array is rounded first), so the sketch
-    bounds the distances :class:`~pretag.selection.lists.Lists` computes. The centroid is
-    :func:`~pretag.selection.lists.centroid`'s, summed in the same pass."""
-    sample = stored(x[np.sort(rng.choice(len(x), min(len(x), 4096), replace=False))])
+           ) -> tuple[np.ndarray, Sketch, np.ndarray, float]:
+    """(every row's sketch, the map, the centroid, the rounding slack), the components
+    those of a sample of 4096 rows. The centroid is
+    :func:`~pretag.selection.lists.centroid`'s, summed in the same pass; the slack is how
+    far :class:`~pretag.selection.lists.Lists`'s float16 rounding moves a row
+    (:func:`~pretag.selection.lists.rounding`), which the bounds add."""
+    sample = as32(x[np.sort(rng.choice(len(x), min(len(x), 4096), replace=False))])
     mean = sample.mean(axis=0)
     centred = sample - mean
     # randomised range finder: any orthonormal basis keeps the bound; a good one tightens it
@@ -242,11 +244,14 @@ def sketch(x: np.ndarray, rng: np.random.Generator
     sk = Sketch(basis, mean @ basis)
     out = np.empty((len(x), basis.shape[1]), dtype=np.float32)
     total = np.zeros(x.shape[1])
+    longest = 0.0
     for s in range(0, len(x), BLOCK):
-        block = stored(x[s:s + BLOCK])
+        block = as32(x[s:s + BLOCK])
         out[s:s + BLOCK] = sk.of(block)
         total += block.sum(axis=0, dtype=np.float64)  # as centroid() sums
-    return out, sk, mean_of(total, len(x))
+        if x.dtype != np.float16:
+            longest = max(longest, float(np.sqrt(np.einsum("ij,ij->i", block, block).max())))
+    return out, sk, mean_of(total, len(x)), rounding(x, longest)
 
 
 def _two_levels(z: np.ndarray, leaf: int, rng: np.random.Generator

@@ -43,7 +43,7 @@ from pretag.selection.greedy import (
     scaled_balance,
     weight_values,
 )
-from pretag.selection.lists import mean_of, plain_lists, stored_sum
+from pretag.selection.lists import mean_of, plain_lists, row_sum
 
 log = logging.getLogger(__name__)
 
@@ -98,7 +98,7 @@ class ShardWorker:
 
     def centre_sum(self) -> tuple[np.ndarray, int]:
         """The candidates' vector sum (float64) and count, for the first centre."""
-        return stored_sum(self.x[self.candidates]), int(self.candidates.sum())
+        return row_sum(self.x[self.candidates]), int(self.candidates.sum())
 
     def ping(self) -> int:
         """Nothing but a round trip (how many rows this actor holds)."""

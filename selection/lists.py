@@ -110,17 +110,17 @@ def plain_lists(x: np.ndarray) -> Lists:
 
 
 def centroid(x: np.ndarray) -> np.ndarray:
-    """The mean stored row (float64 sums of :data:`BLOCK` rows at a time, in row order), as
+    """The mean row (float64 sums of :data:`BLOCK` rows at a time, in row order), as
     float32: the first centre's stand-in. :func:`pretag.selection.cover.sketch` computes
     the same sums in its own pass over the rows."""
-    return mean_of(stored_sum(x), len(x))
+    return mean_of(row_sum(x), len(x))
 
 
-def stored_sum(x: np.ndarray) -> np.ndarray:
-    """The float64 sum of the stored rows (:func:`centroid`'s; the Ray actors add theirs)."""
+def row_sum(x: np.ndarray) -> np.ndarray:
+    """The float64 sum of the rows (:func:`centroid`'s; the Ray actors add theirs)."""
     total = np.zeros(x.shape[1])
     for s in range(0, len(x), BLOCK):
-        total += stored(x[s:s + BLOCK]).sum(axis=0, dtype=np.float64)
+        total += as32(x[s:s + BLOCK]).sum(axis=0, dtype=np.float64)
     return total
 
 
@@ -128,8 +128,12 @@ def mean_of(total: np.ndarray, n: int) -> np.ndarray:
     return (total / max(n, 1)).astype(np.float32)
 
 
-def stored(rows: np.ndarray) -> np.ndarray:
-    """Rows as :class:`Lists` keeps them (float16), in float32."""
-    if rows.dtype != np.float16:
-        rows = rows.astype(np.float16)
-    return rows.astype(np.float32)
+def as32(rows: np.ndarray) -> np.ndarray:
+    return rows if rows.dtype == np.float32 else rows.astype(np.float32)
+
+
+def rounding(x: np.ndarray, largest_norm: float) -> float:
+    """How far a row of ``x`` (rows no longer than ``largest_norm``) can move when
+    :class:`Lists` rounds it to float16: none for float16; else half a float16 ulp of
+    every value (2^-11 relative), doubled for the values near the subnormal range."""
+    return 0.0 if x.dtype == np.float16 else 2.0 ** -10 * largest_norm + 1e-6
