@@ -1,7 +1,7 @@
 """``pretag select --ray``'s loop (pretag.selection.distributed) on a local Ray cluster:
-N synthetic vectors of D values (the bench select generator) in Parquet shards of 25,000,
-DIVERSITY + BALANCE toward the seed target, P picks, over A actors; and the cost of one
-empty round trip to every actor (the per-pick overhead floor: a pick takes two).
+N synthetic float16 vectors of D values (the bench select generator) in Parquet shards of
+25,000, DIVERSITY + BALANCE toward the seed target, P picks, over A actors; and the cost of
+one empty round trip to every actor (the per-pick overhead floor: a pick takes two).
 
     python benchmarks/select_ray.py N D P A [A ...]
 """
@@ -48,7 +48,7 @@ def round_trip_ms(actors: list, times: int = 300) -> float:
 
 
 def main(n: int, dim: int, picks: int, actor_counts: list[int]) -> list[dict]:
-    vectors, counts = synthetic(Synthetic(n, dim))
+    vectors, counts = synthetic(Synthetic(n, dim, dtype="float16"))  # as a run stores them
     objectives = [Objective(Strategy("DIVERSITY"), "diversity", normalise(vectors.copy())),
                   Objective(Strategy("BALANCE"), "balance", counts, TARGET)]
     everyone = np.ones(n, dtype=bool)
