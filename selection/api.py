@@ -23,7 +23,9 @@ def select(config: SelectionConfig | Mapping[str, Any], embeddings: Any = None,
 
     ``config``: a parsed :class:`SelectionConfig` or the dict Lightly users write
     (``{"selection_config": ...}`` or a ``selection_config`` alone). Per sample, as each
-    strategy needs them: ``embeddings`` [N, D] (DIVERSITY), ``class_counts`` [N, C] with
+    strategy needs them: ``embeddings`` [N, D] (DIVERSITY; copied, not changed: float16
+    stays float16, anything else becomes float32; the loop's distances are those of the
+    rows rounded to float16, as a run stores them), ``class_counts`` [N, C] with
     ``classes`` naming the columns (BALANCE, PREDICTIONS inputs), ``scores`` (one sequence of
     detection scores per sample: SCORES inputs), ``metadata`` (one dict per sample:
     METADATA inputs), ``probabilities`` (per sample, its detections' class probabilities

@@ -698,3 +698,17 @@ def test_the_schema_names_every_problem_and_matches_the_worker_tables():
            "'strong'" in text
     assert "selection_config.strategies[1].input.random_seed: must be a whole number" in text
     assert set(WorkerModel.model_fields) == known_worker_keys()
+
+
+def test_array_api_keeps_float16_embeddings_and_picks_as_with_float32():
+    from pretag.selection import select as select_arrays
+
+    rng = np.random.default_rng(8)
+    half = rng.normal(0, 1, (3000, 48)).astype(np.float16)  # exactly float16 values
+    before = half.copy()
+    config = {"n_samples": 40, "strategies": [
+        {"input": {"type": "EMBEDDINGS"}, "strategy": {"type": "DIVERSITY"}}]}
+    picks = select_arrays(config, embeddings=half)
+    assert np.array_equal(half, before)  # the caller's array is left alone
+    assert picks == select_arrays(config, embeddings=half.astype(np.float32))
+    assert len(set(picks)) == 40
