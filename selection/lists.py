@@ -1,13 +1,14 @@
-"""Unit vectors as float16 in faiss inverted lists, and the one distance kernel every
+"""Vectors as float16 in faiss inverted lists, and the one distance kernel every
 selection loop uses.
 
 k-center greedy spends its time on Euclidean distances from a new centre to the rows it may
 bring closer. numpy gathers scattered rows at a fifth of its scanning speed and converts
 float16 at about 0.4 G values/s here; faiss's inverted-file scanner reads float16 codes list
-by list and computes the distances with SIMD at about 11 G values/s (benchmarks/RESULTS.md,
-"The loop on float16"). So the rows live in an ``IndexIVFScalarQuantizer`` with ``QT_fp16``
-codes (the float16 values themselves, 2 bytes a value), each list a run of positions that a
-caller chose to be near each other, and a query names the lists to scan. The fast loop, the
+by list and computes the distances with SIMD at 16-25 G values/s on this machine's two
+cores (benchmarks/RESULTS.md, "The loop on float16 lists"). So the rows live in an
+``IndexIVFScalarQuantizer`` with ``QT_fp16`` codes (the float16 values themselves, 2 bytes
+a value), each list a run of positions that a caller chose to be near each other, and a
+query names the lists to scan. The fast loop, the
 plain loop and the Ray actors all compute distances here, so a row gets the same distance
 whichever way it is reached (faiss sums one row's differences in a fixed order).
 """
