@@ -30,7 +30,7 @@ from typing import Any
 
 import numpy as np
 
-from pretag.selection.lists import BLOCK, Lists, as32, mean_of, rounding
+from pretag.selection.lists import BLOCK, Lists, mean_of, rounding
 
 log = logging.getLogger(__name__)
 
@@ -110,7 +110,6 @@ class Cover:
         changed = rows[better]
         self.changed += len(changed)
         self.d[changed] = new[better]
-        self.d[position] = 0.0
         touched = np.unique(np.searchsorted(self.leaves, changed, side="right") - 1)
         touched = np.union1d(touched, [own])
         starts, seg = ranges(self.leaves[touched], self.leaf_ends[touched])
@@ -233,7 +232,8 @@ def sketch(x: np.ndarray, rng: np.random.Generator
     :func:`~pretag.selection.lists.centroid`'s, summed in the same pass; the slack is how
     far :class:`~pretag.selection.lists.Lists`'s float16 rounding moves a row
     (:func:`~pretag.selection.lists.rounding`), which the bounds add."""
-    sample = as32(x[np.sort(rng.choice(len(x), min(len(x), 4096), replace=False))])
+    sample = np.asarray(x[np.sort(rng.choice(len(x), min(len(x), 4096), replace=False))],
+                        np.float32)
     mean = sample.mean(axis=0)
     centred = sample - mean
     # randomised range finder: any orthonormal basis keeps the bound; a good one tightens it
@@ -246,7 +246,7 @@ def sketch(x: np.ndarray, rng: np.random.Generator
     total = np.zeros(x.shape[1])
     longest = 0.0
     for s in range(0, len(x), BLOCK):
-        block = as32(x[s:s + BLOCK])
+        block = np.asarray(x[s:s + BLOCK], np.float32)
         out[s:s + BLOCK] = sk.of(block)
         total += block.sum(axis=0, dtype=np.float64)  # as centroid() sums
         if x.dtype != np.float16:

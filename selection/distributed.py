@@ -74,9 +74,11 @@ class ShardWorker:
             rows.extend(part.samples)
         order = np.argsort(np.array(rows, dtype=np.intp), kind="stable")
         self.rows = np.array(rows, dtype=np.intp)[order]  # ascending: ties go low
-        self.x = normalise(np.concatenate(blocks)[order])
-        self.lists = plain_lists(self.x)  # the distances one machine computes
+        x = normalise(np.concatenate(blocks)[order])
+        self.lists = plain_lists(x)  # the distances one machine computes (its only copy)
         self.candidates = candidates[self.rows]
+        self.sum = row_sum(x[self.candidates])  # for the first centre
+        del x
         self.available = self.candidates.copy()
         self.d: np.ndarray = np.zeros(len(self.rows))
         self.first = True
@@ -98,7 +100,7 @@ class ShardWorker:
 
     def centre_sum(self) -> tuple[np.ndarray, int]:
         """The candidates' vector sum (float64) and count, for the first centre."""
-        return row_sum(self.x[self.candidates]), int(self.candidates.sum())
+        return self.sum, int(self.candidates.sum())
 
     def ping(self) -> int:
         """Nothing but a round trip (how many rows this actor holds)."""

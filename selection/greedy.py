@@ -324,10 +324,11 @@ def normalise(vectors: np.ndarray) -> np.ndarray:
     keep = vectors.dtype in (np.float16, np.float32) and vectors.flags.c_contiguous
     out = vectors if keep else np.ascontiguousarray(vectors, dtype=np.float32)
     for s in range(0, len(out), 65536):
-        block = out[s:s + 65536].astype(np.float32)
+        block = np.asarray(out[s:s + 65536], np.float32)  # float32: a view, in place
         norms = np.sqrt(np.einsum("ij,ij->i", block, block, dtype=np.float64))
         block /= np.maximum(norms, TINY)[:, None].astype(np.float32)
-        out[s:s + 65536] = block
+        if out.dtype != np.float32:
+            out[s:s + 65536] = block
     return out
 
 

@@ -8,9 +8,9 @@ by list and computes the distances with SIMD at 16-25 G values/s on this machine
 cores (benchmarks/RESULTS.md, "The loop on float16 lists"). So the rows live in an
 ``IndexIVFScalarQuantizer`` with ``QT_fp16`` codes (the float16 values themselves, 2 bytes
 a value), each list a run of positions that a caller chose to be near each other, and a
-query names the lists to scan. The fast loop, the
-plain loop and the Ray actors all compute distances here, so a row gets the same distance
-whichever way it is reached (faiss sums one row's differences in a fixed order).
+query names the lists to scan. The fast loop, the plain loop and the Ray actors all compute
+distances here, so a row gets the same distance whichever way it is reached (faiss sums
+one row's differences in a fixed order).
 """
 
 from __future__ import annotations
@@ -58,10 +58,6 @@ class Lists:
                                       faiss.swig_ptr(rows[:e - s].view(np.uint8)))
         self.index.ntotal = n
         self.all = np.arange(len(self.starts), dtype=np.int64)
-
-    @property
-    def nbytes(self) -> int:
-        return self.n * self.dim * 2
 
     def row(self, position: int) -> np.ndarray:
         """The stored row at ``position``, as float32."""
@@ -121,16 +117,12 @@ def row_sum(x: np.ndarray) -> np.ndarray:
     """The float64 sum of the rows (:func:`centroid`'s; the Ray actors add theirs)."""
     total = np.zeros(x.shape[1])
     for s in range(0, len(x), BLOCK):
-        total += as32(x[s:s + BLOCK]).sum(axis=0, dtype=np.float64)
+        total += np.asarray(x[s:s + BLOCK], np.float32).sum(axis=0, dtype=np.float64)
     return total
 
 
 def mean_of(total: np.ndarray, n: int) -> np.ndarray:
     return (total / max(n, 1)).astype(np.float32)
-
-
-def as32(rows: np.ndarray) -> np.ndarray:
-    return rows if rows.dtype == np.float32 else rows.astype(np.float32)
 
 
 def rounding(x: np.ndarray, largest_norm: float) -> float:
