@@ -51,8 +51,9 @@ def select(config: SelectionConfig | Mapping[str, Any], embeddings: Any = None,
     vectors = None
     if embeddings is not None:
         given = np.asarray(embeddings)  # float16 stays float16 (2 bytes a value)
+        width = int(np.prod(given.shape[1:]))  # one row a sample (-1 fails on no rows)
         vectors = normalise(np.array(given, dtype=np.float16 if given.dtype == np.float16
-                                     else np.float32).reshape(n, -1))
+                                     else np.float32).reshape(n, width))
         if not np.isfinite(vectors).all():
             raise SelectionConfigError("embeddings must be finite numbers")
     ids = [str(i) for i in range(n)]

@@ -712,3 +712,4 @@ def test_array_api_keeps_float16_embeddings_and_picks_as_with_float32():
     assert np.array_equal(half, before)  # the caller's array is left alone
     assert picks == select_arrays(config, embeddings=half.astype(np.float32))
     assert len(set(picks)) == 40
+    assert select_arrays(config, embeddings=np.zeros((0, 48), np.float16)) == []  # no rows
