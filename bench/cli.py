@@ -78,6 +78,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     sel.add_argument("--latent", type=int, default=24, help="its intrinsic dimension")
     sel.add_argument("--dtype", choices=("float16", "float32"), default="float16",
                      help="the vectors' type (default float16, as a run stores them)")
+    sel.add_argument("--stream", action="store_true",
+                     help="write the vectors as a run's Parquet shards and select from "
+                          "there, as pretag select does (the peak memory is the selection's)")
     sel.add_argument("--noise", type=float, default=0.05,
                      help="its uniform noise, of the signal's norm (default 0.05)")
     rd = sub.add_parser("read", parents=[out], help="the read path alone: read, decode, "
@@ -196,9 +199,10 @@ def _select(args: argparse.Namespace) -> tuple[dict[str, Any], str]:
 
     r = bench_select(SelectBench(tuple(args.sizes), args.picks, args.dim, args.baseline_size,
                                  args.spread, args.earlier, args.shape, args.latent,
-                                 args.noise, args.dtype))
+                                 args.noise, args.dtype, args.stream))
     columns = ["images", "earlier", "picks", "select_s", "setup_s", "peak_rss_mb",
-               "vectors_mb", "distances", "dropped", "l1_gap_input", "l1_gap_after"]
+               "start_rss_mb", "vectors_mb", "peak_over_vectors", "distances", "dropped",
+               "l1_gap_input", "l1_gap_after"]
     columns += [c for c in ("plain_s", "speedup_over_plain", "same_picks_as_plain")
                 if any(c in row for row in r["rows"])]
     return r, markdown_table(r["rows"], columns)

@@ -24,22 +24,28 @@ from __future__ import annotations
 import logging
 import multiprocessing
 import resource
+import tempfile
 import time
 from dataclasses import asdict, dataclass, replace
+from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
 
 from pretag.contract import DRIVING_CLASSES
+from pretag.job.vectors import embeddings_dir, vector_shards, write_table
 from pretag.selection.config import Strategy
 from pretag.selection.cover import LEAF
 from pretag.selection.greedy import Objective, Search, greedy
 from pretag.selection.reference import plain_greedy
+from pretag.selection.rows import ShardRows
 
 log = logging.getLogger(__name__)
 
 CLASSES = DRIVING_CLASSES
 TARGET = np.array([0.1, 0.1, 0.5, 0.1, 0.1, 0.05, 0.05])
+_SHARD = 1024  # images a shard, as pretag run writes them by default
 
 
 @dataclass(frozen=True)
@@ -140,14 +146,17 @@ class SelectBench:
     latent: int = 24  # its intrinsic dimension
     noise: float = 0.05  # its uniform noise, of the signal's norm
     dtype: str = "float16"  # the vectors' type: float16 as a run stores them, or float32
+    #: the vectors written as a run's Parquet shards (1024 a shard, in one child) and read
+    #: from there (in another), as pretag select reads them: the peak is the selection's
+    stream: bool = False
 
 
 def _peak_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def _one_size(n: int, bench: SelectBench, baseline: bool) -> dict[str, Any]:
-    """Runs in a child process, so that its peak memory is its own."""
+def _made(n: int, bench: SelectBench) -> tuple[np.ndarray, np.ndarray, float]:
+    """(vectors, class counts, seconds taken) of ``n`` images and the earlier picks."""
     spec = Synthetic(n, bench.dim, latent=bench.latent, noise=bench.noise, shape=bench.shape,
                      dtype=bench.dtype)
     t0 = time.perf_counter()
@@ -160,7 +169,45 @@ def _one_size(n: int, bench: SelectBench, baseline: bool) -> dict[str, Any]:
         counts = synthetic(Synthetic(n, 8))[1]
     else:
         vectors, counts = synthetic(replace(spec, n=n + bench.earlier))
-    made = time.perf_counter() - t0
+    return vectors, counts, time.perf_counter() - t0
+
+
+def _write_run(n: int, bench: SelectBench, folder: str) -> float:
+    """Runs in a child process: the set as a run's vector shards (images-NNNNNN.parquet,
+    1024 images each, float16) and its class counts beside them; returns the seconds the
+    set took to make."""
+    vectors, counts, made = _made(n, bench)
+    root = embeddings_dir(Path(folder))
+    root.mkdir(parents=True)
+    for number, s in enumerate(range(0, len(vectors), _SHARD), start=1):
+        block = np.asarray(vectors[s:s + _SHARD], np.float16)
+        column = pa.FixedSizeListArray.from_arrays(pa.array(block.reshape(-1)), bench.dim)
+        write_table(pa.table({"filename": _names(s, s + len(block)), "vector": column}),
+                    root / f"images-{number:06d}.parquet")
+    np.save(Path(folder) / "counts.npy", counts)
+    return made
+
+
+def _names(start: int, end: int) -> list[str]:
+    return [f"{i:08d}.jpg" for i in range(start, end)]
+
+
+def _from_run(folder: str) -> tuple[ShardRows, np.ndarray]:
+    counts = np.load(Path(folder) / "counts.npy")
+    paths, total = vector_shards(Path(folder))
+    return ShardRows.of_run(paths, _names(0, total)), counts
+
+
+def _one_size(n: int, bench: SelectBench, baseline: bool, folder: str | None = None
+              ) -> dict[str, Any]:
+    """Runs in a child process, so that its peak memory is its own (``folder``: the
+    set's shards, :func:`_write_run`)."""
+    before = _peak_mb()
+    vectors: Any
+    if folder is None:
+        vectors, counts, made = _made(n, bench)
+    else:
+        (vectors, counts), made = _from_run(folder), 0.0
     objectives = objectives_for(vectors, counts)
     everyone = np.zeros(len(vectors), dtype=bool)
     everyone[:n] = True  # the candidates; the rest are the earlier picks
@@ -174,8 +221,12 @@ def _one_size(n: int, bench: SelectBench, baseline: bool) -> dict[str, Any]:
         "images": n, "earlier": bench.earlier, "setup_s": ready,
         "dim": bench.dim, "picks": len(picks), "select_s": seconds,
         "picks_per_s": len(picks) / seconds, "peak_rss_mb": _peak_mb(),
-        "vectors_mb": vectors.nbytes / 2**20, "synthetic_s": made,
-        "data": "spread" if bench.spread else asdict(spec),
+        "start_rss_mb": before, "stream": folder is not None,
+        "vectors_mb": len(vectors) * bench.dim * (2 if folder else np.dtype(bench.dtype)
+                                                  .itemsize) / 2**20,
+        "synthetic_s": made, "data": "spread" if bench.spread else asdict(
+            Synthetic(n, bench.dim, latent=bench.latent, noise=bench.noise,
+                      shape=bench.shape, dtype=bench.dtype)),
         "distances": search.cover.scanned if search.cover else 0,
         "dropped": search.cover.changed if search.cover else 0}
     row["l1_gap_after"] = _gap(counts, [p.index for p in picks])
@@ -200,9 +251,17 @@ def bench_select(bench: SelectBench) -> dict[str, Any]:
     context = multiprocessing.get_context("spawn")
     rows = []
     for n in sizes:
-        with context.Pool(1) as pool:
-            row = pool.apply(_one_size, (n, bench, n == bench.baseline_size))
-        log.info("%d images: %d picks in %.1f s, peak %.0f MB", n, row["picks"],
-                 row["select_s"], row["peak_rss_mb"])
+        with tempfile.TemporaryDirectory(prefix="pretag-bench-select-") as folder:
+            if bench.stream:
+                with context.Pool(1) as pool:
+                    made = pool.apply(_write_run, (n, bench, folder))
+            with context.Pool(1) as pool:
+                row = pool.apply(_one_size, (n, bench, n == bench.baseline_size,
+                                             folder if bench.stream else None))
+        if bench.stream:
+            row["synthetic_s"] = made
+        row["peak_over_vectors"] = row["peak_rss_mb"] / row["vectors_mb"]
+        log.info("%d images: %d picks in %.1f s, peak %.0f MB (%.2fx the vectors)", n,
+                 row["picks"], row["select_s"], row["peak_rss_mb"], row["peak_over_vectors"])
         rows.append(row)
     return {"rows": rows, "config": asdict(bench)}

@@ -22,7 +22,8 @@ import ray
 from pretag.bench.select import TARGET, Synthetic, synthetic
 from pretag.selection.config import Strategy
 from pretag.selection.distributed import Counters, assign, distributed_greedy, start_actors
-from pretag.selection.greedy import Objective, greedy, normalise
+from pretag.selection.greedy import Objective, greedy
+from pretag.selection.rows import normalise
 
 SHARD = 25_000
 

@@ -26,7 +26,8 @@ import pretag.selection.greedy as greedy_module
 from pretag.bench.select import TARGET, Synthetic, synthetic
 from pretag.selection.config import Strategy
 from pretag.selection.cover import nearest_distances
-from pretag.selection.greedy import Objective, greedy, normalise
+from pretag.selection.greedy import Objective, greedy
+from pretag.selection.rows import normalise
 
 STRENGTHS = (0.1, 0.25, 0.5, 1.0, 2.0, 4.0)
 

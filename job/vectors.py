@@ -58,9 +58,11 @@ def _vectors(rows: list[np.ndarray], dim: int) -> pa.FixedSizeListArray:
     return pa.FixedSizeListArray.from_arrays(pa.array(flat, pa.float16()), dim)
 
 
-def _write(table: pa.Table, path: AnyPath) -> None:
+def write_table(table: pa.Table, path: AnyPath) -> None:
+    """``table`` as Parquet at ``path``; the vectors without dictionary encoding (float16
+    values repeat too rarely for it to pay, and it made reading them 5x slower)."""
     sink = pa.BufferOutputStream()
-    pq.write_table(table, sink)
+    pq.write_table(table, sink, use_dictionary=[c for c in table.column_names if c != "vector"])
     write_whole(path, sink.getvalue().to_pybytes())
 
 
@@ -188,11 +190,11 @@ def write_shard(root: AnyPath, shard: Shard, images: bool, objects: bool) -> Non
                 pa.array(np.array([r[4] for r in rows], np.float32).reshape(-1)), 4),
             "vector": _vectors([r[5].reshape(1, -1) for r in rows], dim),
         })
-        _write(table, root / f"objects-{shard.number:06d}.parquet")
+        write_table(table, root / f"objects-{shard.number:06d}.parquet")
     columns: dict[str, Any] = {"filename": pa.array(shard.names, pa.string())}
     if images:
         columns["vector"] = _vectors(shard.image_vectors, shard.image_vectors[0].shape[1])
-    _write(pa.table(columns), root / f"images-{shard.number:06d}.parquet")
+    write_table(pa.table(columns), root / f"images-{shard.number:06d}.parquet")
 
 
 def _shards(output_dir: AnyPath, kind: str) -> Iterator[AnyPath]:
@@ -223,24 +225,49 @@ def vector_shards(output_dir: AnyPath, kind: str = "images") -> tuple[list[AnyPa
     return paths, total
 
 
-def read_vectors(path: AnyPath, dim: int | None = None) -> tuple[list[str], np.ndarray]:
-    """One shard's (filenames, float32 [rows, D]); a shard of another length than ``dim``
-    or holding values that are not finite is a :class:`VectorError` naming it."""
-    with _parquet(path) as shard:
-        table = shard.read(columns=["filename", "vector"])
+def read_vectors(path: AnyPath, dim: int | None = None, dtype: Any = np.float32,
+                 check: bool = True) -> tuple[list[str], np.ndarray]:
+    """One shard's (filenames, ``dtype`` [rows, D]: float32 unless asked for the float16
+    as stored, then read-only); a shard of another length than ``dim`` or (``check``)
+    holding values that are not finite is a :class:`VectorError` naming it."""
+    try:
+        with _parquet(path) as shard:
+            table = shard.read(columns=["filename", "vector"])
+    except (pa.ArrowException, OSError) as exc:
+        raise VectorError(f"{path} is not a readable vector shard ({exc})") from None
     vectors = table["vector"].combine_chunks()
-    size = getattr(vectors.type, "list_size", None)
+    size = _size(path, vectors.type, dim)
+    block = vectors.flatten().to_numpy(zero_copy_only=False).reshape(-1, size)
+    block = block.astype(dtype, copy=False)
+    bad = int((~np.isfinite(block)).any(axis=1).sum()) if check else 0
+    if bad:
+        raise not_finite(path, bad)
+    return table["filename"].to_pylist(), block
+
+
+def not_finite(path: AnyPath, rows: int) -> VectorError:
+    return VectorError(f"{path}: {rows} vectors hold values that are not finite (NaN or "
+                       f"inf); run pretag run --overwrite to store them again")
+
+
+def _size(path: AnyPath, kind: pa.DataType, dim: int | None) -> int:
+    size = getattr(kind, "list_size", None)
     if size is None or (dim is not None and size != dim):
         raise VectorError(f"{path} holds vectors of {size or 'no fixed'} values, the shards "
                           f"before it {dim if dim is not None else '?'}: it does "
                           f"not belong to this run (run pretag run --overwrite)")
-    block = vectors.flatten().to_numpy(zero_copy_only=False).reshape(-1, size)
-    block = block.astype(np.float32, copy=False)
-    bad = int((~np.isfinite(block)).any(axis=1).sum())
-    if bad:
-        raise VectorError(f"{path}: {bad} vectors hold values that are not finite "
-                          f"(NaN or inf); run pretag run --overwrite to store them again")
-    return table["filename"].to_pylist(), block
+    return int(size)
+
+
+def vector_names(path: AnyPath) -> tuple[list[str], int]:
+    """One shard's filenames and vector length, its vectors left unread."""
+    try:
+        with _parquet(path) as shard:
+            kind = shard.schema_arrow.field("vector").type
+            names = shard.read(columns=["filename"])["filename"].to_pylist()
+    except (pa.ArrowException, OSError, KeyError) as exc:
+        raise VectorError(f"{path} is not a readable vector shard ({exc})") from None
+    return names, _size(path, kind, None)
 
 
 def load_embeddings(output_dir: AnyPath, kind: str = "images") -> tuple[list[str], np.ndarray]:

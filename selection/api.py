@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 
 from pretag.selection.config import SelectionConfig, SelectionConfigError, parse
-from pretag.selection.greedy import normalise
+from pretag.selection.rows import normalise
 from pretag.selection.run import select as run_select
 from pretag.selection.samples import Samples
 

@@ -30,7 +30,9 @@ from typing import Any
 
 import numpy as np
 
-from pretag.selection.lists import BLOCK, Lists, mean_of, rounding
+from pretag.selection.lists import Lists, mean_of, rounding
+from pretag.selection.rows import Rows, blocks, float32, squared_norms, take
+from pretag.selection.rows import sample as sample_rows
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +52,7 @@ class Cover:
     positions in the grouped order: ``order[p]`` is the row of ``x`` at position ``p``.
     ``x`` is only read; the rows are kept as float16 in :attr:`lists`."""
 
-    def __init__(self, x: np.ndarray, leaf: int = LEAF, seed: int = 0) -> None:
+    def __init__(self, x: Rows, leaf: int = LEAF, seed: int = 0) -> None:
         if x.dtype not in (np.float16, np.float32) or x.ndim != 2:
             raise ValueError("Cover needs a float16 or float32 array [rows, dimensions]")
         n = len(x)
@@ -142,7 +144,7 @@ EXACT_PAIRS = 8 * 10**10 // 1280
 _PROBES = 32
 
 
-def nearest_distances(centres: np.ndarray, x: np.ndarray,
+def nearest_distances(centres: np.ndarray, x: Rows,
                       exact_pairs: int = EXACT_PAIRS) -> np.ndarray:
     """Each row of ``x``'s Euclidean distance to its nearest row of ``centres``, with faiss,
     computed once for a datapool's earlier picks, however many there are (not per pick).
@@ -170,9 +172,9 @@ def nearest_distances(centres: np.ndarray, x: np.ndarray,
                  "searched", len(centres), len(x), lists, index.nprobe)
     index.add(centres)
     out = np.empty(len(x))
-    for s in range(0, len(x), _CHUNK * 4):  # float32 a block at a time (x may be float16)
-        found, _ = index.search(np.ascontiguousarray(x[s:s + _CHUNK * 4], np.float32), 1)
-        out[s:s + _CHUNK * 4] = np.sqrt(np.maximum(found[:, 0].astype(np.float64), 0.0))
+    for rows, block in blocks(x):  # float32 a block at a time (x may be float16)
+        found, _ = index.search(np.ascontiguousarray(float32(block)), 1)
+        out[rows] = np.sqrt(np.maximum(found[:, 0].astype(np.float64), 0.0))
     return out
 
 
@@ -217,7 +219,7 @@ class Sketch:
     def of(self, rows: np.ndarray) -> np.ndarray:
         """Sketches [n, components + 1] of float32 rows [n, D]."""
         block = rows @ self.basis
-        centred_sq = (np.einsum("ij,ij->i", rows, rows, dtype=np.float64)
+        centred_sq = (squared_norms(rows)
                       - 2.0 * block[:, -1] + self.shift[-1])
         block[:, :-1] -= self.shift[:-1]
         rest = centred_sq - np.einsum("ij,ij->i", block[:, :-1], block[:, :-1])
@@ -225,15 +227,14 @@ class Sketch:
         return block
 
 
-def sketch(x: np.ndarray, rng: np.random.Generator
+def sketch(x: Rows, rng: np.random.Generator
            ) -> tuple[np.ndarray, Sketch, np.ndarray, float]:
     """(every row's sketch, the map, the centroid, the rounding slack), the components
     those of a sample of 4096 rows. The centroid is
     :func:`~pretag.selection.lists.centroid`'s, summed in the same pass; the slack is how
     far :class:`~pretag.selection.lists.Lists`'s float16 rounding moves a row
     (:func:`~pretag.selection.lists.rounding`), which the bounds add."""
-    sample = np.asarray(x[np.sort(rng.choice(len(x), min(len(x), 4096), replace=False))],
-                        np.float32)
+    sample = float32(take(x, sample_rows(x, rng, 4096)))
     mean = sample.mean(axis=0)
     centred = sample - mean
     # randomised range finder: any orthonormal basis keeps the bound; a good one tightens it
@@ -245,9 +246,9 @@ def sketch(x: np.ndarray, rng: np.random.Generator
     out = np.empty((len(x), basis.shape[1]), dtype=np.float32)
     total = np.zeros(x.shape[1])
     longest = 0.0
-    for s in range(0, len(x), BLOCK):
-        block = np.asarray(x[s:s + BLOCK], np.float32)
-        out[s:s + BLOCK] = sk.of(block)
+    for rows, given in blocks(x):
+        block = float32(given)
+        out[rows] = sk.of(block)
         total += block.sum(axis=0, dtype=np.float64)  # as centroid() sums
         if x.dtype != np.float16:
             longest = max(longest, float(np.sqrt(np.einsum("ij,ij->i", block, block).max())))

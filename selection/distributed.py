@@ -39,11 +39,11 @@ from pretag.selection.greedy import (
     balance_gain,
     balance_scale,
     group_rows,
-    normalise,
     scaled_balance,
     weight_values,
 )
 from pretag.selection.lists import mean_of, plain_lists, row_sum
+from pretag.selection.rows import normalise
 
 log = logging.getLogger(__name__)
 

@@ -28,15 +28,16 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
 from pretag.selection.config import Strategy
 from pretag.selection.cover import LEAF, Cover, nearest_distances, ranges
+from pretag.selection.rows import TINY, subset, take
 
 log = logging.getLogger(__name__)
 
-TINY = 1e-12  # an objective of 0 counts as this (its logarithm is finite)
 _BLOCK = 32
 
 
@@ -46,7 +47,8 @@ class Objective:
 
     strategy: Strategy
     kind: str  # diversity | balance | weights
-    data: np.ndarray  # unit embeddings [N, D] float32, class counts [N, C] or weights [N]
+    data: Any  # unit embeddings [N, D] (float16/float32 or ShardRows), class counts
+    # [N, C] or weights [N]
     target: np.ndarray | None = None  # balance: [C], sums to 1
 
 
@@ -98,13 +100,6 @@ class MaxSums:
             self.sums[i] += float(data[index])
             done = done or self.sums[i] >= float(limit or 0.0)
         return done
-
-
-def take(data: np.ndarray, rows: np.ndarray) -> np.ndarray:
-    """``data[rows]``, as a view when the rows are one run (no copy of 1M vectors)."""
-    if len(rows) and rows[-1] - rows[0] == len(rows) - 1 and np.all(np.diff(rows) == 1):
-        return data[int(rows[0]):int(rows[-1]) + 1]
-    return data[rows]
 
 
 def group_rows(table: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -194,7 +189,7 @@ class Search:
         for o in objectives:
             if o.kind == "diversity":
                 if self.cover is None:
-                    data = take(o.data, rows)
+                    data = subset(o.data, rows)
                     self.cover = Cover(data, leaf)
                     order = self.cover.order
                     if len(prior):  # once, for all earlier picks
@@ -314,22 +309,6 @@ class Search:
             else:
                 out.append(float(self.weights[i][self.samples[position]]))
         return tuple(out)
-
-
-def normalise(vectors: np.ndarray) -> np.ndarray:
-    """L2-normalised rows (as Lightly normalises embeddings by default). A float16 or
-    float32 array is normalised in place, in chunks computed in float32, so 1M x 1280 needs
-    no second copy (float16 stays float16, as the run stores it); anything else becomes
-    float32."""
-    keep = vectors.dtype in (np.float16, np.float32) and vectors.flags.c_contiguous
-    out = vectors if keep else np.ascontiguousarray(vectors, dtype=np.float32)
-    for s in range(0, len(out), 65536):
-        block = np.asarray(out[s:s + 65536], np.float32)  # float32: a view, in place
-        norms = np.sqrt(np.einsum("ij,ij->i", block, block, dtype=np.float64))
-        block /= np.maximum(norms, TINY)[:, None].astype(np.float32)
-        if out.dtype != np.float32:
-            out[s:s + 65536] = block
-    return out
 
 
 def passes(values: np.ndarray, strategy: Strategy) -> np.ndarray:

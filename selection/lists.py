@@ -19,55 +19,71 @@ from typing import Any, cast
 
 import numpy as np
 
+from pretag.selection.rows import Rows, blocks, float16, float32
+
 #: rows per list when the caller has no grouping of its own (:func:`plain_lists`)
 PLAIN_LIST = 4096
-#: rows made float32 at a time by the passes over every row
-BLOCK = 65536
 
 
 class Lists:
-    """Rows ``x[order]`` (float16, or float32 rounded to float16), list ``i`` holding
+    """Rows ``x[order]`` (float16, or float32 rounded to float16 by
+    :func:`~pretag.selection.rows.float16`), list ``i`` holding
     positions ``starts[i]`` to the next start. Positions are the rows' places in
-    ``order``. ``x`` is only read."""
+    ``order``. ``x`` is only read, a block at a time (:func:`~pretag.selection.rows.blocks`):
+    a numpy array, or a run's shards (:class:`~pretag.selection.rows.ShardRows`).
 
-    def __init__(self, x: np.ndarray, order: np.ndarray, starts: np.ndarray) -> None:
+    The rows live in one numpy buffer laid out as faiss serialises the index, which
+    faiss then reads in place (``ZeroCopyIOReader``): the lists are views of the buffer,
+    so the rows are held once, and filled block by block from a source that need not be
+    in memory (:func:`layout`)."""
+
+    def __init__(self, x: Rows, order: np.ndarray, starts: np.ndarray) -> None:
         import faiss
 
-        n, dim = x.shape
+        n, dim = len(x), int(x.shape[1])
         self.n, self.dim = n, dim
         self.starts = np.asarray(starts, np.int64)
         self.ends = np.append(self.starts[1:], n).astype(np.int64)
-        self._quantizer = faiss.IndexFlatL2(dim)  # never searched: the lists are named
-        self.index: Any = faiss.IndexIVFScalarQuantizer(
-            self._quantizer, dim, len(self.starts), faiss.ScalarQuantizer.QT_fp16,
-            faiss.METRIC_L2, False)
-        self.index.is_trained = True
+        sizes = self.ends - self.starts
+        self.buffer, lead, codes_at = layout(dim, sizes)
+        # each position's first value in the buffer, counted in float16 values
+        self.at = np.repeat(codes_at // 2 - self.starts * dim, self.ends - self.starts)
+        self.at += np.arange(n, dtype=np.int64) * dim
+        self._fill(x, order, codes_at + sizes * 2 * dim)
+        stream = self.buffer[lead:]
+        io = cast(Any, faiss)  # the stubs lack the zero-copy reader
+        self._reader = io.ZeroCopyIOReader(faiss.swig_ptr(stream), stream.size)
+        self.index: Any = io.read_index(self._reader, faiss.IO_FLAG_MMAP_IFC)
         self.index.parallel_mode = 1  # one query: the threads share its lists
-        self.invlists = cast(Any, self.index.invlists)
-        # one buffer for every list's rows: an allocation per list would be a fresh mapping
-        # each time (about 8 us a page to touch on these machines)
-        longest = int((self.ends - self.starts).max(initial=0))
-        gathered = np.empty((longest, dim), x.dtype)
-        rows = np.empty((longest, dim), np.float16)
-        ids = np.arange(n, dtype=np.int64)
+        self.all = np.arange(len(self.starts), dtype=np.int64)
+
+    def _fill(self, x: Rows, order: np.ndarray, ids_at: np.ndarray) -> None:
+        """Each row of ``x`` to its place, a block at a time; each list's ids (its
+        positions)."""
+        n, dim = self.n, self.dim
+        place = np.empty(n, np.int64)
+        place[np.asarray(order, np.int64)] = self.at  # row -> where its values go
+        values = self.buffer[:self.buffer.size // 2 * 2].view(np.float16)
+        rows = np.lib.stride_tricks.as_strided(values, (max(len(values) - dim + 1, 0), dim),
+                                               (2, 2), writeable=True)
+        for numbers, block in blocks(x):
+            rows[place[numbers]] = float16(block)
         for i, (s, e) in enumerate(zip(self.starts.tolist(), self.ends.tolist(),
                                        strict=True)):
-            np.take(x, order[s:e], axis=0, out=gathered[:e - s], mode="clip")  # unbuffered
-            rows[:e - s] = gathered[:e - s]
-            self.invlists.add_entries(i, e - s, faiss.swig_ptr(ids[s:e]),
-                                      faiss.swig_ptr(rows[:e - s].view(np.uint8)))
-        self.index.ntotal = n
-        self.all = np.arange(len(self.starts), dtype=np.int64)
+            at = int(ids_at[i])
+            self.buffer[at:at + 8 * (e - s)] = np.arange(s, e, dtype=np.int64).view(np.uint8)
+
+    def take(self, positions: np.ndarray) -> np.ndarray:
+        """The stored rows at ``positions``, float16 [len(positions), D]."""
+        values = self.buffer[:self.buffer.size // 2 * 2].view(np.float16)
+        rows = np.lib.stride_tricks.as_strided(values, (max(len(values) - self.dim + 1, 0),
+                                                        self.dim), (2, 2), writeable=False)
+        return rows[self.at[np.asarray(positions, np.int64)]]
 
     def row(self, position: int) -> np.ndarray:
         """The stored row at ``position``, as float32."""
-        import faiss
-
-        i = int(np.searchsorted(self.starts, position, side="right")) - 1
-        size = int(self.ends[i] - self.starts[i])
-        codes = faiss.rev_swig_ptr(self.invlists.get_codes(i), size * self.dim * 2)
-        at = (position - int(self.starts[i])) * self.dim * 2
-        return codes[at:at + self.dim * 2].view(np.float16).astype(np.float32)
+        at = int(self.at[position])
+        return self.buffer[2 * at:2 * (at + self.dim)].view(np.float16).astype(np.float32)
 
     def near(self, c: np.ndarray, lists: np.ndarray, below: float = np.inf
              ) -> tuple[np.ndarray, np.ndarray]:
@@ -100,24 +116,58 @@ class Lists:
         return out
 
 
-def plain_lists(x: np.ndarray) -> Lists:
+def layout(dim: int, sizes: np.ndarray) -> tuple[np.ndarray, int, np.ndarray]:
+    """(buffer, where the index starts in it, where each list's codes start): an
+    uninitialised
+    uint8 buffer holding an ``IndexIVFScalarQuantizer`` (QT_fp16, ``dim``, one list per
+    size) as ``faiss.serialize_index`` writes it, less the lists' contents. The header is
+    faiss's own (an empty index's); the lists follow in faiss's ``ilar``/``full`` format
+    (``write_InvertedLists``): per list with rows, its codes then its int64 ids. The
+    index starts a few bytes in, so that the first codes are 64-byte aligned in the
+    buffer (and every code at an even offset). Untouched pages cost no memory until
+    filled."""
+    import faiss
+
+    sizes = np.asarray(sizes, np.int64)
+    empty = faiss.IndexIVFScalarQuantizer(faiss.IndexFlatL2(dim), dim, max(len(sizes), 1),
+                                          faiss.ScalarQuantizer.QT_fp16, faiss.METRIC_L2,
+                                          False)
+    empty.is_trained = True
+    empty.ntotal = int(sizes.sum())
+    stream = np.asarray(faiss.serialize_index(empty)).tobytes()
+    tail = 4 + 8 + 8 + 4 + 8  # an empty index's lists: ilar, nlist, code size, sprs, []
+    if stream[-tail:-tail + 4] != b"ilar":
+        raise RuntimeError("faiss wrote an index layout pretag does not know")
+    code_size = 2 * dim
+    head = (stream[:-tail] + b"ilar" + np.array([max(len(sizes), 1), code_size], "<u8")
+            .tobytes() + b"full" + np.array([max(len(sizes), 1)], "<u8").tobytes()
+            + np.append(sizes, [0] * (len(sizes) == 0)).astype("<u8").tobytes())
+    lead = -len(head) % 64
+    spans = sizes * (code_size + 8)
+    codes_at = lead + len(head) + np.concatenate([[0], np.cumsum(spans)[:-1]]).astype(np.int64)
+    buffer = np.empty(lead + len(head) + int(spans.sum()), np.uint8)
+    buffer[lead:lead + len(head)] = np.frombuffer(head, np.uint8)
+    return buffer, lead, codes_at
+
+
+def plain_lists(x: Rows) -> Lists:
     """``x``'s rows in their own order, in lists of :data:`PLAIN_LIST` (for loops that
     compute every distance: the plain loop, the Ray actors)."""
     return Lists(x, np.arange(len(x)), np.arange(0, max(len(x), 1), PLAIN_LIST))
 
 
-def centroid(x: np.ndarray) -> np.ndarray:
-    """The mean row (float64 sums of :data:`BLOCK` rows at a time, in row order), as
+def centroid(x: Rows) -> np.ndarray:
+    """The mean row (float64 sums of each of :func:`~pretag.selection.rows.blocks`), as
     float32: the first centre's stand-in. :func:`pretag.selection.cover.sketch` computes
     the same sums in its own pass over the rows."""
     return mean_of(row_sum(x), len(x))
 
 
-def row_sum(x: np.ndarray) -> np.ndarray:
+def row_sum(x: Rows) -> np.ndarray:
     """The float64 sum of the rows (:func:`centroid`'s; the Ray actors add theirs)."""
     total = np.zeros(x.shape[1])
-    for s in range(0, len(x), BLOCK):
-        total += np.asarray(x[s:s + BLOCK], np.float32).sum(axis=0, dtype=np.float64)
+    for _, block in blocks(x):
+        total += float32(block).sum(axis=0, dtype=np.float64)
     return total
 
 
@@ -125,7 +175,7 @@ def mean_of(total: np.ndarray, n: int) -> np.ndarray:
     return (total / max(n, 1)).astype(np.float32)
 
 
-def rounding(x: np.ndarray, largest_norm: float) -> float:
+def rounding(x: Rows, largest_norm: float) -> float:
     """How far a row of ``x`` (rows no longer than ``largest_norm``) can move when
     :class:`Lists` rounds it to float16: none for float16; else half a float16 ulp of
     every value (2^-11 relative), doubled for the values near the subnormal range."""

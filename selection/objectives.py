@@ -12,7 +12,8 @@ import numpy as np
 from pretag.selection.config import SelectionConfigError, Step
 from pretag.selection.cover import mean_neighbour_distance, nearest_distances
 from pretag.selection.custom import load_custom
-from pretag.selection.greedy import TINY, Objective, normalise
+from pretag.selection.greedy import Objective
+from pretag.selection.rows import TINY, Rows, normalise, take, unit
 from pretag.selection.samples import Samples
 from pretag.selection.scores import score_values
 
@@ -83,11 +84,11 @@ def objective_of(step: Step, samples: Samples, vectors_here: bool = True) -> Obj
         if samples.vectors is None:
             raise SelectionConfigError("EMBEDDINGS needs stored vectors: pretag run "
                                        "--embeddings image (the default)")
-        unit = normalise(samples.vectors)
+        rows = unit(samples.vectors)
         if kind == "DIVERSITY":
-            return Objective(step.strategy, "diversity", unit)
-        values = (typicality(unit, step.strategy.neighbours) if kind == "TYPICALITY"
-                  else similarity(unit, queries(step, samples)))
+            return Objective(step.strategy, "diversity", rows)
+        values = (typicality(rows, step.strategy.neighbours) if kind == "TYPICALITY"
+                  else similarity(rows, queries(step, samples)))
         return Objective(step.strategy, "weights", values)
     if step.strategy.type == "BALANCE":
         counts, target = _balance_target(step, samples)
@@ -95,19 +96,19 @@ def objective_of(step: Step, samples: Samples, vectors_here: bool = True) -> Obj
     return Objective(step.strategy, "weights", values_of(step, samples))
 
 
-def typicality(unit: np.ndarray, k: int) -> np.ndarray:
+def typicality(rows: Rows, k: int) -> np.ndarray:
     """TYPICALITY: the inverse of the mean distance to the ``k`` nearest neighbours (as in
     Lightly, after Hacohen et al., "Active learning on a budget"), scaled so the most
     typical sample has 1."""
-    mean = mean_neighbour_distance(unit, k)
+    mean = mean_neighbour_distance(np.asarray(rows), k)
     inverse = 1.0 / np.maximum(mean, TINY)
     return inverse / max(float(inverse.max(initial=0.0)), TINY)
 
 
-def similarity(unit: np.ndarray, query: np.ndarray) -> np.ndarray:
+def similarity(rows: Rows, query: np.ndarray) -> np.ndarray:
     """SIMILARITY: 1 - (distance to the nearest query vector) / 2, in [0, 1] on unit
     vectors: 1 for a query itself, 0 for the opposite direction."""
-    return 1.0 - nearest_distances(normalise(query.copy()), unit) / 2.0
+    return 1.0 - nearest_distances(normalise(query.copy()), rows) / 2.0
 
 
 def queries(step: Step, samples: Samples) -> np.ndarray:
@@ -121,4 +122,5 @@ def queries(step: Step, samples: Samples) -> np.ndarray:
         raise SelectionConfigError(f"query_filenames: {missing[0]} is not a sample of the "
                                    f"run ({len(missing)} of {len(names)} are not)")
     assert samples.vectors is not None
-    return np.asarray(samples.vectors[[where[n] for n in names]], np.float32)
+    return np.asarray(take(samples.vectors, np.array([where[n] for n in names], np.intp)),
+                      np.float32)

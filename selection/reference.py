@@ -17,6 +17,7 @@ from pretag.selection.greedy import (
     weight_values,
 )
 from pretag.selection.lists import centroid, plain_lists
+from pretag.selection.rows import subset, take
 
 
 def plain_greedy(objectives: list[Objective], candidates: np.ndarray, count: int,
@@ -32,9 +33,9 @@ def plain_greedy(objectives: list[Objective], candidates: np.ndarray, count: int
     lists = plain_lists(x) if x is not None else None  # the fast loop's distances
     first = not len(prior)
     if x is not None and lists is not None and first:
-        d[rows] = lists.all_to(centroid(x[rows]))[rows]
+        d[rows] = lists.all_to(centroid(subset(x, rows)))[rows]
     elif x is not None:  # the same once-only computation as the fast loop's
-        d[rows] = nearest_distances(x[prior], x[rows])
+        d[rows] = nearest_distances(take(x, prior), subset(x, rows))
     states = [o.data[prior].sum(axis=0).astype(float) for o in objectives
               if o.kind == "balance"]
     limit = next((o.strategy.minimum_distance for o in diversity

@@ -6,8 +6,9 @@ beside its nearest sample that was not selected ("retained beside removed").
 Bounds: the map and the nearest-neighbour histogram use at most :data:`MAX_POINTS` evenly
 spaced samples; the pairwise histograms at most :data:`MAX_PAIRWISE_POINTS` samples
 (about two million pairs); the retained/removed pairs search all samples for the first
-:data:`MAX_RETAINED` picks only (blocks of :data:`_BLOCK` rows), so the cost is bounded
-whatever the run's size.
+:data:`MAX_RETAINED` picks only (a block at a time), so the cost is bounded whatever the
+run's size. The rows drawn are read once, together (a run's shards are read, not held:
+:class:`~pretag.selection.rows.ShardRows`).
 """
 
 from __future__ import annotations
@@ -17,13 +18,12 @@ from typing import Any
 
 import numpy as np
 
-from pretag.selection.greedy import normalise
 from pretag.selection.lists import centroid
+from pretag.selection.rows import Rows, blocks, take, unit
 
 MAX_POINTS = 4000
 MAX_PAIRWISE_POINTS = 2000
 MAX_RETAINED = 6
-_BLOCK = 65536
 
 Plot = Callable[..., bytes]
 
@@ -62,50 +62,58 @@ def summary(values: np.ndarray) -> dict[str, float]:
     return {"median": float(median), "p5": float(p5), "p95": float(p95)}
 
 
-def retained_beside_removed(unit: np.ndarray, picked: np.ndarray,
+def retained_beside_removed(unit: Rows, picked: np.ndarray,
                             limit: int = MAX_RETAINED) -> list[tuple[int, int, float]]:
     """For the first ``limit`` picks, the nearest sample that was not selected and its
-    distance: (picked row, removed row, distance), nearest pairs first."""
-    removed = np.setdiff1d(np.arange(len(unit)), picked)
-    if not len(removed) or not len(picked):
+    distance: (picked row, removed row, distance), nearest pairs first (every row read
+    once, a block at a time)."""
+    if len(picked) >= len(unit) or not len(picked):
         return []
     first = picked[:limit]
-    mine = np.asarray(unit[first], np.float32)
+    mine = np.asarray(take(unit, first), np.float32)
+    kept = np.zeros(len(unit), dtype=bool)
+    kept[picked] = True
     best = np.full(len(first), np.inf)
     best_row = np.zeros(len(first), dtype=int)
-    for start in range(0, len(removed), _BLOCK):
-        rows = removed[start:start + _BLOCK]
-        d2 = np.maximum(2 - 2 * mine @ np.asarray(unit[rows], np.float32).T, 0)
+    for numbers, block in blocks(unit):
+        out = ~kept[numbers]
+        rows = numbers[out]
+        if not len(rows):
+            continue
+        d2 = np.maximum(2 - 2 * mine @ np.asarray(block[out], np.float32).T, 0)
         at = d2.argmin(axis=1)
         value = d2[np.arange(len(first)), at]
-        better = value < best
+        better = (value < best) | ((value == best) & (rows[at] < best_row))
         best[better], best_row[better] = value[better], rows[at[better]]
     pairs = [(int(p), int(r), float(np.sqrt(v))) for p, r, v in zip(first, best_row, best,
                                                                      strict=True)]
     return sorted(pairs, key=lambda pair: pair[2])
 
 
-def figures(plot: Plot, vectors: np.ndarray, picked: np.ndarray,
+def figures(plot: Plot, vectors: Rows, picked: np.ndarray,
             earlier: np.ndarray | None = None) -> tuple[dict[str, bytes], dict[str, Any]]:
     """The PNGs (``map``, ``nearest``, ``distance_distr_before``, ``distance_distr_after``)
     and report.json's figures (median nearest-neighbour distances, pairwise summaries,
     retained/removed pairs as rows)."""
-    unit = normalise(vectors)  # in place; only the rows drawn are made float32
+    x = unit(vectors)  # in place; only the rows drawn are made float32
+    shown = subset(len(x))
+    wanted = [shown, picked, picked[subset(len(picked))], subset(len(x), MAX_PAIRWISE_POINTS),
+              picked[subset(len(picked), MAX_PAIRWISE_POINTS)]]
+    before_picks = np.zeros(0, np.intp) if earlier is None else earlier
+    drawn = np.unique(np.concatenate([*wanted, before_picks])).astype(np.intp)
+    gathered = np.asarray(take(x, drawn), np.float32)  # one read of the rows drawn
 
     def rows(at: np.ndarray) -> np.ndarray:
-        return np.asarray(unit[at], np.float32)
+        return gathered[np.searchsorted(drawn, at)]
 
-    shown = subset(len(unit))
-    mean = centroid(unit)
+    mean = centroid(x)
     _, _, axes = np.linalg.svd(rows(shown) - mean, full_matrices=False)
-    xy = np.zeros((len(unit), 2), np.float32)  # only the rows drawn are filled
-    drawn = np.unique(np.concatenate([shown, picked, [] if earlier is None else earlier])
-                      ).astype(np.intp)
-    xy[drawn] = (rows(drawn) - mean) @ axes[:2].T
+    xy = np.zeros((len(x), 2), np.float32)  # only the rows drawn are filled
+    xy[drawn] = (gathered - mean) @ axes[:2].T
     before = nn_distances(rows(shown))
-    after = nn_distances(rows(picked[subset(len(picked))]))
-    pair_before = pairwise_distances(rows(subset(len(unit), MAX_PAIRWISE_POINTS)))
-    pair_after = pairwise_distances(rows(picked[subset(len(picked), MAX_PAIRWISE_POINTS)]))
+    after = nn_distances(rows(wanted[2]))
+    pair_before = pairwise_distances(rows(wanted[3]))
+    pair_after = pairwise_distances(rows(wanted[4]))
 
     def scatter(ax: Any) -> None:
         ax.scatter(xy[shown, 0], xy[shown, 1], s=6, c="#b0b0b0", label="all")
@@ -138,5 +146,5 @@ def figures(plot: Plot, vectors: np.ndarray, picked: np.ndarray,
                   "before": summary(before)["median"], "after": summary(after)["median"]},
               "pairwise_distance": {"before": summary(pair_before),
                                     "after": summary(pair_after)},
-              "retained_beside_removed": retained_beside_removed(unit, picked)}
+              "retained_beside_removed": retained_beside_removed(x, picked)}
     return pngs, record

@@ -20,7 +20,7 @@ import pyarrow.parquet as pq
 from pretag.job.lock import hold
 from pretag.job.outputs import write_atomic
 from pretag.job.relevant import RelevantError, is_relevant, read_relevant
-from pretag.job.vectors import embeddings_dir, load_embeddings
+from pretag.job.vectors import embeddings_dir, load_embeddings, vector_shards
 from pretag.job.video import frame_source
 from pretag.selection.config import SelectionConfig, SelectionConfigError
 from pretag.selection.custom import custom_vectors
@@ -50,6 +50,7 @@ from pretag.selection.predictions import (
     staged,
 )
 from pretag.selection.report import Earlier, write_report
+from pretag.selection.rows import ShardRows
 from pretag.selection.samples import Samples
 from pretag.selection.sequences import sequence_information, sequence_samples, window_count
 
@@ -74,14 +75,9 @@ def image_samples(run_dir: Path, metadata: dict[str, dict[str, Any]],
     if embeddings is not None:
         vectors = custom_vectors(embeddings, names)
     elif embeddings_dir(run_dir).is_dir() and vectors_here:
-        stored, array = load_embeddings(run_dir)
-        if stored:
-            where = {n: i for i, n in enumerate(stored)}
-            missing = [n for n in names if n not in where]
-            if missing:
-                raise SelectionConfigError(f"{len(missing)} images have no stored vector "
-                                           f"(e.g. {missing[0]}); run pretag run again")
-            vectors = array[[where[n] for n in names]]
+        paths, total = vector_shards(run_dir)
+        if total:  # read when the strategies ask, not held (pretag.selection.rows)
+            vectors = ShardRows.of_run(paths, names)
     return Samples(names, run.classes, counts, [np.array(e["scores"]) for e in entries],
                    vectors, metadata,
                    [np.array(e["probabilities"], float).reshape(-1, len(run.classes))

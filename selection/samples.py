@@ -7,6 +7,8 @@ from typing import Any
 
 import numpy as np
 
+from pretag.selection.rows import Rows
+
 
 @dataclass
 class Samples:
@@ -16,7 +18,7 @@ class Samples:
     classes: list[str]
     counts: np.ndarray  # objects per class [N, C]
     scores: list[np.ndarray]  # detection scores per sample
-    vectors: np.ndarray | None  # [N, D]
+    vectors: Rows | None  # [N, D]: an array, or a run's shards read when asked for
     metadata: dict[str, dict[str, Any]]
     #: each sample's class probabilities [n, C] per detection (None: not in the run)
     probabilities: list[np.ndarray | None] | None = None

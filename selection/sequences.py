@@ -37,8 +37,8 @@ def sequence_samples(frames: Samples, length: int) -> tuple[Samples, list[list[i
     if not windows:
         raise SelectionConfigError(f"worker_config.selected_sequence_length {length}: no "
                                    f"video has {length} predicted frames in this run")
-    vectors = None if frames.vectors is None else \
-        np.stack([frames.vectors[w].mean(axis=0) for w in windows])
+    every = None if frames.vectors is None else np.asarray(frames.vectors)  # one read
+    vectors = None if every is None else np.stack([every[w].mean(axis=0) for w in windows])
     per_frame = frames.probabilities
     probabilities = None if per_frame is None else [
         None if any(per_frame[i] is None and len(frames.scores[i]) for i in w) else

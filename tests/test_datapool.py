@@ -18,7 +18,7 @@ from pretag.job.vectors import load_embeddings
 from pretag.local import run_locally
 from pretag.selection import run as selection_run
 from pretag.selection.config import load
-from pretag.selection.greedy import normalise
+from pretag.selection.rows import normalise
 from pretag.selection.run import image_samples, select
 from pretag.selection.samples import Samples
 

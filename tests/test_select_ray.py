@@ -36,7 +36,8 @@ SCRIPT = textwrap.dedent("""
     from pretag.selection.config import Strategy
     from pretag.selection.distributed import (Counters, assign, distributed_greedy,
                                               start_actors)
-    from pretag.selection.greedy import Objective, greedy, normalise
+    from pretag.selection.greedy import Objective, greedy
+    from pretag.selection.rows import normalise
     address, root, n, dim, shard, picks = sys.argv[1:7]
     n, dim, shard, picks, root = int(n), int(dim), int(shard), int(picks), Path(root)
     vectors, counts = synthetic(Synthetic(n, dim))

@@ -15,7 +15,7 @@ import pytest
 
 from pretag.cli import main
 from pretag.selection.config import SelectionConfigError, parse
-from pretag.selection.greedy import normalise
+from pretag.selection.rows import normalise
 from pretag.selection.run import select
 from pretag.selection.samples import Samples
 
@@ -316,7 +316,7 @@ def test_diversity_covers_coco128_better_than_random_picks(coco_run: Path):
 
     samples = image_samples(coco_run, {})
     assert samples.vectors is not None
-    points = normalise(samples.vectors)
+    points = normalise(np.asarray(samples.vectors, np.float32))
     config = parse({"n_samples": 32, "strategies": [
         {"input": {"type": "EMBEDDINGS"}, "strategy": {"type": "DIVERSITY"}}]})
     diverse = _covering_radius(points, [p.index for p in select(config, samples)])
