@@ -33,3 +33,11 @@ pretag bench job --model "$MODELS/yolox.onnx" --images "$SHARED/data/coco128" --
 #    the plain loop (every sample recomputed after each pick) at 20k for the ratio
 pretag bench select --sizes 100000 1000000 --picks 10000 --baseline-size 20000 \
   --output $OUT/select_cpu.json --markdown $OUT/select_cpu.md
+#    the four sets at 1M read from a run's Parquet shards, as pretag select reads them (the
+#    peak is the selection's: RESULTS, "Holding the vectors once")
+for set in "scenes 24 0.05" "scenes 64 0.1" "drives 64 0.1" "mixture 64 0.1"; do
+  read -r shape latent noise <<< "$set"
+  pretag bench select --sizes 1000000 --picks 10000 --baseline-size 0 --stream \
+    --shape $shape --latent $latent --noise $noise \
+    --output $OUT/select_stream_${shape}_${latent}.json --markdown $OUT/select_stream_${shape}_${latent}.md
+done

@@ -259,15 +259,16 @@ def _size(path: AnyPath, kind: pa.DataType, dim: int | None) -> int:
     return int(size)
 
 
-def vector_names(path: AnyPath) -> tuple[list[str], int]:
-    """One shard's filenames and vector length, its vectors left unread."""
+def vector_names(path: AnyPath, dim: int | None = None) -> tuple[list[str], int]:
+    """One shard's filenames and vector length (another than ``dim``: a
+    :class:`VectorError` naming it), its vectors left unread."""
     try:
         with _parquet(path) as shard:
             kind = shard.schema_arrow.field("vector").type
             names = shard.read(columns=["filename"])["filename"].to_pylist()
     except (pa.ArrowException, OSError, KeyError) as exc:
         raise VectorError(f"{path} is not a readable vector shard ({exc})") from None
-    return names, _size(path, kind, None)
+    return names, _size(path, kind, dim)
 
 
 def load_embeddings(output_dir: AnyPath, kind: str = "images") -> tuple[list[str], np.ndarray]:

@@ -104,20 +104,16 @@ class ShardRows:
         """The rows of ``names`` in the shards ``paths`` (their filename columns are read
         now, the vectors later); :class:`VectorError` for a name no shard holds."""
         where: dict[str, int] = {}
-        bounds, dims = [0], set()
+        bounds, dim = [0], None
         for path in paths:
-            shard_names, dim = vector_names(path)
+            shard_names, dim = vector_names(path, dim)
             where.update((n, bounds[-1] + i) for i, n in enumerate(shard_names))
             bounds.append(bounds[-1] + len(shard_names))
-            dims.add(dim)
-        if len(dims) > 1:
-            raise VectorError(f"the vector shards hold vectors of {len(dims)} lengths "
-                              f"({sorted(dims)}): run pretag run --overwrite")
         missing = [n for n in names if n not in where]
         if missing:
             raise VectorError(f"{len(missing)} images have no stored vector (e.g. "
                               f"{missing[0]}); run pretag run again")
-        return cls(paths, np.array(bounds), dims.pop() if dims else 0,
+        return cls(paths, np.array(bounds), dim or 0,
                    np.array([where[n] for n in names], np.int64))
 
     @property
@@ -157,7 +153,8 @@ class ShardRows:
         shards' rows gathered into blocks of about :data:`BLOCK`."""
         row_of = np.full(int(self.bounds[-1]), -1, np.int64)
         row_of[self.stored] = np.arange(len(self.stored))
-        kept = np.add.reduceat(row_of >= 0, self.bounds[:-1]) if len(self.paths) else []
+        # rows of each shard that are rows here (an empty shard counts 0)
+        kept = np.diff(np.concatenate([[0], np.cumsum(row_of >= 0)])[self.bounds])
         first = 0
         while first < len(self.paths):
             last = first + 1  # shards first..last-1 make the next block
@@ -167,11 +164,10 @@ class ShardRows:
             numbers = numbers[numbers >= 0]
             out = np.empty((len(numbers), self.dim), np.float32)
             at = 0
-            for k in range(first, last):
+            for k in range(first, last):  # every shard read: a damaged one is refused
                 keep = np.flatnonzero(row_of[self.bounds[k]:self.bounds[k + 1]] >= 0)
-                if len(keep):
-                    out[at:at + len(keep)] = self._shard(k)[keep]
-                    at += len(keep)
+                out[at:at + len(keep)] = self._shard(k)[keep]
+                at += len(keep)
             if len(numbers):
                 yield numbers, out
             first = last
