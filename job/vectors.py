@@ -227,8 +227,8 @@ def vector_shards(output_dir: AnyPath, kind: str = "images") -> tuple[list[AnyPa
 
 def read_vectors(path: AnyPath, dim: int | None = None, dtype: Any = np.float32,
                  check: bool = True) -> tuple[list[str], np.ndarray]:
-    """One shard's (filenames, ``dtype`` [rows, D]: float32 unless asked for the float16
-    as stored, then read-only); a shard of another length than ``dim`` or (``check``)
+    """One shard's (filenames, ``dtype`` [rows, D]: float32 unless asked for another, or
+    for None: as stored, float16 from pretag run, then read-only); a shard of another length than ``dim`` or (``check``)
     holding values that are not finite is a :class:`VectorError` naming it."""
     try:
         with _parquet(path) as shard:
@@ -238,7 +238,7 @@ def read_vectors(path: AnyPath, dim: int | None = None, dtype: Any = np.float32,
     vectors = table["vector"].combine_chunks()
     size = _size(path, vectors.type, dim)
     block = vectors.flatten().to_numpy(zero_copy_only=False).reshape(-1, size)
-    block = block.astype(dtype, copy=False)
+    block = block if dtype is None else block.astype(dtype, copy=False)
     bad = int((~np.isfinite(block)).any(axis=1).sum()) if check else 0
     if bad:
         raise not_finite(path, bad)

@@ -43,7 +43,7 @@ from pretag.selection.greedy import (
     weight_values,
 )
 from pretag.selection.lists import mean_of, plain_lists, row_sum
-from pretag.selection.rows import normalise
+from pretag.selection.rows import ShardRows, subset
 
 log = logging.getLogger(__name__)
 
@@ -64,21 +64,23 @@ class ShardWorker:
 
     def __init__(self, parts: Sequence[Part], candidates: np.ndarray,
                  objectives: list[tuple[str, float, Any, Any]]) -> None:
-        from pretag.job.vectors import read_vectors
+        from pretag.job.vectors import vector_names
 
-        blocks: list[np.ndarray] = []
-        rows: list[int] = []
+        bounds, dim = [0], None
         for part in parts:
-            _, block = read_vectors(Path(part.path))
-            blocks.append(block[list(part.positions)])
-            rows.extend(part.samples)
-        order = np.argsort(np.array(rows, dtype=np.intp), kind="stable")
-        self.rows = np.array(rows, dtype=np.intp)[order]  # ascending: ties go low
-        x = normalise(np.concatenate(blocks)[order])
+            names, dim = vector_names(Path(part.path), dim)
+            bounds.append(bounds[-1] + len(names))
+        stored = np.array([bounds[k] + p for k, part in enumerate(parts)
+                           for p in part.positions], np.int64)
+        rows = np.array([s for part in parts for s in part.samples], np.intp)
+        order = np.argsort(rows, kind="stable")
+        self.rows = rows[order]  # ascending: ties go low
+        # read from the shards pass by pass, held once: in the lists
+        x = ShardRows([Path(part.path) for part in parts], np.array(bounds), dim or 0,
+                      stored[order])
         self.lists = plain_lists(x)  # the distances one machine computes (its only copy)
         self.candidates = candidates[self.rows]
-        self.sum = row_sum(x[self.candidates])  # for the first centre
-        del x
+        self.sum = row_sum(subset(x, np.flatnonzero(self.candidates)))  # the first centre
         self.available = self.candidates.copy()
         self.d: np.ndarray = np.zeros(len(self.rows))
         self.first = True

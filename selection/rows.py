@@ -65,6 +65,8 @@ def float16(block: np.ndarray) -> np.ndarray:
 def unit_block(block: np.ndarray) -> np.ndarray:
     """Float32 L2-normalised rows of ``block`` (in place when it is float32)."""
     out = float32(block)
+    if not out.flags.writeable:  # Arrow's float32 values, read in place
+        out = out.copy()
     norms = np.sqrt(squared_norms(out))
     out /= np.maximum(norms, TINY)[:, None].astype(np.float32)
     return out
@@ -183,7 +185,7 @@ class ShardRows:
 
     def _shard(self, k: int) -> np.ndarray:
         if self._cached is None or self._cached[0] != k:
-            _, stored = read_vectors(self.paths[k], self.dim, np.float16, check=False)
+            _, stored = read_vectors(self.paths[k], self.dim, None, check=False)
             block = unit_block(stored)
             bad = int((~np.isfinite(block)).any(axis=1).sum())
             if bad:
