@@ -228,8 +228,9 @@ def vector_shards(output_dir: AnyPath, kind: str = "images") -> tuple[list[AnyPa
 def read_vectors(path: AnyPath, dim: int | None = None, dtype: Any = np.float32,
                  check: bool = True) -> tuple[list[str], np.ndarray]:
     """One shard's (filenames, ``dtype`` [rows, D]: float32 unless asked for another, or
-    for None: as stored, float16 from pretag run, then read-only); a shard of another length than ``dim`` or (``check``)
-    holding values that are not finite is a :class:`VectorError` naming it."""
+    for None: as stored, float16 from pretag run, then read-only); a shard of another
+    length than ``dim`` or (``check``) holding values that are not finite is a
+    :class:`VectorError` naming it."""
     try:
         with _parquet(path) as shard:
             table = shard.read(columns=["filename", "vector"])
