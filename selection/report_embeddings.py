@@ -6,9 +6,9 @@ beside its nearest sample that was not selected ("retained beside removed").
 Bounds: the map and the nearest-neighbour histogram use at most :data:`MAX_POINTS` evenly
 spaced samples; the pairwise histograms at most :data:`MAX_PAIRWISE_POINTS` samples
 (about two million pairs); the retained/removed pairs search all samples for the first
-:data:`MAX_RETAINED` picks only (a block at a time), so the cost is bounded whatever the
-run's size. The rows drawn are read once, together (a run's shards are read, not held:
-:class:`~pretag.selection.rows.ShardRows`).
+:data:`MAX_RETAINED` picks only, so the cost is bounded whatever the run's size. One pass
+over the rows gathers the rows drawn, the centroid and those pairs (a run's shards are read
+once, not held: :class:`~pretag.selection.rows.ShardRows`).
 """
 
 from __future__ import annotations
@@ -18,8 +18,8 @@ from typing import Any
 
 import numpy as np
 
-from pretag.selection.lists import centroid
-from pretag.selection.rows import Rows, blocks, take, unit
+from pretag.selection.lists import mean_of
+from pretag.selection.rows import Rows, blocks, float32, take, unit
 
 MAX_POINTS = 4000
 MAX_PAIRWISE_POINTS = 2000
@@ -65,29 +65,42 @@ def summary(values: np.ndarray) -> dict[str, float]:
 def retained_beside_removed(unit: Rows, picked: np.ndarray,
                             limit: int = MAX_RETAINED) -> list[tuple[int, int, float]]:
     """For the first ``limit`` picks, the nearest sample that was not selected and its
-    distance: (picked row, removed row, distance), nearest pairs first (every row read
-    once, a block at a time)."""
-    if len(picked) >= len(unit) or not len(picked):
-        return []
-    first = picked[:limit]
-    mine = np.asarray(take(unit, first), np.float32)
+    distance: (picked row, removed row, distance), nearest pairs first."""
+    return one_pass(unit, picked, np.zeros(0, np.intp), limit)[2]
+
+
+def one_pass(unit: Rows, picked: np.ndarray, drawn: np.ndarray, limit: int = MAX_RETAINED
+             ) -> tuple[np.ndarray, np.ndarray, list[tuple[int, int, float]]]:
+    """(the centroid, the rows ``drawn`` (sorted) as float32, :func:`retained_beside_removed`'s
+    pairs), every row read once, a block at a time (a run's shards once)."""
+    first = picked[:limit] if len(picked) < len(unit) else picked[:0]
+    mine = float32(take(unit, first)) if len(first) else np.zeros((0, unit.shape[1]))
     kept = np.zeros(len(unit), dtype=bool)
     kept[picked] = True
     best = np.full(len(first), np.inf)
     best_row = np.zeros(len(first), dtype=int)
-    for numbers, block in blocks(unit):
+    gathered = np.zeros((len(drawn), unit.shape[1]), np.float32)
+    total = np.zeros(unit.shape[1])
+    for numbers, given in blocks(unit):
+        block = float32(given)
+        total += block.sum(axis=0, dtype=np.float64)  # as lists.centroid sums
+        at = np.searchsorted(drawn, numbers)
+        hit = (at < len(drawn)) & (drawn[np.minimum(at, len(drawn) - 1)] == numbers) \
+            if len(drawn) else np.zeros(len(numbers), dtype=bool)
+        gathered[at[hit]] = block[hit]
         out = ~kept[numbers]
         rows = numbers[out]
-        if not len(rows):
+        if not len(rows) or not len(first):
             continue
-        d2 = np.maximum(2 - 2 * mine @ np.asarray(block[out], np.float32).T, 0)
-        at = d2.argmin(axis=1)
-        value = d2[np.arange(len(first)), at]
-        better = (value < best) | ((value == best) & (rows[at] < best_row))
-        best[better], best_row[better] = value[better], rows[at[better]]
+        d2 = np.maximum(2 - 2 * mine @ block[out].T, 0)
+        near = d2.argmin(axis=1)
+        value = d2[np.arange(len(first)), near]
+        better = (value < best) | ((value == best) & (rows[near] < best_row))
+        best[better], best_row[better] = value[better], rows[near[better]]
     pairs = [(int(p), int(r), float(np.sqrt(v))) for p, r, v in zip(first, best_row, best,
                                                                      strict=True)]
-    return sorted(pairs, key=lambda pair: pair[2])
+    return (mean_of(total, len(unit)), gathered,
+            sorted(pairs, key=lambda pair: pair[2]))
 
 
 def figures(plot: Plot, vectors: Rows, picked: np.ndarray,
@@ -101,12 +114,11 @@ def figures(plot: Plot, vectors: Rows, picked: np.ndarray,
               picked[subset(len(picked), MAX_PAIRWISE_POINTS)]]
     before_picks = np.zeros(0, np.intp) if earlier is None else earlier
     drawn = np.unique(np.concatenate([*wanted, before_picks])).astype(np.intp)
-    gathered = np.asarray(take(x, drawn), np.float32)  # one read of the rows drawn
+    mean, gathered, retained = one_pass(x, picked, drawn)  # one read of every row
 
     def rows(at: np.ndarray) -> np.ndarray:
         return gathered[np.searchsorted(drawn, at)]
 
-    mean = centroid(x)
     _, _, axes = np.linalg.svd(rows(shown) - mean, full_matrices=False)
     xy = np.zeros((len(x), 2), np.float32)  # only the rows drawn are filled
     xy[drawn] = (gathered - mean) @ axes[:2].T
@@ -146,5 +158,5 @@ def figures(plot: Plot, vectors: Rows, picked: np.ndarray,
                   "before": summary(before)["median"], "after": summary(after)["median"]},
               "pairwise_distance": {"before": summary(pair_before),
                                     "after": summary(pair_after)},
-              "retained_beside_removed": retained_beside_removed(x, picked)}
+              "retained_beside_removed": retained}
     return pngs, record
