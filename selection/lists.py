@@ -120,11 +120,11 @@ def layout(dim: int, sizes: np.ndarray) -> tuple[np.ndarray, int, np.ndarray]:
     """(buffer, where the index starts in it, where each list's codes start): an
     uninitialised uint8 buffer holding an ``IndexIVFScalarQuantizer`` (QT_fp16, ``dim``,
     one list per size) as ``faiss.serialize_index`` writes it, less the lists' contents.
-    The header is faiss's own (an empty index's); the lists follow in faiss's ``ilar``/``full`` format
-    (``write_InvertedLists``): per list with rows, its codes then its int64 ids. The
-    index starts a few bytes in, so that the first codes are 64-byte aligned in the
-    buffer (and every code at an even offset). Untouched pages cost no memory until
-    filled."""
+    The header is faiss's own (an empty index's); the lists follow in faiss's
+    ``ilar``/``full`` format (``write_InvertedLists``): per list with rows, its codes then
+    its int64 ids. The index starts a few bytes in, so that the first codes are 64-byte
+    aligned in the buffer (and every code at an even offset). Untouched pages cost no
+    memory until filled."""
     import faiss
 
     sizes = np.asarray(sizes, np.int64)
