@@ -50,7 +50,7 @@ from pretag.selection.predictions import (
     staged,
 )
 from pretag.selection.report import Earlier, write_report
-from pretag.selection.rows import ShardRows
+from pretag.selection.rows import Rows, ShardRows
 from pretag.selection.samples import Samples
 from pretag.selection.sequences import sequence_information, sequence_samples, window_count
 
@@ -71,7 +71,7 @@ def image_samples(run_dir: Path, metadata: dict[str, dict[str, Any]],
     for row, entry in enumerate(entries):
         for label in entry["labels"]:
             counts[row, index[label]] += 1
-    vectors = None
+    vectors: Rows | None = None
     if embeddings is not None:
         vectors = custom_vectors(embeddings, names)
     elif embeddings_dir(run_dir).is_dir() and vectors_here:
