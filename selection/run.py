@@ -20,7 +20,7 @@ import pyarrow.parquet as pq
 from pretag.job.lock import hold
 from pretag.job.outputs import write_atomic
 from pretag.job.relevant import RelevantError, is_relevant, read_relevant
-from pretag.job.vectors import embeddings_dir, load_embeddings, vector_shards
+from pretag.job.vectors import embeddings_dir, vector_names, vector_shards
 from pretag.job.video import frame_source
 from pretag.selection.config import SelectionConfig, SelectionConfigError
 from pretag.selection.custom import custom_vectors
@@ -98,8 +98,10 @@ def object_samples(run_dir: Path, metadata: dict[str, dict[str, Any]],
     scores: list[np.ndarray] = []
     probabilities: list[np.ndarray | None] = []
     keep: list[int] = []
-    row = 0
-    for path in sorted(embeddings_dir(run_dir).glob("objects-*.parquet")):
+    row, bounds, dim = 0, [0], None
+    paths, _ = vector_shards(run_dir, "objects")  # in shard-number order, as written
+    for path in paths:
+        _, dim = vector_names(path, dim)
         table = pq.read_table(path, columns=["filename", "detection", "label", "score"])
         for f, d, label, s in zip(*(table[c].to_pylist() for c in table.column_names),
                                   strict=True):
@@ -113,13 +115,14 @@ def object_samples(run_dir: Path, metadata: dict[str, dict[str, Any]],
                                      else np.array([rows[d]], dtype=float))
                 keep.append(row)
             row += 1
+        bounds.append(row)
     if not row:
         raise SelectionConfigError("object level needs object vectors: pretag run "
                                    "--embeddings objects (or all)")
-    _, vectors = load_embeddings(run_dir, "objects")
+    vectors = ShardRows(paths, np.array(bounds), dim or 0, np.array(keep, np.int64))
     counts = np.zeros((len(names), len(run.classes)))
     counts[np.arange(len(names)), [run.classes.index(label) for label in labels]] = 1
-    return Samples(names, run.classes, counts, scores, vectors[keep], metadata, probabilities)
+    return Samples(names, run.classes, counts, scores, vectors, metadata, probabilities)
 
 
 def select(config: SelectionConfig, samples: Samples, prior: np.ndarray | None = None,

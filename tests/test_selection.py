@@ -713,3 +713,33 @@ def test_array_api_keeps_float16_embeddings_and_picks_as_with_float32():
     assert picks == select_arrays(config, embeddings=half.astype(np.float32))
     assert len(set(picks)) == 40
     assert select_arrays(config, embeddings=np.zeros((0, 48), np.float16)) == []  # no rows
+
+
+def test_object_vectors_follow_the_shards_numbers_not_their_names(coco_run: Path,
+                                                                  tmp_path: Path):
+    """Shards numbered past 999999 (the Ray executor numbers them by image position) sort
+    after 999999 by number but before it by name: the object samples and their vectors
+    must both follow the numbers."""
+    import pyarrow.parquet as pq
+
+    from pretag.selection.run import object_samples
+
+    run = tmp_path / "run"
+    shutil.copytree(coco_run, run, ignore=shutil.ignore_patterns("selection", "report"))
+    root = run / ".lightly" / "embeddings" / "lightly_pretagging"
+    images = pq.read_table(root / "images-000001.parquet")
+    objects = pq.read_table(root / "objects-000001.parquet")
+    first = set(images["filename"].to_pylist()[:64])
+    for number, mine in ((999999, True), (1000000, False)):
+        in_images = [n in first for n in images["filename"].to_pylist()]
+        in_objects = [n in first for n in objects["filename"].to_pylist()]
+        pq.write_table(images.filter([m == mine for m in in_images]),
+                       root / f"images-{number:06d}.parquet")
+        pq.write_table(objects.filter([m == mine for m in in_objects]),
+                       root / f"objects-{number:06d}.parquet")
+    (root / "images-000001.parquet").unlink()
+    (root / "objects-000001.parquet").unlink()
+    split, whole = object_samples(run, {}), object_samples(coco_run, {})
+    assert split.names == whole.names  # the objects in the same order as one shard's
+    assert np.array_equal(np.asarray(split.vectors, np.float32),
+                          np.asarray(whole.vectors, np.float32))
